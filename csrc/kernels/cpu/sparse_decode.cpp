@@ -1,0 +1,60 @@
+#include "sparse_decode.h"
+
+#include <algorithm>
+#include <vector>
+
+namespace ssae::cpu {
+namespace {
+
+template <typename T>
+[[gnu::always_inline]] inline void decode_row(const T* values, const int64_t* indices, const T* W,
+                                              const T* bias, int64_t k, int64_t d, acc_t<T>* acc, T* out) {
+  using A = acc_t<T>;
+  for (int64_t t = 0; t < d; ++t) acc[t] = bias ? load<A>(bias[t]) : A(0);
+  for (int64_t j = 0; j < k; ++j) {
+    const A w = load<A>(values[j]);
+    const T* row = W + indices[j] * d;
+    for (int64_t t = 0; t < d; ++t) acc[t] += w * load<A>(row[t]);
+  }
+  for (int64_t t = 0; t < d; ++t) out[t] = store<T, A>(acc[t]);
+}
+
+#define SSAE_DECODE_ROW(T)                                                                      \
+  SSAE_MULTIVERSION void decode_row_mv(const T* v, const int64_t* ix, const T* W, const T* b,   \
+                                       int64_t k, int64_t d, acc_t<T>* acc, T* out) {           \
+    decode_row<T>(v, ix, W, b, k, d, acc, out);                                                 \
+  }
+SSAE_DECODE_ROW(float)
+SSAE_DECODE_ROW(double)
+SSAE_DECODE_ROW(bf16)
+SSAE_DECODE_ROW(f16)
+#undef SSAE_DECODE_ROW
+
+}  // namespace
+
+template <typename T>
+void sparse_decode(const T* values, const int64_t* indices, const T* W, const T* bias,
+                   int64_t rows, int64_t k, int64_t d, T* out) {
+#pragma omp parallel
+  {
+    std::vector<acc_t<T>> acc(d);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < rows; ++n)
+      decode_row_mv(values + n * k, indices + n * k, W, bias, k, d, acc.data(), out + n * d);
+  }
+}
+
+int64_t find_invalid_index(const int64_t* indices, int64_t count, int64_t num_latents) {
+  int64_t first = count;
+#pragma omp parallel for reduction(min : first) schedule(static)
+  for (int64_t p = 0; p < count; ++p)
+    if (indices[p] < 0 || indices[p] >= num_latents) first = std::min(first, p);
+  return first == count ? -1 : first;
+}
+
+template void sparse_decode<float>(const float*, const int64_t*, const float*, const float*, int64_t, int64_t, int64_t, float*);
+template void sparse_decode<double>(const double*, const int64_t*, const double*, const double*, int64_t, int64_t, int64_t, double*);
+template void sparse_decode<bf16>(const bf16*, const int64_t*, const bf16*, const bf16*, int64_t, int64_t, int64_t, bf16*);
+template void sparse_decode<f16>(const f16*, const int64_t*, const f16*, const f16*, int64_t, int64_t, int64_t, f16*);
+
+}  // namespace ssae::cpu

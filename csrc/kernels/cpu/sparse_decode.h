@@ -1,0 +1,19 @@
+// Sparse decode, CPU: x_hat[n] = bias + sum_j values[n, j] * W[indices[n, j]].
+// All arrays are dense row-major; accumulation is in acc_t<T> (float or double).
+#pragma once
+
+#include <cstdint>
+
+#include "scalar.h"
+
+namespace ssae::cpu {
+
+// bias may be null. out is [rows, d].
+template <typename T>
+void sparse_decode(const T* values, const int64_t* indices, const T* W, const T* bias,
+                   int64_t rows, int64_t k, int64_t d, T* out);
+
+// First position p with indices[p] outside [0, num_latents), or -1 if all are valid.
+int64_t find_invalid_index(const int64_t* indices, int64_t count, int64_t num_latents);
+
+}  // namespace ssae::cpu

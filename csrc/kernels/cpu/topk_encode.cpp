@@ -1,0 +1,195 @@
+#include "topk_encode.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "scalar.h"
+
+namespace ssae::cpu {
+namespace {
+
+// Total order of (score, latent): larger score first, NaN above everything,
+// equal scores by lower latent.
+template <typename A>
+inline bool ranks_before(A av, int32_t ai, A bv, int32_t bi) {
+  if (av > bv) return true;  // the common case first
+  if (av < bv) return false;
+  const bool an = std::isnan(av), bn = std::isnan(bv);
+  if (an != bn) return an;
+  return ai < bi;  // equal, or both NaN
+}
+
+constexpr int64_t kChunk = 16;
+
+// Position of the first 16-wide chunk holding a score that beats theta, or n
+// rounded down to a chunk. "Beats" is !(s + b <= theta), which is also true for
+// NaN. After the first tiles almost no chunk does, so this test is nearly all
+// the selection costs: GCC does not vectorise the early exit, hence intrinsics.
+template <typename A>
+int64_t next_hit_scalar(const A* s, const A* b, int64_t n, A theta) {
+  int64_t j = 0;
+  for (; j + kChunk <= n; j += kChunk) {
+    bool hit = false;
+    for (int64_t t = 0; t < kChunk; ++t) hit |= !(s[j + t] + b[j + t] <= theta);
+    if (hit) return j;
+  }
+  return j;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) int64_t next_hit_avx512(const float* s, const float* b, int64_t n, float theta) {
+  const __m512 th = _mm512_set1_ps(theta);
+  int64_t j = 0;
+  for (; j + kChunk <= n; j += kChunk)
+    if (_mm512_cmp_ps_mask(_mm512_add_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(b + j)), th, _CMP_NLE_UQ)) return j;
+  return j;
+}
+__attribute__((target("avx512f"))) int64_t next_hit_avx512(const double* s, const double* b, int64_t n, double theta) {
+  const __m512d th = _mm512_set1_pd(theta);
+  int64_t j = 0;
+  for (; j + kChunk <= n; j += kChunk) {
+    const __mmask8 lo = _mm512_cmp_pd_mask(_mm512_add_pd(_mm512_loadu_pd(s + j), _mm512_loadu_pd(b + j)), th, _CMP_NLE_UQ);
+    const __mmask8 hi = _mm512_cmp_pd_mask(_mm512_add_pd(_mm512_loadu_pd(s + j + 8), _mm512_loadu_pd(b + j + 8)), th, _CMP_NLE_UQ);
+    if (lo | hi) return j;
+  }
+  return j;
+}
+__attribute__((target("avx2"))) int64_t next_hit_avx2(const float* s, const float* b, int64_t n, float theta) {
+  const __m256 th = _mm256_set1_ps(theta);
+  int64_t j = 0;
+  for (; j + kChunk <= n; j += kChunk) {
+    const __m256 lo = _mm256_cmp_ps(_mm256_add_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(b + j)), th, _CMP_NLE_UQ);
+    const __m256 hi = _mm256_cmp_ps(_mm256_add_ps(_mm256_loadu_ps(s + j + 8), _mm256_loadu_ps(b + j + 8)), th, _CMP_NLE_UQ);
+    if (_mm256_movemask_ps(_mm256_or_ps(lo, hi))) return j;
+  }
+  return j;
+}
+__attribute__((target("avx2"))) int64_t next_hit_avx2(const double* s, const double* b, int64_t n, double theta) {
+  const __m256d th = _mm256_set1_pd(theta);
+  int64_t j = 0;
+  for (; j + kChunk <= n; j += kChunk) {
+    __m256d any = _mm256_setzero_pd();
+    for (int q = 0; q < 4; ++q)
+      any = _mm256_or_pd(any, _mm256_cmp_pd(_mm256_add_pd(_mm256_loadu_pd(s + j + 4 * q), _mm256_loadu_pd(b + j + 4 * q)), th, _CMP_NLE_UQ));
+    if (_mm256_movemask_pd(any)) return j;
+  }
+  return j;
+}
+
+enum class Isa { kScalar, kAvx2, kAvx512 };
+Isa detect_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2")) return Isa::kAvx2;
+  return Isa::kScalar;
+}
+const Isa kIsa = detect_isa();
+
+template <typename A>
+inline int64_t next_hit(const A* s, const A* b, int64_t n, A theta) {
+  switch (kIsa) {
+    case Isa::kAvx512: return next_hit_avx512(s, b, n, theta);
+    case Isa::kAvx2: return next_hit_avx2(s, b, n, theta);
+    default: return next_hit_scalar(s, b, n, theta);
+  }
+}
+#else
+template <typename A>
+inline int64_t next_hit(const A* s, const A* b, int64_t n, A theta) { return next_hit_scalar(s, b, n, theta); }
+#endif
+
+}  // namespace
+
+template <typename A>
+TopKSelector<A>::TopKSelector(int64_t rows, int64_t k)
+    // Room for k + k (at least 16) candidates: compaction (a linear-time
+    // nth_element) then runs once per k accepted candidates.
+    : rows_(rows), k_(k), cap_(k + std::max<int64_t>(k, 16)),
+      cand_(rows * cap_), count_(rows, 0), theta_(rows, A(0)) {}
+
+template <typename A>
+int64_t TopKSelector<A>::state_bytes(int64_t rows, int64_t k) {
+  const int64_t cap = k + std::max<int64_t>(k, 16);
+  return rows * (cap * int64_t(sizeof(Candidate)) + int64_t(sizeof(int32_t) + sizeof(A)));
+}
+
+template <typename A>
+void TopKSelector<A>::compact(int64_t row, int64_t keep) {
+  Candidate* c = cand_.data() + row * cap_;
+  const auto better = [](const Candidate& a, const Candidate& b) {
+    return ranks_before(a.score, a.latent, b.score, b.latent);
+  };
+  // Afterwards c[keep - 1] is the keep-th best and everything before it is better.
+  std::nth_element(c, c + (keep - 1), c + count_[row], better);
+  count_[row] = int32_t(keep);
+  theta_[row] = c[keep - 1].score;
+}
+
+template <typename A>
+void TopKSelector<A>::consume(const A* scores, int64_t ld, int64_t row0, int64_t nrows,
+                              int64_t col0, int64_t ncols, const A* bias) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < nrows; ++r) {
+    const int64_t row = row0 + r;
+    const A* s = scores + r * ld;
+    Candidate* c = cand_.data() + row * cap_;
+    int32_t& count = count_[row];
+    int64_t j = 0;
+    // Fill phase: the first k latents of the row are taken unconditionally.
+    for (; count < k_ && j < ncols; ++j) {
+      c[count++] = {s[j] + bias[j], int32_t(col0 + j)};
+      if (count == k_) compact(row, k_);
+    }
+    // A NaN k-th best cannot be beaten by a later latent: the row is settled.
+    if (count < k_ || std::isnan(theta_[row])) continue;
+    while (j < ncols) {
+      j += next_hit(s + j, bias + j, ncols - j, theta_[row]);
+      const int64_t end = std::min(j + kChunk, ncols);
+      for (; j < end; ++j) {
+        const A score = s[j] + bias[j];
+        // Later latents lose ties, so only a strictly better score (or a NaN,
+        // for which the comparison is false) is kept.
+        if (!(score <= theta_[row])) {
+          c[count++] = {score, int32_t(col0 + j)};
+          if (count == cap_) {
+            compact(row, k_);
+            if (std::isnan(theta_[row])) { j = ncols; break; }
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename A>
+template <typename T>
+void TopKSelector<A>::finish(T* values, int64_t* indices) {
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < rows_; ++row) {
+    compact(row, k_);
+    Candidate* c = cand_.data() + row * cap_;
+    std::sort(c, c + k_, [](const Candidate& a, const Candidate& b) {
+      return ranks_before(a.score, a.latent, b.score, b.latent);
+    });
+    for (int64_t j = 0; j < k_; ++j) {
+      // ReLU that keeps NaN (as torch.relu does)
+      values[row * k_ + j] = store<T, A>(c[j].score < A(0) ? A(0) : c[j].score);
+      indices[row * k_ + j] = c[j].latent;
+    }
+  }
+}
+
+template class TopKSelector<float>;
+template class TopKSelector<double>;
+template void TopKSelector<float>::finish<float>(float*, int64_t*);
+template void TopKSelector<float>::finish<bf16>(bf16*, int64_t*);
+template void TopKSelector<float>::finish<f16>(f16*, int64_t*);
+template void TopKSelector<double>::finish<double>(double*, int64_t*);
+
+}  // namespace ssae::cpu

@@ -1,0 +1,226 @@
+#include "cpu_ops.h"
+
+#include <algorithm>
+#include <climits>
+
+#include "../kernels/cpu/sparse_backward.h"
+#include "../kernels/cpu/sparse_decode.h"
+#include "../kernels/cpu/topk_encode.h"
+
+namespace ssae {
+namespace {
+
+using cpu::bf16;
+using cpu::f16;
+
+// Calls f with a value of the kernel storage type matching dtype.
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, const char* arg, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    case at::kBFloat16: f(bf16{}); break;
+    case at::kHalf: f(f16{}); break;
+    default:
+      TORCH_CHECK_TYPE(false, arg, " must be float32, float64, bfloat16 or float16, got ", dtype);
+  }
+}
+
+template <typename T>
+T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+void check_cpu(const at::Tensor& t, const char* arg) {
+  TORCH_CHECK(t.device().is_cpu(), arg, " must be a CPU tensor, got device ", t.device());
+}
+
+void check_dim(const at::Tensor& t, int64_t dim, const char* arg, const char* shape) {
+  TORCH_CHECK(t.dim() == dim, arg, " must be ", dim, "-D ", shape, ", got shape ", t.sizes());
+}
+
+void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* arg, const char* ref_arg) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), arg, " has dtype ", t.scalar_type(), " but ",
+                   ref_arg, " has dtype ", ref.scalar_type());
+}
+
+void check_indices(const at::Tensor& indices, int64_t num_latents, const char* arg) {
+  check_cpu(indices, arg);
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, arg, " must be int64, got ", indices.scalar_type());
+  const int64_t bad = cpu::find_invalid_index(indices.data_ptr<int64_t>(), indices.numel(), num_latents);
+  TORCH_CHECK_INDEX(bad < 0, arg, " must lie in [0, ", num_latents, "), got ",
+                    bad < 0 ? 0 : indices.data_ptr<int64_t>()[bad], " at flat position ", bad);
+}
+
+// Tile shape of the encode GEMMs, from a sweep at the reference shape (N=2048,
+// d=768, M=24576, 2 threads): row blocks of 1024 with 2 MB score tiles
+// (1024 x 512) ran the whole encode at 0.93x the single x @ W_enc.T GEMM
+// (which also pays for writing its 201 MB output); 512-row blocks gave 0.96x,
+// 256-row blocks 1.06x. Extra memory: the row block's centred copy (3 MB) +
+// one tile (2 MB) + selection state (~1 MB), about 3% of that N x M matrix.
+constexpr int64_t kTileElems = int64_t(1) << 19;
+constexpr int64_t kRowBlock = 1024;
+
+}  // namespace
+
+std::tuple<int64_t, int64_t> topk_encode_tile_cpu(int64_t rows, int64_t latents, int64_t d, bool exact_dtype) {
+  const int64_t nb = std::max<int64_t>(1, std::min(rows, kRowBlock));
+  // A converted W tile (bfloat16/float16 inputs) takes as much room as its scores.
+  const int64_t per_latent = exact_dtype ? nb : std::max(nb, d);
+  int64_t mt = std::max<int64_t>(64, kTileElems / per_latent / 64 * 64);
+  return {nb, std::min(mt, latents)};
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
+                                                   const at::Tensor& b_enc, int64_t k,
+                                                   const std::optional<at::Tensor>& b_dec) {
+  check_cpu(x, "x");
+  check_cpu(W_enc, "W_enc");
+  check_cpu(b_enc, "b_enc");
+  check_dim(x, 2, "x", "[N, d]");
+  check_dim(W_enc, 2, "W_enc", "[M, d]");
+  check_dim(b_enc, 1, "b_enc", "[M]");
+  const int64_t N = x.size(0), d = x.size(1), M = W_enc.size(0);
+  TORCH_CHECK(N > 0, "x must have at least one row, got shape ", x.sizes());
+  TORCH_CHECK(W_enc.size(1) == d, "W_enc must be [M, d] with d = x.size(1) = ", d, ", got shape ", W_enc.sizes());
+  TORCH_CHECK(b_enc.size(0) == M, "b_enc must be [M] with M = W_enc.size(0) = ", M, ", got shape ", b_enc.sizes());
+  TORCH_CHECK(M < INT32_MAX, "W_enc has ", M, " latents; at most 2^31 - 2 are supported");
+  TORCH_CHECK(k >= 1 && k <= M, "k must be in [1, M = ", M, "], got ", k);
+  check_same_dtype(W_enc, x, "W_enc", "x");
+  check_same_dtype(b_enc, x, "b_enc", "x");
+  if (b_dec) {
+    check_cpu(*b_dec, "b_dec");
+    check_dim(*b_dec, 1, "b_dec", "[d]");
+    TORCH_CHECK(b_dec->size(0) == d, "b_dec must be [d] with d = ", d, ", got shape ", b_dec->sizes());
+    check_same_dtype(*b_dec, x, "b_dec", "x");
+  }
+
+  const bool f64 = x.scalar_type() == at::kDouble;
+  const auto acc = f64 ? at::kDouble : at::kFloat;
+  const bool exact = x.scalar_type() == acc;  // no conversion of W tiles needed
+  auto values = at::empty({N, k}, x.options());
+  auto indices = at::empty({N, k}, x.options().dtype(at::kLong));
+  const auto W = W_enc.contiguous();
+  const auto bias = b_enc.to(acc).contiguous();
+  const auto [nb, mt] = topk_encode_tile_cpu(N, M, d, exact);
+  auto scores = at::empty({nb, mt}, x.options().dtype(acc));
+
+  auto run = [&](auto score_tag) {
+    using A = decltype(score_tag);
+    cpu::TopKSelector<A> selector(N, k);
+    for (int64_t n0 = 0; n0 < N; n0 += nb) {
+      const int64_t rows = std::min(nb, N - n0);
+      auto xb = x.narrow(0, n0, rows).to(acc);
+      if (b_dec) xb = xb - b_dec->to(acc);
+      for (int64_t m0 = 0; m0 < M; m0 += mt) {
+        const int64_t cols = std::min(mt, M - m0);
+        auto tile = scores.narrow(0, 0, rows).narrow(1, 0, cols);
+        at::mm_out(tile, xb, W.narrow(0, m0, cols).to(acc).t());
+        selector.consume(tile.data_ptr<A>(), mt, n0, rows, m0, cols, bias.data_ptr<A>() + m0);
+      }
+    }
+    dispatch_dtype(x.scalar_type(), "x", [&](auto out_tag) {
+      using T = decltype(out_tag);
+      if constexpr (std::is_same_v<A, double> == std::is_same_v<T, double>)
+        selector.template finish<T>(ptr<T>(values), indices.data_ptr<int64_t>());
+    });
+  };
+  if (f64) run(double{}); else run(float{});
+  return {values, indices};
+}
+
+at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices,
+                             const at::Tensor& W_dec, const std::optional<at::Tensor>& b_dec) {
+  check_cpu(values, "values");
+  check_cpu(W_dec, "W_dec");
+  check_dim(values, 2, "values", "[N, k]");
+  check_dim(indices, 2, "indices", "[N, k]");
+  check_dim(W_dec, 2, "W_dec", "[M, d]");
+  TORCH_CHECK(indices.sizes() == values.sizes(), "indices must have the shape of values ", values.sizes(),
+              ", got ", indices.sizes());
+  check_same_dtype(W_dec, values, "W_dec", "values");
+  check_indices(indices, W_dec.size(0), "indices");
+  const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1);
+  if (b_dec) {
+    check_cpu(*b_dec, "b_dec");
+    check_dim(*b_dec, 1, "b_dec", "[d]");
+    TORCH_CHECK(b_dec->size(0) == d, "b_dec must be [d] with d = W_dec.size(1) = ", d, ", got shape ", b_dec->sizes());
+    check_same_dtype(*b_dec, values, "b_dec", "values");
+  }
+  auto out = at::empty({N, d}, values.options());
+  const auto v = values.contiguous(), ix = indices.contiguous(), W = W_dec.contiguous();
+  const auto b = b_dec ? b_dec->contiguous() : at::Tensor();
+  dispatch_dtype(values.scalar_type(), "values", [&](auto tag) {
+    using T = decltype(tag);
+    cpu::sparse_decode<T>(ptr<T>(v), ix.data_ptr<int64_t>(), ptr<T>(W), b.defined() ? ptr<T>(b) : nullptr,
+                          N, k, d, ptr<T>(out));
+  });
+  return out;
+}
+
+at::Tensor sampled_dot_cpu(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& W) {
+  check_cpu(grad, "grad");
+  check_cpu(W, "W");
+  check_dim(grad, 2, "grad", "[N, d]");
+  check_dim(indices, 2, "indices", "[N, k]");
+  check_dim(W, 2, "W", "[M, d]");
+  TORCH_CHECK(indices.size(0) == grad.size(0), "indices must have N = grad.size(0) = ", grad.size(0),
+              " rows, got shape ", indices.sizes());
+  TORCH_CHECK(W.size(1) == grad.size(1), "W must be [M, d] with d = grad.size(1) = ", grad.size(1),
+              ", got shape ", W.sizes());
+  check_same_dtype(W, grad, "W", "grad");
+  check_indices(indices, W.size(0), "indices");
+  const int64_t N = grad.size(0), k = indices.size(1), d = grad.size(1);
+  auto out = at::empty({N, k}, grad.options());
+  const auto g = grad.contiguous(), ix = indices.contiguous(), Wc = W.contiguous();
+  dispatch_dtype(grad.scalar_type(), "grad", [&](auto tag) {
+    using T = decltype(tag);
+    cpu::sampled_dot<T>(ptr<T>(g), ix.data_ptr<int64_t>(), ptr<T>(Wc), N, k, d, ptr<T>(out));
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> latent_transpose_cpu(const at::Tensor& indices, int64_t num_latents) {
+  TORCH_CHECK(num_latents >= 1, "num_latents must be >= 1, got ", num_latents);
+  check_indices(indices, num_latents, "indices");
+  const auto ix = indices.contiguous();
+  auto offsets = at::empty({num_latents + 1}, ix.options());
+  auto order = at::empty({ix.numel()}, ix.options());
+  cpu::latent_transpose(ix.data_ptr<int64_t>(), ix.numel(), num_latents, offsets.data_ptr<int64_t>(),
+                        order.data_ptr<int64_t>());
+  return {offsets, order};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cpu(const at::Tensor& weights,
+                                                               const at::Tensor& rows,
+                                                               const at::Tensor& offsets,
+                                                               const at::Tensor& order) {
+  check_cpu(weights, "weights");
+  check_cpu(rows, "rows");
+  check_cpu(offsets, "offsets");
+  check_cpu(order, "order");
+  check_dim(weights, 2, "weights", "[N, k]");
+  check_dim(rows, 2, "rows", "[N, d]");
+  check_dim(offsets, 1, "offsets", "[M + 1]");
+  check_dim(order, 1, "order", "[N * k]");
+  check_same_dtype(rows, weights, "rows", "weights");
+  const int64_t N = weights.size(0), k = weights.size(1), d = rows.size(1), M = offsets.size(0) - 1;
+  TORCH_CHECK(rows.size(0) == N, "rows must have N = weights.size(0) = ", N, " rows, got shape ", rows.sizes());
+  TORCH_CHECK(M >= 1, "offsets must have at least 2 elements, got ", offsets.size(0));
+  TORCH_CHECK(order.size(0) == N * k, "order must have N * k = ", N * k, " elements, got ", order.size(0));
+  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong && order.scalar_type() == at::kLong,
+                   "offsets and order must be int64 (from latent_transpose)");
+  const auto off = offsets.contiguous();
+  const int64_t* o = off.data_ptr<int64_t>();
+  TORCH_CHECK(o[0] == 0 && o[M] == N * k, "offsets must run from 0 to N * k = ", N * k, " (from latent_transpose)");
+  check_indices(order, N * k, "order");
+  auto out = at::empty({M, d}, rows.options());
+  auto colsum = at::empty({M}, rows.options());
+  const auto w = weights.contiguous(), X = rows.contiguous(), ord = order.contiguous();
+  dispatch_dtype(weights.scalar_type(), "weights", [&](auto tag) {
+    using T = decltype(tag);
+    cpu::sparse_transpose_matmul<T>(ptr<T>(w), ptr<T>(X), k, d, o, ord.data_ptr<int64_t>(), M, ptr<T>(out),
+                                    ptr<T>(colsum));
+  });
+  return {out, colsum};
+}
+
+}  // namespace ssae

@@ -1,0 +1,28 @@
+// ATen entry points of the CPU backend. Each validates its arguments with
+// TORCH_CHECK (naming the argument) before handing raw pointers to the
+// torch-free kernels in csrc/kernels/cpu.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace ssae {
+
+std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
+                                                   const at::Tensor& b_enc, int64_t k,
+                                                   const std::optional<at::Tensor>& b_dec);
+at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices,
+                             const at::Tensor& W_dec, const std::optional<at::Tensor>& b_dec);
+at::Tensor sampled_dot_cpu(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& W);
+std::tuple<at::Tensor, at::Tensor> latent_transpose_cpu(const at::Tensor& indices, int64_t num_latents);
+std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cpu(const at::Tensor& weights,
+                                                               const at::Tensor& rows,
+                                                               const at::Tensor& offsets,
+                                                               const at::Tensor& order);
+
+// Tile shape of the fused encode for a problem, exposed for tests and tuning.
+std::tuple<int64_t, int64_t> topk_encode_tile_cpu(int64_t rows, int64_t latents, int64_t d, bool exact_dtype);
+
+}  // namespace ssae

@@ -1,0 +1,14 @@
+"""ssae-kernels: fused sparse-autoencoder ops for PyTorch.
+
+    values, indices = ssae_kernels.topk_encode(x, W_enc, b_enc, k, b_dec=b_dec)
+    x_hat = ssae_kernels.sparse_decode(values, indices, W_dec, b_dec)
+
+See ``python -m ssae_kernels.info`` for the backends available here.
+"""
+
+from . import reference
+from .backends import use_backend
+from .ops import sparse_decode, topk_encode
+
+__version__ = "0.1.0"
+__all__ = ["topk_encode", "sparse_decode", "use_backend", "reference"]

@@ -1,0 +1,8 @@
+"""The public ops (one module each) and the ``ssae`` torch.library they are registered in."""
+
+from . import library  # noqa: F401  (defines the schemas first)
+from .sparse_backward import latent_index
+from .sparse_decode import sparse_decode
+from .topk_encode import topk_encode
+
+__all__ = ["topk_encode", "sparse_decode", "latent_index"]

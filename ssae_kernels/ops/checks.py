@@ -1,0 +1,49 @@
+"""Argument checks shared by the op kernels and their fake (meta) kernels.
+
+They use ``torch._check_*`` so that the same code raises ``ValueError`` /
+``TypeError`` eagerly and records symbolic-shape guards under torch.compile.
+"""
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def tensor(t, name: str, dim: int, shape: str, *, optional: bool = False):
+    if t is None and optional:
+        return
+    torch._check_type(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    torch._check_value(t.dim() == dim, lambda: f"{name} must be {dim}-D {shape}, got shape {tuple(t.shape)}")
+
+
+def floating(t, name: str):
+    torch._check_type(
+        t.dtype in FLOAT_DTYPES,
+        lambda: f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}",
+    )
+
+
+def like(t, ref, name: str, ref_name: str):
+    """t has ref's dtype and device."""
+    if t is None:
+        return
+    torch._check_type(t.dtype == ref.dtype, lambda: f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+    torch._check_value(
+        t.device == ref.device, lambda: f"{name} is on {t.device} but {ref_name} is on {ref.device}"
+    )
+
+
+def same_size(actual, expected, what: str):
+    torch._check_value(actual == expected, lambda: f"{what}: expected {expected}, got {actual}")
+
+
+def indices(t, name: str, ref, ref_name: str):
+    torch._check_type(t.dtype == torch.int64, lambda: f"{name} must be int64, got {t.dtype}")
+    torch._check_value(t.device == ref.device, lambda: f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def integer(v, name: str):
+    torch._check_type(
+        isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool),
+        lambda: f"{name} must be an int, got {type(v).__name__}",
+    )

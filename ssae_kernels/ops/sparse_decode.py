@@ -1,0 +1,73 @@
+"""Sparse decode: x_hat = b_dec + sum_j values[:, j] * W_dec[indices[:, j]]."""
+
+import torch
+
+from . import checks
+from .library import register_routed_kernel
+from .sparse_backward import latent_index
+
+
+def sparse_decode(values, indices, W_dec, b_dec=None):
+    """Decodes a TopK code without forming the dense N x M code.
+
+    Args:
+        values: [N, k] activations; float32, bfloat16, float16 or float64.
+        indices: [N, k] int64 latents, each in [0, M).
+        W_dec: [M, d] decoder weights (row m is latent m's direction); dtype of values.
+        b_dec: optional [d] decoder bias.
+
+    Returns:
+        x_hat: [N, d], dtype of values, ``b_dec + sum_j values[n, j] * W_dec[indices[n, j]]``
+        accumulated in float32 (float64 for float64).
+
+    Differentiable in values (gather-dot), W_dec (a per-latent transpose touching only
+    the selected rows) and b_dec; O(N * k * d) forward and backward. Out-of-range
+    indices raise ``IndexError`` on the CPU backend.
+    """
+    return torch.ops.ssae.sparse_decode(values, indices, W_dec, b_dec)
+
+
+def _check(values, indices, W_dec, b_dec=None):
+    checks.tensor(values, "values", 2, "[N, k]")
+    checks.tensor(indices, "indices", 2, "[N, k]")
+    checks.tensor(W_dec, "W_dec", 2, "[M, d]")
+    checks.tensor(b_dec, "b_dec", 1, "[d]", optional=True)
+    checks.floating(values, "values")
+    checks.indices(indices, "indices", values, "values")
+    checks.like(W_dec, values, "W_dec", "values")
+    checks.like(b_dec, values, "b_dec", "values")
+    checks.same_size(tuple(indices.shape), tuple(values.shape), "indices must have the shape of values")
+    torch._check_value(values.shape[0] >= 1, lambda: f"values must have at least one row, got shape {tuple(values.shape)}")
+    if b_dec is not None:
+        checks.same_size(b_dec.shape[0], W_dec.shape[1], "b_dec.shape[0] must equal W_dec.shape[1] (d)")
+
+
+register_routed_kernel("sparse_decode", _check)
+
+
+@torch.library.register_fake("ssae::sparse_decode")
+def _(values, indices, W_dec, b_dec=None):
+    _check(values, indices, W_dec, b_dec)
+    return values.new_empty(values.shape[0], W_dec.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    values, indices, W_dec, b_dec = inputs
+    ctx.save_for_backward(values, indices, W_dec)
+
+
+def _backward(ctx, grad_out):
+    values, indices, W_dec = ctx.saved_tensors
+    need_values, _, need_W, need_b = ctx.needs_input_grad
+    grad_values = grad_W = grad_b = None
+    if need_values:
+        grad_values = torch.ops.ssae.sampled_dot(grad_out, indices, W_dec)
+    if need_W:
+        offsets, order = latent_index(indices, W_dec.shape[0])
+        grad_W, _ = torch.ops.ssae.sparse_transpose_matmul(values, grad_out, offsets, order)
+    if need_b:
+        grad_b = grad_out.sum(0)
+    return grad_values, None, grad_W, grad_b
+
+
+torch.library.register_autograd("ssae::sparse_decode", _backward, setup_context=_setup_context)

@@ -1,0 +1,96 @@
+"""Fused TopK encode: matmul + top-k without the N x M pre-activation matrix."""
+
+import torch
+
+from . import checks
+from .library import register_routed_kernel
+from .sparse_backward import latent_index
+
+
+def topk_encode(x, W_enc, b_enc, k, *, b_dec=None):
+    """The k largest pre-activations of every row, as a sparse code.
+
+    ``pre[n, m] = (x[n] - b_dec) . W_enc[m] + b_enc[m]`` is never stored: the CPU
+    backend computes it in cache-sized tiles and keeps a running top-k per row,
+    so extra memory is O(N * k) plus fixed-size tiles.
+
+    Args:
+        x: [N, d] inputs (N >= 1); float32, bfloat16, float16 or float64.
+        W_enc: [M, d] encoder weights (row m belongs to latent m, as ``nn.Linear``).
+        b_enc: [M] encoder bias.
+        k: number of latents kept per row, 1 <= k <= M.
+        b_dec: optional [d] decoder bias, subtracted from x first.
+
+    All tensors share x's dtype and device; accumulation is float32 (float64 for float64).
+
+    Returns:
+        values: [N, k], dtype of x: ``ReLU(pre[n, indices[n, j]])``.
+        indices: [N, k] int64, the selected latents in descending order of pre;
+            equal pre-activations are ordered by lower index (CPU and reference
+            backends), and NaN ranks above every number.
+
+    Differentiable in x, W_enc, b_enc and b_dec; the backward pass costs
+    O(N * k * d) (gather for x, a per-latent transpose for W_enc and b_enc).
+
+    Example::
+
+        values, indices = ssae_kernels.topk_encode(x, sae.W_enc, sae.b_enc, 32, b_dec=sae.b_dec)
+    """
+    return torch.ops.ssae.topk_encode(x, W_enc, b_enc, k, b_dec)
+
+
+def _check(x, W_enc, b_enc, k, b_dec=None):
+    checks.tensor(x, "x", 2, "[N, d]")
+    checks.tensor(W_enc, "W_enc", 2, "[M, d]")
+    checks.tensor(b_enc, "b_enc", 1, "[M]")
+    checks.tensor(b_dec, "b_dec", 1, "[d]", optional=True)
+    checks.integer(k, "k")
+    checks.floating(x, "x")
+    for t, name in ((W_enc, "W_enc"), (b_enc, "b_enc"), (b_dec, "b_dec")):
+        checks.like(t, x, name, "x")
+    N, d = x.shape
+    M = W_enc.shape[0]
+    torch._check_value(N >= 1, lambda: f"x must have at least one row, got shape {tuple(x.shape)}")
+    checks.same_size(W_enc.shape[1], d, "W_enc.shape[1] must equal x.shape[1] (d)")
+    checks.same_size(b_enc.shape[0], M, "b_enc.shape[0] must equal W_enc.shape[0] (M)")
+    if b_dec is not None:
+        checks.same_size(b_dec.shape[0], d, "b_dec.shape[0] must equal x.shape[1] (d)")
+    torch._check_value(1 <= k <= M, lambda: f"k must be in [1, M] with M = W_enc.shape[0] = {M}, got {k}")
+
+
+register_routed_kernel("topk_encode", _check)
+
+
+@torch.library.register_fake("ssae::topk_encode")
+def _(x, W_enc, b_enc, k, b_dec=None):
+    _check(x, W_enc, b_enc, k, b_dec)
+    return x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, dtype=torch.int64)
+
+
+def _setup_context(ctx, inputs, output):
+    x, W_enc, b_enc, k, b_dec = inputs
+    values, indices = output
+    ctx.save_for_backward(x, W_enc, b_dec, values, indices)
+    ctx.mark_non_differentiable(indices)
+
+
+def _backward(ctx, grad_values, grad_indices):
+    x, W_enc, b_dec, values, indices = ctx.saved_tensors
+    need_x, need_W, need_b_enc, _, need_b_dec = ctx.needs_input_grad
+    # d ReLU: only selected latents with a positive pre-activation pass gradient
+    grad_pre = torch.where(values > 0, grad_values, torch.zeros((), dtype=grad_values.dtype))
+    grad_x = grad_W = grad_b_enc = grad_b_dec = None
+    if need_x:
+        grad_x = torch.ops.ssae.sparse_decode(grad_pre, indices, W_enc, None)
+    if need_W or need_b_enc or (need_b_dec and not need_x):
+        offsets, order = latent_index(indices, W_enc.shape[0])
+        rows = x if b_dec is None else x - b_dec
+        grad_W, grad_b_enc = torch.ops.ssae.sparse_transpose_matmul(grad_pre, rows, offsets, order)
+    if need_b_dec:
+        # -sum_n grad_x[n]; without grad_x, the same sum grouped by latent is
+        # grad_b_enc @ W_enc: one [M] x [M, d] product instead of an N x k gather.
+        grad_b_dec = -grad_x.sum(0) if need_x else -(grad_b_enc.to(W_enc.dtype) @ W_enc)
+    return grad_x, grad_W if need_W else None, grad_b_enc if need_b_enc else None, None, grad_b_dec
+
+
+torch.library.register_autograd("ssae::topk_encode", _backward, setup_context=_setup_context)
