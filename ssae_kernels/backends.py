@@ -5,7 +5,7 @@ Each backend declares the devices it serves and, through
 choice is made per call, at run time:
 
 1. ``with ssae_kernels.use_backend(name):`` if active, else
-2. the ``SSAE_BACKEND`` environment variable (``cpu``, ``reference``), else
+2. the ``SSAE_BACKEND`` environment variable (``cpu``, ``triton``, ``cuda``, ``reference``), else
 3. the first backend of the device's default order that supports the call.
 
 An explicit choice that cannot serve the call raises with its reasons; when
@@ -25,7 +25,7 @@ import torch
 from . import reference
 
 ENV_VAR = "SSAE_BACKEND"
-DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("reference",)}
+DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 
 
 OPS = ("topk_encode", "sparse_decode", "sampled_dot", "latent_transpose", "sparse_transpose_matmul")
@@ -88,7 +88,67 @@ class CpuBackend(Backend):
         return getattr(self.extension, f"{op}_cpu")
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (CpuBackend(), ReferenceBackend())}
+class TritonBackend(Backend):
+    """Triton kernels (ssae_kernels/triton): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+
+    name = "triton"
+    devices = ("cuda", "cpu")
+
+    def __init__(self):
+        self._kernels = None
+        self.load_error = None
+
+    @property
+    def kernels(self) -> dict:
+        if self._kernels is None:  # imported on first use: importing triton takes a second
+            try:
+                from .triton import KERNELS
+            except ImportError as error:  # triton missing or too old
+                self._kernels, self.load_error = {}, f"{type(error).__name__}: {error}"
+            else:
+                self._kernels = KERNELS
+        return self._kernels
+
+    @property
+    def ops(self):
+        return tuple(self.kernels)
+
+    def not_supported_reasons(self, op, device):
+        if not self.kernels and self.load_error:
+            return [f"cannot import triton kernels ({self.load_error})"]
+        reasons = super().not_supported_reasons(op, device)
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            reasons.append("runs CPU tensors only in the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)")
+        return reasons
+
+    def kernel(self, op):
+        return self.kernels[op]
+
+
+class CudaBackend(Backend):
+    """CUDA C++ kernels (csrc/kernels/cuda), built into ssae_kernels._C when asked for at install time."""
+
+    name = "cuda"
+    devices = ("cuda",)
+
+    def __init__(self):
+        self.extension, self.load_error = _load_extension()
+        built = self.extension is not None and self.extension.build_info().get("cuda", False)
+        self.ops = tuple(op for op in OPS if built and hasattr(self.extension, f"{op}_cuda"))
+
+    def not_supported_reasons(self, op, device):
+        reasons = super().not_supported_reasons(op, device)
+        if self.extension is None:
+            reasons.append(f"ssae_kernels._C is not available ({self.load_error})")
+        elif not self.extension.build_info().get("cuda", False):
+            reasons.append("ssae_kernels._C was built without CUDA (set SSAE_BUILD_CUDA=1 and reinstall)")
+        return reasons
+
+    def kernel(self, op):
+        return getattr(self.extension, f"{op}_cuda")
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (CpuBackend(), TritonBackend(), CudaBackend(), ReferenceBackend())}
 
 _override: list[str] = []
 _warned_fallback: set[tuple[str, str]] = set()
