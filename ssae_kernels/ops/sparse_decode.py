@@ -58,7 +58,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     values, indices, W_dec = ctx.saved_tensors
-    need_values, _, need_W, need_b = ctx.needs_input_grad
+    need_values, _, need_W, need_b = (*ctx.needs_input_grad, False)[:4]  # b_dec may be omitted
     grad_values = grad_W = grad_b = None
     if need_values:
         grad_values = torch.ops.ssae.sampled_dot(grad_out, indices, W_dec)
@@ -67,7 +67,7 @@ def _backward(ctx, grad_out):
         grad_W, _ = torch.ops.ssae.sparse_transpose_matmul(values, grad_out, offsets, order)
     if need_b:
         grad_b = grad_out.sum(0)
-    return grad_values, None, grad_W, grad_b
+    return (grad_values, None, grad_W, grad_b)[: len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd("ssae::sparse_decode", _backward, setup_context=_setup_context)

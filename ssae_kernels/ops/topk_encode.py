@@ -76,7 +76,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_values, grad_indices):
     x, W_enc, b_dec, values, indices = ctx.saved_tensors
-    need_x, need_W, need_b_enc, _, need_b_dec = ctx.needs_input_grad
+    # b_dec may have been omitted (the dispatcher drops a trailing default)
+    need_x, need_W, need_b_enc, _, need_b_dec = (*ctx.needs_input_grad, False)[:5]
     # d ReLU: only selected latents with a positive pre-activation pass gradient
     grad_pre = torch.where(values > 0, grad_values, torch.zeros((), dtype=grad_values.dtype))
     grad_x = grad_W = grad_b_enc = grad_b_dec = None
@@ -90,7 +91,8 @@ def _backward(ctx, grad_values, grad_indices):
         # -sum_n grad_x[n]; without grad_x, the same sum grouped by latent is
         # grad_b_enc @ W_enc: one [M] x [M, d] product instead of an N x k gather.
         grad_b_dec = -grad_x.sum(0) if need_x else -(grad_b_enc.to(W_enc.dtype) @ W_enc)
-    return grad_x, grad_W if need_W else None, grad_b_enc if need_b_enc else None, None, grad_b_dec
+    grads = (grad_x, grad_W if need_W else None, grad_b_enc if need_b_enc else None, None, grad_b_dec)
+    return grads[: len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd("ssae::topk_encode", _backward, setup_context=_setup_context)

@@ -1,0 +1,45 @@
+# Fresh machine:   make bench   (set up, then the main job: the training-step benchmark)
+#                  make test    (set up, then every test and check CI runs)
+# TORCH selects the torch build to install first; everything else is pinned to it.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PIN := $(VENV)/torch-pin.txt
+JOBS ?= 2
+
+.PHONY: setup peers bench bench-full test test-python test-cpp clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch goes in first and is then pinned, so no later install can swap it for another build.
+$(PIN): $(PY)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(PIN)
+
+setup: $(PIN)
+	$(PIP) install -q --constraint $(PIN) -r requirements-dev.txt
+	$(PIP) install -q --constraint $(PIN) --no-build-isolation -e .
+	$(PY) -m ssae_kernels.info
+
+# The libraries the benchmarks compare against (optional; benchmarks skip what is missing).
+peers: setup
+	$(PIP) install -q --constraint $(PIN) eai-sparsify sae-lens
+
+bench: peers
+	$(PY) benchmarks/bench_step.py --quick
+
+bench-full: peers
+	$(PY) benchmarks/bench_step.py
+
+test: setup test-python
+
+test-python:
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf build build-cmake *.egg-info ssae_kernels/*.so

@@ -1,0 +1,40 @@
+"""``python -m ssae_kernels.info``: what was built, and which backends can serve calls here (and why not)."""
+
+import platform
+
+import torch
+
+from . import __version__, backends
+
+
+def report() -> str:
+    lines = [f"ssae_kernels {__version__}  torch {torch.__version__}  python {platform.python_version()}"]
+    cpu = backends.BACKENDS["cpu"]
+    if cpu.extension is None:
+        lines.append(f"compiled extension: not available ({cpu.load_error})")
+    else:
+        info = cpu.extension.build_info()
+        lines.append("compiled extension: ssae_kernels._C")
+        lines.append(f"  compiler {info['compiler']}, OpenMP {'on' if info['openmp'] else 'off'} "
+                     f"({info['omp_max_threads']} threads), CUDA kernels {'built' if info['cuda'] else 'not built'}")
+        if "cpu_avx512f" in info:
+            isa = "AVX-512" if info["cpu_avx512f"] else "AVX2" if info["cpu_avx2"] else "baseline x86-64"
+            lines.append(f"  this CPU runs the {isa} kernels")
+    try:
+        import triton
+        lines.append(f"triton {triton.__version__}")
+    except ImportError as error:
+        lines.append(f"triton: not installed ({error})")
+    lines.append(f"torch.cuda.is_available(): {torch.cuda.is_available()}")
+    for device in ("cpu", "cuda"):
+        lines.append(f"backends for {device} tensors (default order: {', '.join(backends.DEFAULT_ORDER[device])}):")
+        for name, reasons in backends.availability(device).items():
+            lines.append(f"  {name:<10} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))
+    requested = backends.requested_backend()
+    if requested:
+        lines.append(f"{backends.ENV_VAR}={requested} overrides the default order")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())
