@@ -61,3 +61,61 @@ def sparse_transpose_matmul(weights, rows, offsets, order):
     out.index_add_(0, latent, w[:, None] * rows.to(acc)[order // k])
     colsum = torch.zeros(num_latents, dtype=acc, device=rows.device).index_add_(0, latent, w)
     return out.to(rows.dtype), colsum.to(weights.dtype)
+
+
+def _segment_sum(values, groups, num_groups):
+    return torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(0, groups, values)
+
+
+def tilted_group_stats(losses, t, groups, num_groups):
+    """(anchor, log_mean, count) per group, float64: R_g = anchor + log_mean / t (anchor = mean if t == 0).
+
+    anchor is the group's loss maximising t * loss and
+    log_mean = log1p(mean(expm1(t * (loss - anchor)))), exact for tiny and huge |t| alike;
+    empty groups get zeros. Differentiable in losses (through log_mean, or the mean at t == 0).
+    """
+    l = losses.double()
+    g = torch.zeros_like(l, dtype=torch.int64) if groups is None else groups
+    count = torch.bincount(g, minlength=num_groups)
+    n = count.clamp_min(1)
+    if t == 0:
+        return _segment_sum(l, g, num_groups) / n, torch.zeros(num_groups, dtype=torch.float64, device=l.device), count
+    top = torch.full((num_groups,), float("-inf"), dtype=torch.float64, device=l.device)
+    top = top.scatter_reduce(0, g, (t * l).detach(), reduce="amax")
+    anchor = torch.where(count > 0, top / t, 0.0)
+    log_mean = torch.log1p(_segment_sum(torch.expm1(t * (l - anchor[g])), g, num_groups) / n)
+    return anchor, torch.where(count > 0, log_mean, 0.0), count
+
+
+def tilted_loss(losses, t, groups=None, num_groups=1, t_group=0.0):
+    """TERM: (1/t) log mean exp(t * losses); the mean at t == 0.
+
+    With groups (int64 ids in [0, num_groups)), t tilts inside each group and
+    t_group across the group risks, weighted by group size (empty groups drop
+    out). Computed in float64, returned in the dtype of losses.
+    """
+    anchor, log_mean, count = tilted_group_stats(losses, t, groups, num_groups)
+    risk = anchor if t == 0 else anchor + log_mean / t
+    present = count > 0
+    risk, weight = risk[present], count[present].double() / count.sum()
+    if t_group == 0:
+        total = (weight * risk).sum()
+    else:
+        top = risk[torch.argmax(t_group * risk.detach())].detach()
+        total = top + torch.log1p((weight * torch.expm1(t_group * (risk - top))).sum()) / t_group
+    return total.to(losses.dtype)
+
+
+def row_sq_error(x_hat, x):
+    """sum_d (x_hat - x)^2 per row, in the accumulation dtype. [N]."""
+    acc = accumulation_dtype(x_hat.dtype)
+    return ((x_hat.to(acc) - x.to(acc)) ** 2).sum(1)
+
+
+def sparse_decode_sq_error(values, indices, W_dec, b_dec, x):
+    """Per-row squared error of the decode (not rounded to the storage dtype first). [N]."""
+    acc = accumulation_dtype(values.dtype)
+    x_hat = torch.einsum("nk,nkd->nd", values.to(acc), W_dec.to(acc)[indices])
+    if b_dec is not None:
+        x_hat = x_hat + b_dec.to(acc)
+    return ((x_hat - x.to(acc)) ** 2).sum(1)

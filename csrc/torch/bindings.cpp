@@ -41,4 +41,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("latent_transpose_cpu", &ssae::latent_transpose_cpu);
   m.def("sparse_transpose_matmul_cpu", &ssae::sparse_transpose_matmul_cpu);
   m.def("topk_encode_tile_cpu", &ssae::topk_encode_tile_cpu);
+  m.def("tilted_group_stats_cpu", &ssae::tilted_group_stats_cpu);
+  m.def("row_sq_error_cpu", &ssae::row_sq_error_cpu);
+  m.def("sparse_decode_sq_error_cpu", &ssae::sparse_decode_sq_error_cpu);
 }

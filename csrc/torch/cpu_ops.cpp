@@ -5,6 +5,7 @@
 
 #include "../kernels/cpu/sparse_backward.h"
 #include "../kernels/cpu/sparse_decode.h"
+#include "../kernels/cpu/tilted_loss.h"
 #include "../kernels/cpu/topk_encode.h"
 
 namespace ssae {
@@ -127,8 +128,10 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
   return {values, indices};
 }
 
-at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices,
-                             const at::Tensor& W_dec, const std::optional<at::Tensor>& b_dec) {
+namespace {
+
+void check_decode_args(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
+                       const std::optional<at::Tensor>& b_dec) {
   check_cpu(values, "values");
   check_cpu(W_dec, "W_dec");
   check_dim(values, 2, "values", "[N, k]");
@@ -138,13 +141,21 @@ at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices
               ", got ", indices.sizes());
   check_same_dtype(W_dec, values, "W_dec", "values");
   check_indices(indices, W_dec.size(0), "indices");
-  const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1);
   if (b_dec) {
     check_cpu(*b_dec, "b_dec");
     check_dim(*b_dec, 1, "b_dec", "[d]");
-    TORCH_CHECK(b_dec->size(0) == d, "b_dec must be [d] with d = W_dec.size(1) = ", d, ", got shape ", b_dec->sizes());
+    TORCH_CHECK(b_dec->size(0) == W_dec.size(1), "b_dec must be [d] with d = W_dec.size(1) = ", W_dec.size(1),
+                ", got shape ", b_dec->sizes());
     check_same_dtype(*b_dec, values, "b_dec", "values");
   }
+}
+
+}  // namespace
+
+at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices,
+                             const at::Tensor& W_dec, const std::optional<at::Tensor>& b_dec) {
+  check_decode_args(values, indices, W_dec, b_dec);
+  const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1);
   auto out = at::empty({N, d}, values.options());
   const auto v = values.contiguous(), ix = indices.contiguous(), W = W_dec.contiguous();
   const auto b = b_dec ? b_dec->contiguous() : at::Tensor();
@@ -154,6 +165,72 @@ at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices
                           N, k, d, ptr<T>(out));
   });
   return out;
+}
+
+at::Tensor sparse_decode_sq_error_cpu(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
+                                      const std::optional<at::Tensor>& b_dec, const at::Tensor& x) {
+  check_decode_args(values, indices, W_dec, b_dec);
+  check_cpu(x, "x");
+  check_dim(x, 2, "x", "[N, d]");
+  const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1);
+  TORCH_CHECK(x.size(0) == N && x.size(1) == d, "x must be [N, d] = [", N, ", ", d, "], got shape ", x.sizes());
+  check_same_dtype(x, values, "x", "values");
+  const auto acc = values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto out = at::empty({N}, values.options().dtype(acc));
+  const auto v = values.contiguous(), ix = indices.contiguous(), W = W_dec.contiguous(), xc = x.contiguous();
+  const auto b = b_dec ? b_dec->contiguous() : at::Tensor();
+  dispatch_dtype(values.scalar_type(), "values", [&](auto tag) {
+    using T = decltype(tag);
+    cpu::sparse_decode_sq_error<T>(ptr<T>(v), ix.data_ptr<int64_t>(), ptr<T>(W),
+                                   b.defined() ? ptr<T>(b) : nullptr, ptr<T>(xc), N, k, d,
+                                   ptr<cpu::acc_t<T>>(out));
+  });
+  return out;
+}
+
+at::Tensor row_sq_error_cpu(const at::Tensor& x_hat, const at::Tensor& x) {
+  check_cpu(x_hat, "x_hat");
+  check_cpu(x, "x");
+  check_dim(x_hat, 2, "x_hat", "[N, d]");
+  TORCH_CHECK(x.sizes() == x_hat.sizes(), "x must have the shape of x_hat ", x_hat.sizes(), ", got ", x.sizes());
+  check_same_dtype(x, x_hat, "x", "x_hat");
+  const auto acc = x_hat.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto out = at::empty({x_hat.size(0)}, x_hat.options().dtype(acc));
+  const auto a = x_hat.contiguous(), b = x.contiguous();
+  dispatch_dtype(x_hat.scalar_type(), "x_hat", [&](auto tag) {
+    using T = decltype(tag);
+    cpu::row_sq_error<T>(ptr<T>(a), ptr<T>(b), a.size(0), a.size(1), ptr<cpu::acc_t<T>>(out));
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tilted_group_stats_cpu(const at::Tensor& losses, double t,
+                                                                      const std::optional<at::Tensor>& groups,
+                                                                      int64_t num_groups) {
+  check_cpu(losses, "losses");
+  check_dim(losses, 1, "losses", "[N]");
+  TORCH_CHECK(losses.size(0) > 0, "losses must not be empty");
+  TORCH_CHECK(num_groups >= 1, "num_groups must be >= 1, got ", num_groups);
+  const int64_t n = losses.size(0);
+  at::Tensor g;
+  if (groups) {
+    check_dim(*groups, 1, "groups", "[N]");
+    TORCH_CHECK(groups->size(0) == n, "groups must have N = ", n, " elements, got ", groups->size(0));
+    check_indices(*groups, num_groups, "groups");
+    g = groups->contiguous();
+  } else {
+    TORCH_CHECK(num_groups == 1, "num_groups must be 1 without groups, got ", num_groups);
+  }
+  auto opts = losses.options().dtype(at::kDouble);
+  auto anchor = at::empty({num_groups}, opts), log_mean = at::empty({num_groups}, opts);
+  auto count = at::empty({num_groups}, opts.dtype(at::kLong));
+  const auto l = losses.contiguous();
+  dispatch_dtype(losses.scalar_type(), "losses", [&](auto tag) {
+    using T = decltype(tag);
+    cpu::tilted_group_stats<T>(ptr<T>(l), n, t, g.defined() ? g.data_ptr<int64_t>() : nullptr, num_groups,
+                               anchor.data_ptr<double>(), log_mean.data_ptr<double>(), count.data_ptr<int64_t>());
+  });
+  return {anchor, log_mean, count};
 }
 
 at::Tensor sampled_dot_cpu(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& W) {

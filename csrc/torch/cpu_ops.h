@@ -22,6 +22,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cpu(const at::Tensor&
                                                                const at::Tensor& offsets,
                                                                const at::Tensor& order);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tilted_group_stats_cpu(const at::Tensor& losses, double t,
+                                                                      const std::optional<at::Tensor>& groups,
+                                                                      int64_t num_groups);
+at::Tensor row_sq_error_cpu(const at::Tensor& x_hat, const at::Tensor& x);
+at::Tensor sparse_decode_sq_error_cpu(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
+                                      const std::optional<at::Tensor>& b_dec, const at::Tensor& x);
+
 // Tile shape of the fused encode for a problem, exposed for tests and tuning.
 std::tuple<int64_t, int64_t> topk_encode_tile_cpu(int64_t rows, int64_t latents, int64_t d, bool exact_dtype);
 

@@ -3,6 +3,8 @@
 from . import library  # noqa: F401  (defines the schemas first)
 from .sparse_backward import latent_index
 from .sparse_decode import sparse_decode
+from .tilted_loss import StreamingTERM, sparse_decode_mse, tilted_loss, tilted_mse
 from .topk_encode import topk_encode
 
-__all__ = ["topk_encode", "sparse_decode", "latent_index"]
+__all__ = ["topk_encode", "sparse_decode", "tilted_loss", "tilted_mse", "sparse_decode_mse", "StreamingTERM",
+           "latent_index"]

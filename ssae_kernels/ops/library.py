@@ -20,6 +20,11 @@ SCHEMAS = {
     "sampled_dot": "(Tensor grad, Tensor indices, Tensor W) -> Tensor",
     "latent_transpose": "(Tensor indices, int num_latents) -> (Tensor offsets, Tensor order)",
     "sparse_transpose_matmul": "(Tensor weights, Tensor rows, Tensor offsets, Tensor order) -> (Tensor out, Tensor colsum)",
+    # TERM (see ops/tilted_loss.py)
+    "tilted_loss": "(Tensor losses, float t, Tensor? groups, int num_groups, float t_group) -> Tensor",
+    "tilted_group_stats": "(Tensor losses, float t, Tensor? groups, int num_groups) -> (Tensor anchor, Tensor log_mean, Tensor count)",
+    "row_sq_error": "(Tensor x_hat, Tensor x) -> Tensor",
+    "sparse_decode_sq_error": "(Tensor values, Tensor indices, Tensor W_dec, Tensor? b_dec, Tensor x) -> Tensor",
 }
 
 for _name, _schema in SCHEMAS.items():

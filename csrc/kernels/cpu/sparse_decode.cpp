@@ -19,10 +19,32 @@ template <typename T>
   for (int64_t t = 0; t < d; ++t) out[t] = store<T, A>(acc[t]);
 }
 
+template <typename T>
+[[gnu::always_inline]] inline acc_t<T> decode_sq_error_row(const T* values, const int64_t* indices, const T* W,
+                                                           const T* bias, const T* x, int64_t k, int64_t d,
+                                                           acc_t<T>* acc) {
+  using A = acc_t<T>;
+  for (int64_t t = 0; t < d; ++t) acc[t] = (bias ? load<A>(bias[t]) : A(0)) - load<A>(x[t]);
+  for (int64_t j = 0; j < k; ++j) {
+    const A w = load<A>(values[j]);
+    const T* row = W + indices[j] * d;
+    for (int64_t t = 0; t < d; ++t) acc[t] += w * load<A>(row[t]);
+  }
+  A s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t t = 0; t < d; ++t) s += acc[t] * acc[t];
+  return s;
+}
+
 #define SSAE_DECODE_ROW(T)                                                                      \
   SSAE_MULTIVERSION void decode_row_mv(const T* v, const int64_t* ix, const T* W, const T* b,   \
                                        int64_t k, int64_t d, acc_t<T>* acc, T* out) {           \
     decode_row<T>(v, ix, W, b, k, d, acc, out);                                                 \
+  }                                                                                             \
+  SSAE_MULTIVERSION acc_t<T> decode_sq_error_row_mv(const T* v, const int64_t* ix, const T* W,  \
+                                                    const T* b, const T* x, int64_t k,         \
+                                                    int64_t d, acc_t<T>* acc) {                \
+    return decode_sq_error_row<T>(v, ix, W, b, x, k, d, acc);                                   \
   }
 SSAE_DECODE_ROW(float)
 SSAE_DECODE_ROW(double)
@@ -44,6 +66,18 @@ void sparse_decode(const T* values, const int64_t* indices, const T* W, const T*
   }
 }
 
+template <typename T>
+void sparse_decode_sq_error(const T* values, const int64_t* indices, const T* W, const T* bias,
+                            const T* x, int64_t rows, int64_t k, int64_t d, acc_t<T>* out) {
+#pragma omp parallel
+  {
+    std::vector<acc_t<T>> acc(d);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < rows; ++n)
+      out[n] = decode_sq_error_row_mv(values + n * k, indices + n * k, W, bias, x + n * d, k, d, acc.data());
+  }
+}
+
 int64_t find_invalid_index(const int64_t* indices, int64_t count, int64_t num_latents) {
   int64_t first = count;
 #pragma omp parallel for reduction(min : first) schedule(static)
@@ -56,5 +90,13 @@ template void sparse_decode<float>(const float*, const int64_t*, const float*, c
 template void sparse_decode<double>(const double*, const int64_t*, const double*, const double*, int64_t, int64_t, int64_t, double*);
 template void sparse_decode<bf16>(const bf16*, const int64_t*, const bf16*, const bf16*, int64_t, int64_t, int64_t, bf16*);
 template void sparse_decode<f16>(const f16*, const int64_t*, const f16*, const f16*, int64_t, int64_t, int64_t, f16*);
+#define SSAE_INSTANTIATE(T)                                                                            \
+  template void sparse_decode_sq_error<T>(const T*, const int64_t*, const T*, const T*, const T*, int64_t, \
+                                          int64_t, int64_t, acc_t<T>*);
+SSAE_INSTANTIATE(float)
+SSAE_INSTANTIATE(double)
+SSAE_INSTANTIATE(bf16)
+SSAE_INSTANTIATE(f16)
+#undef SSAE_INSTANTIATE
 
 }  // namespace ssae::cpu

@@ -13,6 +13,12 @@ template <typename T>
 void sparse_decode(const T* values, const int64_t* indices, const T* W, const T* bias,
                    int64_t rows, int64_t k, int64_t d, T* out);
 
+// out[n] = sum_t (x_hat[n, t] - x[n, t])^2 with x_hat[n] the decode above, accumulated
+// in acc_t<T> and never stored: no [rows, d] buffer. bias may be null.
+template <typename T>
+void sparse_decode_sq_error(const T* values, const int64_t* indices, const T* W, const T* bias,
+                            const T* x, int64_t rows, int64_t k, int64_t d, acc_t<T>* out);
+
 // First position p with indices[p] outside [0, num_latents), or -1 if all are valid.
 int64_t find_invalid_index(const int64_t* indices, int64_t count, int64_t num_latents);
 

@@ -1,0 +1,289 @@
+"""TERM (tilted empirical risk) reductions and the fused squared-error losses built on them.
+
+``tilted_loss(losses, t) = (1/t) log((1/N) sum_i exp(t * losses_i))``: the mean at
+t = 0, the max as t -> +inf, the min as t -> -inf; its gradient weights are
+``softmax(t * losses)``. A backend supplies one O(N) reduction,
+``tilted_group_stats`` (an online log-sum-exp per group in float64, merged
+across threads or blocks); everything after it is O(number of groups).
+"""
+
+import math
+
+import torch
+
+from . import checks
+from .library import LIBRARY, register_routed_kernel
+
+
+def tilted_loss(losses, t, *, groups=None, t_group=None, num_groups=None):
+    """Tilted mean of ``losses``.
+
+    Args:
+        losses: [N] per-sample losses (N >= 1), float32/float64/bfloat16/float16.
+        t: tilt. 0 gives exactly the mean; large positive t approaches the max
+            (t = 1e9 is the max up to log(N)/t), negative t the min.
+        groups: optional [N] int64 group ids >= 0 for hierarchical TERM: t tilts
+            inside each group, ``t_group`` (default 0: the size-weighted mean)
+            across the group risks, each group weighted by its size.
+        num_groups: number of group ids (default ``groups.max() + 1``; pass it to
+            avoid a device sync or a graph break under torch.compile).
+
+    Returns a scalar of the dtype of losses, computed in float64. Differentiable;
+    the backward pass is O(N) (softmax weights), with no N x N or N x groups temporaries.
+    """
+    return torch.ops.ssae.tilted_loss(losses, float(t), groups, *_group_args(groups, t_group, num_groups))
+
+
+def tilted_mse(x_hat, x, t=0.0, *, groups=None, t_group=None, num_groups=None):
+    """``tilted_loss`` of the per-row squared errors ``sum_d (x_hat - x)^2``, in one pass over x_hat and x.
+
+    x_hat and x are [N, d] of one dtype; errors are accumulated in float32 (float64).
+    Differentiable in x_hat and x. Returns a float32 (float64) scalar.
+    """
+    errors = torch.ops.ssae.row_sq_error(x_hat, x)
+    return torch.ops.ssae.tilted_loss(errors, float(t), groups, *_group_args(groups, t_group, num_groups))
+
+
+def sparse_decode_mse(values, indices, W_dec, b_dec, x, *, t=0.0, groups=None, t_group=None, num_groups=None):
+    """``tilted_mse(sparse_decode(values, indices, W_dec, b_dec), x, t)`` without storing x_hat.
+
+    The forward pass decodes each row into a per-thread buffer and keeps only its
+    squared error (no [N, d] tensor); the backward pass recomputes the residual.
+    Differentiable in values, W_dec, b_dec and x. Returns a float32 (float64) scalar.
+    """
+    errors = torch.ops.ssae.sparse_decode_sq_error(values, indices, W_dec, b_dec, x)
+    return torch.ops.ssae.tilted_loss(errors, float(t), groups, *_group_args(groups, t_group, num_groups))
+
+
+def _group_args(groups, t_group, num_groups):
+    if groups is None:
+        if t_group is not None and t_group != 0:
+            raise ValueError("t_group needs groups")
+        if num_groups not in (None, 1):
+            raise ValueError(f"num_groups needs groups (got num_groups={num_groups})")
+        return 1, 0.0
+    if not isinstance(groups, torch.Tensor) or groups.dtype != torch.int64:
+        raise TypeError(f"groups must be an int64 tensor, got {getattr(groups, 'dtype', type(groups).__name__)}")
+    if groups.numel() == 0:
+        raise ValueError("groups must not be empty")
+    if num_groups is None:
+        if int(groups.min()) < 0:
+            raise ValueError(f"groups must be >= 0, got {int(groups.min())}")
+        num_groups = int(groups.max()) + 1
+    return num_groups, float(t_group or 0.0)
+
+
+# ---- the reduction op --------------------------------------------------------------
+
+
+def _check_losses(losses, t, groups, num_groups):
+    checks.tensor(losses, "losses", 1, "[N]")
+    checks.floating(losses, "losses")
+    torch._check_value(losses.shape[0] >= 1, lambda: "losses must not be empty")
+    torch._check_type(isinstance(t, float), lambda: f"t must be a float, got {type(t).__name__}")
+    torch._check_value(math.isfinite(t), lambda: f"t must be finite, got {t}")
+    checks.integer(num_groups, "num_groups")
+    torch._check_value(num_groups >= 1, lambda: f"num_groups must be >= 1, got {num_groups}")
+    if groups is None:
+        torch._check_value(num_groups == 1, lambda: f"num_groups must be 1 without groups, got {num_groups}")
+    else:
+        checks.tensor(groups, "groups", 1, "[N]")
+        checks.indices(groups, "groups", losses, "losses")
+        checks.same_size(groups.shape[0], losses.shape[0], "groups must have one id per loss")
+
+
+def _check_tilted_loss(losses, t, groups, num_groups, t_group):
+    _check_losses(losses, t, groups, num_groups)
+    torch._check_value(math.isfinite(t_group), lambda: f"t_group must be finite, got {t_group}")
+
+
+register_routed_kernel("tilted_group_stats", _check_losses)
+
+
+@torch.library.register_fake("ssae::tilted_group_stats")
+def _(losses, t, groups, num_groups):
+    _check_losses(losses, t, groups, num_groups)
+    stat = losses.new_empty(num_groups, dtype=torch.float64)
+    return stat, stat.new_empty(num_groups), stat.new_empty(num_groups, dtype=torch.int64)
+
+
+def _risks(losses, t, groups, num_groups, t_group):
+    """Per-group stats, the total risk, and each group's log gradient weight t_group (R_g - R), float64."""
+    anchor, log_mean, count = torch.ops.ssae.tilted_group_stats(losses, t, groups, num_groups)
+    risk = anchor if t == 0 else anchor + log_mean / t
+    weight = count.double() / losses.shape[0]  # empty groups weigh 0
+    if t_group == 0:
+        return anchor, log_mean, (weight * risk).sum(), torch.zeros_like(risk)
+    best = torch.argmax(torch.where(count > 0, t_group * risk, float("-inf")))
+    top = risk.gather(0, best.reshape(1)).squeeze(0)  # (tensor indexing would sync under tracing)
+    log_total = torch.log1p((weight * torch.expm1(t_group * (risk - top))).sum())
+    # t_group (R_g - R) written without subtracting the nearly equal R_g and R
+    # (at t_group = 1e9 that difference would lose 7 digits)
+    return anchor, log_mean, top + log_total / t_group, t_group * (risk - top) - log_total
+
+
+def _tilted_loss_kernel(losses, t, groups=None, num_groups=1, t_group=0.0):
+    _check_tilted_loss(losses, t, groups, num_groups, t_group)
+    return _risks(losses, t, groups, num_groups, t_group)[2].to(losses.dtype)
+
+
+# A composite kernel: the backend-specific work is the tilted_group_stats it calls.
+torch.library.register_kernel("ssae::tilted_loss", ("cpu", "cuda"), _tilted_loss_kernel, lib=LIBRARY)
+
+
+@torch.library.register_fake("ssae::tilted_loss")
+def _(losses, t, groups=None, num_groups=1, t_group=0.0):
+    _check_tilted_loss(losses, t, groups, num_groups, t_group)
+    return losses.new_empty(())
+
+
+def _setup_tilted(ctx, inputs, output):
+    losses, t, groups, num_groups, t_group = inputs
+    ctx.save_for_backward(losses, groups)
+    ctx.args = (t, num_groups, t_group)
+
+
+def _backward_tilted(ctx, grad):
+    losses, groups = ctx.saved_tensors
+    t, num_groups, t_group = ctx.args
+    # The O(N) statistics are recomputed rather than saved: one more pass over N floats.
+    anchor, log_mean, _, group_log_weight = _risks(losses, t, groups, num_groups, t_group)
+    g = torch.zeros_like(losses, dtype=torch.int64) if groups is None else groups
+    # d R / d loss_i = exp(t_group (R_g - R)) / N * exp(t (loss_i - anchor_g) - log_mean_g)
+    inner = t * (losses.double() - anchor[g]) - log_mean[g] if t != 0 else 0.0
+    weights = torch.exp(group_log_weight[g] + inner) / losses.shape[0]
+    return (grad.double() * weights).to(losses.dtype), None, None, None, None
+
+
+torch.library.register_autograd("ssae::tilted_loss", _backward_tilted, setup_context=_setup_tilted)
+
+
+# ---- per-row squared errors ----------------------------------------------------------
+
+
+def _check_row_sq_error(x_hat, x):
+    checks.tensor(x_hat, "x_hat", 2, "[N, d]")
+    checks.tensor(x, "x", 2, "[N, d]")
+    checks.floating(x_hat, "x_hat")
+    checks.like(x, x_hat, "x", "x_hat")
+    checks.same_size(tuple(x.shape), tuple(x_hat.shape), "x must have the shape of x_hat")
+
+
+register_routed_kernel("row_sq_error", _check_row_sq_error)
+
+
+def _accumulation(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("ssae::row_sq_error")
+def _(x_hat, x):
+    _check_row_sq_error(x_hat, x)
+    return x_hat.new_empty(x_hat.shape[0], dtype=_accumulation(x_hat.dtype))
+
+
+def _setup_row_sq_error(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_row_sq_error(ctx, grad):
+    x_hat, x = ctx.saved_tensors
+    g = (2 * grad[:, None] * (x_hat.to(grad.dtype) - x.to(grad.dtype))).to(x_hat.dtype)
+    need_x_hat, need_x = ctx.needs_input_grad
+    return g if need_x_hat else None, -g if need_x else None
+
+
+torch.library.register_autograd("ssae::row_sq_error", _backward_row_sq_error, setup_context=_setup_row_sq_error)
+
+
+def _check_sparse_decode_sq_error(values, indices, W_dec, b_dec, x):
+    from .sparse_decode import _check as check_decode
+
+    check_decode(values, indices, W_dec, b_dec)
+    checks.tensor(x, "x", 2, "[N, d]")
+    checks.like(x, values, "x", "values")
+    checks.same_size(tuple(x.shape), (values.shape[0], W_dec.shape[1]), "x must be [N, d]")
+
+
+register_routed_kernel("sparse_decode_sq_error", _check_sparse_decode_sq_error)
+
+
+@torch.library.register_fake("ssae::sparse_decode_sq_error")
+def _(values, indices, W_dec, b_dec, x):
+    _check_sparse_decode_sq_error(values, indices, W_dec, b_dec, x)
+    return values.new_empty(values.shape[0], dtype=_accumulation(values.dtype))
+
+
+def _setup_decode_sq_error(ctx, inputs, output):
+    values, indices, W_dec, b_dec, x = inputs
+    ctx.save_for_backward(values, indices, W_dec, b_dec, x)
+
+
+def _backward_decode_sq_error(ctx, grad):
+    from .sparse_backward import latent_index
+
+    values, indices, W_dec, b_dec, x = ctx.saved_tensors
+    need_values, _, need_W, need_b, need_x = ctx.needs_input_grad
+    # d error_n / d x_hat_n = 2 (x_hat_n - x_n): the residual is recomputed here.
+    residual = torch.ops.ssae.sparse_decode(values, indices, W_dec, b_dec) - x
+    grad_x_hat = (2 * grad[:, None].to(residual.dtype) * residual)
+    grad_values = torch.ops.ssae.sampled_dot(grad_x_hat, indices, W_dec) if need_values else None
+    grad_W = None
+    if need_W:
+        offsets, order = latent_index(indices, W_dec.shape[0])
+        grad_W = torch.ops.ssae.sparse_transpose_matmul(values, grad_x_hat, offsets, order)[0]
+    grad_b = grad_x_hat.sum(0) if need_b else None
+    return grad_values, None, grad_W, grad_b, -grad_x_hat if need_x else None
+
+
+torch.library.register_autograd("ssae::sparse_decode_sq_error", _backward_decode_sq_error,
+                                setup_context=_setup_decode_sq_error)
+
+
+# ---- streaming TERM -------------------------------------------------------------------
+
+
+class StreamingTERM:
+    """TERM for minibatch training: a running estimate of the tilted normalizer.
+
+    TERM's stochastic form keeps ``log_norm ~ log E[exp(t * loss)]`` as an
+    exponential moving average (decay ``lam``) over minibatches, and weights
+    each sample by ``exp(t * loss_i - log_norm)``. Calling the object on a
+    batch of per-sample losses updates the estimate and returns the weighted
+    mean loss to backpropagate; ``risk`` is the current estimate of the tilted
+    risk, ``log_norm / t``. Checkpoint it with ``state_dict()``.
+    """
+
+    def __init__(self, t: float, lam: float = 0.1):
+        if not 0 < lam <= 1:
+            raise ValueError(f"lam must be in (0, 1], got {lam}")
+        self.t, self.lam = float(t), float(lam)
+        self.log_norm = None  # float, set by the first batch
+
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        """Updates the normalizer with this batch and returns its per-sample weights (no grad)."""
+        if losses.dim() != 1 or losses.numel() == 0:
+            raise ValueError(f"losses must be a non-empty 1-D tensor, got shape {tuple(losses.shape)}")
+        scaled = self.t * losses.detach().double()
+        if self.t == 0:
+            return torch.ones_like(losses)
+        batch = float(torch.logsumexp(scaled, 0)) - math.log(losses.numel())
+        if self.log_norm is None:
+            self.log_norm = batch
+        else:  # log((1 - lam) exp(log_norm) + lam exp(batch))
+            self.log_norm = float(torch.logaddexp(torch.tensor(math.log1p(-self.lam) + self.log_norm if self.lam < 1 else float("-inf")),
+                                                  torch.tensor(math.log(self.lam) + batch)))
+        return torch.exp(scaled - self.log_norm).to(losses.dtype)
+
+    def __call__(self, losses: torch.Tensor) -> torch.Tensor:
+        return (self.weights(losses) * losses).mean()
+
+    @property
+    def risk(self):
+        return None if self.log_norm is None or self.t == 0 else self.log_norm / self.t
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "lam": self.lam, "log_norm": self.log_norm}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t, self.lam, self.log_norm = float(state["t"]), float(state["lam"]), state["log_norm"]
