@@ -1,0 +1,219 @@
+"""Training a TopK SAE on stored activations: Adam with warmup and decay, TERM, checkpoints, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .ops import StreamingTERM
+from .sae import SAEConfig, TopKSAE
+
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 4096
+    lr: float | None = None  # default 2e-4 / sqrt(num_latents / 2^14), as sparsify scales it
+    warmup_steps: int | None = None  # default 5% of steps
+    decay_start: float = 0.8  # linear decay to 0 over the last 20% of steps
+    grad_clip: float = 1.0
+    tilt: float = 0.0  # TERM tilt t; 0 is plain ERM
+    streaming_term: bool = False  # TERM's stochastic form (running normalizer) instead of the batch tilt
+    term_decay: float = 0.1
+    checkpoint_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+
+    def learning_rate(self, num_latents: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(num_latents / 2**14)
+
+    def lr_factor(self, step: int) -> float:
+        warmup = self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
+        if step < warmup:
+            return (step + 1) / warmup
+        start = int(self.decay_start * self.steps)
+        if step >= start:
+            return max(0.0, (self.steps - step) / max(1, self.steps - start))
+        return 1.0
+
+
+class BatchSampler:
+    """Batch i of a seeded per-epoch permutation of the rows: the same batches after a resume."""
+
+    def __init__(self, rows: int, batch_size: int, seed: int):
+        if rows < 1:
+            raise ValueError("no training activations")
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        start, taken, parts = step * self.batch_size, 0, []
+        while taken < self.batch_size:  # a batch may straddle two epochs
+            epoch, offset = divmod(start + taken, self.rows)
+            if epoch != self._epoch:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._epoch, self._perm = epoch, torch.randperm(self.rows, generator=g)
+            part = self._perm[offset:offset + self.batch_size - taken]
+            parts.append(part)
+            taken += len(part)
+        return torch.cat(parts)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, sae: TopKSAE, acts: torch.Tensor, cfg: TrainConfig, out_dir: str, *,
+                 progress: bool = True, metrics_file: str | None = None):
+        self.sae, self.acts, self.cfg, self.out_dir = sae, acts, cfg, out_dir
+        self.progress = progress
+        self.lr = cfg.learning_rate(sae.cfg.num_latents)
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10)
+        self.sampler = BatchSampler(acts.shape[0], cfg.batch_size, cfg.seed)
+        self.term = StreamingTERM(cfg.tilt, cfg.term_decay) if cfg.streaming_term else None
+        self.step = 0
+        self.tokens_per_s = 0.0
+        self.metrics_file = metrics_file or os.path.join(out_dir, "metrics.jsonl")
+        os.makedirs(out_dir, exist_ok=True)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def save_checkpoint(self) -> str:
+        """Writes out_dir/checkpoint atomically (a new directory renamed over the old one)."""
+        final = os.path.join(self.out_dir, CHECKPOINT)
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.sae.save(tmp)
+        state = {}
+        names = {id(p): n for n, p in self.sae.named_parameters()}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                for key, value in self.optimizer.state.get(p, {}).items():
+                    state[f"{names[id(p)]}.{key}"] = value.detach().reshape(-1).clone() if key == "step" else value
+        save_file(state, os.path.join(tmp, "optimizer.safetensors"))
+        with open(os.path.join(tmp, "trainer.json"), "w") as f:
+            json.dump({"step": self.step, "train": dataclasses.asdict(self.cfg),
+                       "term": self.term.state_dict() if self.term else None}, f, indent=2)
+        old = final + ".old"
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, directory: str | None = None) -> None:
+        directory = directory or os.path.join(self.out_dir, CHECKPOINT)
+        loaded = TopKSAE.load(directory)
+        if dataclasses.asdict(loaded.cfg) != dataclasses.asdict(self.sae.cfg):
+            raise ValueError(f"checkpoint {directory} has SAE config {loaded.cfg}, not {self.sae.cfg}")
+        self.sae.load_state_dict(loaded.state_dict())
+        state = load_file(os.path.join(directory, "optimizer.safetensors"))
+        for name, p in self.sae.named_parameters():
+            entry = {key.split(".", 1)[1]: value for key, value in state.items() if key.split(".", 1)[0] == name}
+            if entry:
+                entry["step"] = entry["step"].reshape(())
+                self.optimizer.state[p] = entry
+        with open(os.path.join(directory, "trainer.json")) as f:
+            meta = json.load(f)
+        self.step = meta["step"]
+        if self.term and meta["term"]:
+            self.term.load_state_dict(meta["term"])
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def train(self, on_step=None) -> TopKSAE:
+        """Runs to ``cfg.steps``; ``on_step(trainer)`` is called after every step. Ctrl-C stops
+        after the current step with a checkpoint; an exception leaves the last periodic checkpoint."""
+        cfg, sae = self.cfg, self.sae
+        interrupted = []
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
+        log = open(self.metrics_file, "a")
+        started, start_step = time.perf_counter(), self.step
+        try:
+            while self.step < cfg.steps and not interrupted:
+                batch = self.acts[self.sampler.indices(self.step)]
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.lr * cfg.lr_factor(self.step)
+                weights = None
+                if self.term is not None:
+                    with torch.no_grad():
+                        values, indices = sae.encode(batch)
+                        errors = ((sae.decode(values, indices) - batch) ** 2).sum(1) * sae.input_scale**2
+                    weights = self.term.weights(errors)
+                out = sae.loss(batch, t=0.0 if self.term else cfg.tilt, sample_weights=weights)
+                if not torch.isfinite(out.total):
+                    raise NonFiniteLoss(
+                        f"non-finite loss {float(out.total.detach())} at step {self.step} (reconstruction "
+                        f"{float(out.reconstruction.detach())}, aux {float(out.aux.detach())}); the last good checkpoint is in "
+                        f"{os.path.join(self.out_dir, CHECKPOINT)}. Try a lower learning rate or a smaller tilt.")
+                out.total.backward()
+                sae.remove_parallel_decoder_grad()
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                sae.normalize_decoder()
+                sae.update_firing(out.values, out.indices)
+                self.step += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    elapsed = time.perf_counter() - started
+                    self.tokens_per_s = (self.step - start_step) * cfg.batch_size / max(elapsed, 1e-9)
+                    record = self._metrics(batch, out)
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}",
+                                    dead=f"{100 * record['dead_fraction']:.1f}%",
+                                    tok_s=f"{self.tokens_per_s:,.0f}")
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if on_step is not None:
+                    on_step(self)
+        finally:
+            bar.close()
+            log.close()
+            signal.signal(signal.SIGINT, previous)
+        self.save_checkpoint()
+        if interrupted:
+            raise KeyboardInterrupt(f"stopped at step {self.step}; checkpoint saved in "
+                                    f"{os.path.join(self.out_dir, CHECKPOINT)} (resume to continue)")
+        return sae
+
+    @torch.no_grad()
+    def _metrics(self, batch, out) -> dict:
+        xs = batch * self.sae.input_scale
+        W_dec, b_dec = self.sae.W_dec, self.sae.b_dec
+        errors = torch.ops.ssae.sparse_decode_sq_error(out.values.float(), out.indices, W_dec, b_dec, xs)
+        variance = ((xs - xs.mean(0)) ** 2).sum(1)
+        return {"step": self.step, "loss": float(out.total), "reconstruction": float(out.reconstruction),
+                "aux": float(out.aux), "fvu": float(errors.sum() / variance.sum()),
+                "l0": float((out.values > 0).sum(1).float().mean()),
+                "dead_fraction": float(self.sae.dead_mask().float().mean()),
+                "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": self.tokens_per_s}
+
+
+def new_sae(acts: torch.Tensor, num_latents: int, k: int, *, seed: int = 0, **cfg) -> TopKSAE:
+    """A TopK SAE initialised for these activations (b_dec at their geometric median, inputs scaled
+    to mean norm sqrt(d))."""
+    g = torch.Generator().manual_seed(seed)
+    sae = TopKSAE(SAEConfig(d_in=acts.shape[1], num_latents=num_latents, k=k, **cfg), generator=g)
+    sample = acts[torch.randperm(acts.shape[0], generator=g)[:8192]]
+    sae.init_from_data(sample)
+    return sae
