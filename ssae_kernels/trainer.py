@@ -138,6 +138,34 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------
 
+    def train_step(self):
+        """One optimizer step on the next batch; returns (batch, Loss)."""
+        cfg, sae = self.cfg, self.sae
+        batch = self.acts[self.sampler.indices(self.step)]
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * cfg.lr_factor(self.step)
+        weights = None
+        if self.term is not None:
+            with torch.no_grad():
+                values, indices = sae.encode(batch)
+                errors = ((sae.decode(values, indices) - batch) ** 2).sum(1) * sae.input_scale**2
+            weights = self.term.weights(errors)
+        out = sae.loss(batch, t=0.0 if self.term else cfg.tilt, sample_weights=weights)
+        if not torch.isfinite(out.total):
+            raise NonFiniteLoss(
+                f"non-finite loss {float(out.total.detach())} at step {self.step} (reconstruction "
+                f"{float(out.reconstruction.detach())}, aux {float(out.aux.detach())}); the last good checkpoint "
+                f"is in {os.path.join(self.out_dir, CHECKPOINT)}. Try a lower learning rate or a smaller tilt.")
+        out.total.backward()
+        sae.remove_parallel_decoder_grad()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sae.normalize_decoder()
+        sae.update_firing(out.values, out.indices)
+        self.step += 1
+        return batch, out
+
     def train(self, on_step=None) -> TopKSAE:
         """Runs to ``cfg.steps``; ``on_step(trainer)`` is called after every step. Ctrl-C stops
         after the current step with a checkpoint; an exception leaves the last periodic checkpoint."""
@@ -149,29 +177,7 @@ class Trainer:
         started, start_step = time.perf_counter(), self.step
         try:
             while self.step < cfg.steps and not interrupted:
-                batch = self.acts[self.sampler.indices(self.step)]
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self.lr * cfg.lr_factor(self.step)
-                weights = None
-                if self.term is not None:
-                    with torch.no_grad():
-                        values, indices = sae.encode(batch)
-                        errors = ((sae.decode(values, indices) - batch) ** 2).sum(1) * sae.input_scale**2
-                    weights = self.term.weights(errors)
-                out = sae.loss(batch, t=0.0 if self.term else cfg.tilt, sample_weights=weights)
-                if not torch.isfinite(out.total):
-                    raise NonFiniteLoss(
-                        f"non-finite loss {float(out.total.detach())} at step {self.step} (reconstruction "
-                        f"{float(out.reconstruction.detach())}, aux {float(out.aux.detach())}); the last good checkpoint is in "
-                        f"{os.path.join(self.out_dir, CHECKPOINT)}. Try a lower learning rate or a smaller tilt.")
-                out.total.backward()
-                sae.remove_parallel_decoder_grad()
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                sae.normalize_decoder()
-                sae.update_firing(out.values, out.indices)
-                self.step += 1
+                batch, out = self.train_step()
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     elapsed = time.perf_counter() - started
