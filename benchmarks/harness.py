@@ -309,6 +309,8 @@ def environment(threads: int | None = None) -> dict:
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": threads if threads is not None else torch.get_num_threads(),
+        # other work on the machine at the start: times (even ratios) are unreliable when it exceeds the cores
+        "loadavg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -369,6 +371,7 @@ def append_records(path, records: list[dict]) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1, allow_nan=True)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be read
     os.replace(tmp, path)
 
 
