@@ -8,6 +8,9 @@
 #endif
 
 #include "cpu_ops.h"
+#ifdef SSAE_WITH_CUDA
+#include "cuda_ops.h"
+#endif
 
 namespace {
 
@@ -26,7 +29,11 @@ py::dict build_info() {
   info["cpu_avx2"] = bool(__builtin_cpu_supports("avx2"));
 #endif
   info["compiler"] = __VERSION__;
+#ifdef SSAE_WITH_CUDA
+  info["cuda"] = true;  // the CUDA backend was compiled in (setup.py: SSAE_BUILD_CUDA=1 or TORCH_CUDA_ARCH_LIST)
+#else
   info["cuda"] = false;
+#endif
   return info;
 }
 
@@ -41,7 +48,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("latent_transpose_cpu", &ssae::latent_transpose_cpu);
   m.def("sparse_transpose_matmul_cpu", &ssae::sparse_transpose_matmul_cpu);
   m.def("topk_encode_tile_cpu", &ssae::topk_encode_tile_cpu);
+#ifdef SSAE_WITH_CUDA
+  m.def("topk_encode_cuda", &ssae::topk_encode_cuda);
+  m.def("sparse_decode_cuda", &ssae::sparse_decode_cuda);
+  m.def("sampled_dot_cuda", &ssae::sampled_dot_cuda);
+  m.def("latent_transpose_cuda", &ssae::latent_transpose_cuda);
+  m.def("sparse_transpose_matmul_cuda", &ssae::sparse_transpose_matmul_cuda);
+#endif
   m.def("tilted_group_stats_cpu", &ssae::tilted_group_stats_cpu);
   m.def("row_sq_error_cpu", &ssae::row_sq_error_cpu);
   m.def("sparse_decode_sq_error_cpu", &ssae::sparse_decode_sq_error_cpu);
+  m.def("project_subspace_cpu", &ssae::project_subspace_cpu);
+  m.def("project_subspace__cpu", &ssae::project_subspace__cpu);
 }

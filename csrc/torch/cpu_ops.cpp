@@ -1,8 +1,11 @@
 #include "cpu_ops.h"
 
+#include <ATen/MemoryOverlap.h>
+
 #include <algorithm>
 #include <climits>
 
+#include "../kernels/cpu/project_subspace.h"
 #include "../kernels/cpu/sparse_backward.h"
 #include "../kernels/cpu/sparse_decode.h"
 #include "../kernels/cpu/tilted_loss.h"
@@ -298,6 +301,58 @@ std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cpu(const at::Tensor&
                                     ptr<T>(colsum));
   });
   return {out, colsum};
+}
+
+namespace {
+
+void check_project_args(const at::Tensor& G, const at::Tensor& U) {
+  check_cpu(G, "G");
+  check_cpu(U, "U");
+  check_dim(G, 2, "G", "[d, n]");
+  check_dim(U, 2, "U", "[d, r]");
+  check_same_dtype(U, G, "U", "G");
+  TORCH_CHECK(U.size(0) == G.size(0), "U must be [d, r] with d = G.size(0) = ", G.size(0), ", got shape ", U.sizes());
+  TORCH_CHECK(U.size(1) >= 1 && U.size(1) <= U.size(0), "U [d, r] must have 1 <= r <= d, got shape ", U.sizes());
+}
+
+// Whether the kernel can read (or write) t as it is: unit column stride, rows apart
+// (strides of size-1 dimensions do not matter).
+bool rows_strided(const at::Tensor& t) {
+  return (t.size(1) <= 1 || t.stride(1) == 1) && (t.size(0) <= 1 || t.stride(0) >= std::max<int64_t>(t.size(1), 1));
+}
+
+int64_t row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? std::max<int64_t>(t.size(1), 1) : t.stride(0); }
+
+void run_project(const at::Tensor& G, const at::Tensor& U, bool complement, const at::Tensor& out) {
+  const auto Uc = U.contiguous();
+  const int64_t d = G.size(0), n = G.size(1), r = U.size(1);
+  dispatch_dtype(G.scalar_type(), "G", [&](auto tag) {
+    using T = decltype(tag);
+    cpu::project_subspace<T>(ptr<T>(G), row_stride(G), ptr<T>(Uc), d, r, n, complement, ptr<T>(out),
+                             row_stride(out));
+  });
+}
+
+}  // namespace
+
+at::Tensor project_subspace_cpu(const at::Tensor& G, const at::Tensor& U, bool complement) {
+  check_project_args(G, U);
+  auto out = at::empty(G.sizes(), G.options());
+  run_project(rows_strided(G) ? G : G.contiguous(), U, complement, out);
+  return out;
+}
+
+void project_subspace__cpu(const at::Tensor& G, const at::Tensor& U, bool complement) {
+  check_project_args(G, U);
+  TORCH_CHECK(at::has_internal_overlap(G) != at::MemOverlap::Yes,
+              "G has overlapping elements (an expanded view); project_subspace_ cannot write it");
+  if (rows_strided(G)) {
+    run_project(G, U, complement, G);
+  } else {  // e.g. a transposed view: compute densely, then copy back through G's strides
+    const auto dense = G.contiguous();
+    run_project(dense, U, complement, dense);
+    G.copy_(dense);
+  }
 }
 
 }  // namespace ssae

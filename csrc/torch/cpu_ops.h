@@ -32,4 +32,8 @@ at::Tensor sparse_decode_sq_error_cpu(const at::Tensor& values, const at::Tensor
 // Tile shape of the fused encode for a problem, exposed for tests and tuning.
 std::tuple<int64_t, int64_t> topk_encode_tile_cpu(int64_t rows, int64_t latents, int64_t d, bool exact_dtype);
 
+// U (U^T G) or G - U (U^T G); the second form writes the result into G.
+at::Tensor project_subspace_cpu(const at::Tensor& G, const at::Tensor& U, bool complement);
+void project_subspace__cpu(const at::Tensor& G, const at::Tensor& U, bool complement);
+
 }  // namespace ssae

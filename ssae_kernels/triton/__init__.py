@@ -8,14 +8,18 @@ in one module per op (topk_encode, sparse_decode, sparse_backward);
 
 import triton  # noqa: F401  (ImportError here tells the backend registry Triton is unavailable)
 
-from .sparse_backward import latent_transpose, sampled_dot, sparse_transpose_matmul
-from .sparse_decode import sparse_decode
-from .topk_encode import topk_encode
+# Aliased imports: the package attributes topk_encode etc. stay the submodules.
+from . import project_subspace as _project
+from . import sparse_backward as _backward
+from . import sparse_decode as _decode
+from . import topk_encode as _encode
 
 KERNELS: dict = {
-    "topk_encode": topk_encode,
-    "sparse_decode": sparse_decode,
-    "sampled_dot": sampled_dot,
-    "latent_transpose": latent_transpose,
-    "sparse_transpose_matmul": sparse_transpose_matmul,
+    "topk_encode": _encode.topk_encode,
+    "sparse_decode": _decode.sparse_decode,
+    "sampled_dot": _backward.sampled_dot,
+    "latent_transpose": _backward.latent_transpose,
+    "sparse_transpose_matmul": _backward.sparse_transpose_matmul,
+    "project_subspace": _project.project_subspace,
+    "project_subspace_": _project.project_subspace_,
 }

@@ -57,16 +57,19 @@ class EncodeConfig:
 
 
 # Shipped GPU configs by candidate count KP and input element size, chosen from the
-# ahead-of-time report (python -m ssae_kernels.triton.aot_report): zero spills on
-# sm_80 and sm_90, wgmma on sm_90 wherever BLOCK_N >= 64.
+# ahead-of-time report (python -m ssae_kernels.triton.aot_report): no spills on sm_80 and
+# sm_90 and wgmma on sm_90 where BLOCK_N >= 64 (one warpgroup's M). float32 (tf32x3: three
+# tensor-core products per tile) needs BLOCK_K = 16 to stay unspilled on sm_80 (BLOCK_K = 32
+# spilled 56-228 bytes there); k > 64 in float32 and k > 128 take BLOCK_N = 32 (mma, no wgmma),
+# the only shapes without spills or 255-register kernels for 128-256 candidates per row.
 ENCODE_CONFIGS = {
     # (max KP, element bytes): config
     (32, 2): EncodeConfig(64, 128, 64, 8, 3),
-    (32, 4): EncodeConfig(64, 128, 32, 8, 3),
+    (32, 4): EncodeConfig(64, 128, 16, 8, 3),
     (64, 2): EncodeConfig(64, 128, 64, 8, 3),
-    (64, 4): EncodeConfig(64, 128, 32, 8, 3),
+    (64, 4): EncodeConfig(64, 128, 16, 8, 3),
     (128, 2): EncodeConfig(64, 64, 64, 8, 3),
-    (128, 4): EncodeConfig(64, 64, 32, 8, 3),
+    (128, 4): EncodeConfig(32, 64, 32, 8, 3),
     (256, 2): EncodeConfig(32, 64, 64, 8, 3),
     (256, 4): EncodeConfig(32, 64, 32, 8, 3),
 }
@@ -101,17 +104,27 @@ class EncodePlan:
 
 
 def encode_plan(N: int, M: int, k: int, dtype: torch.dtype, device: torch.device, *,
-                config: EncodeConfig | None = None, splits: int | None = None) -> EncodePlan:
-    """How topk_encode launches: tiles, latent splits and rounds for this shape."""
+                config: EncodeConfig | None = None, splits: int | None = None,
+                multiprocessors: int | None = None) -> EncodePlan:
+    """How topk_encode launches: tiles, latent splits and rounds for this shape.
+
+    Scratch is ``scratch_shape`` int64 = N * splits * KP with splits <= MAX_SPLITS and
+    KP <= max(2, next_power_of_2(min(k, MAX_KP))): independent of M.
+    """
     kp = max(2, next_power_of_2(min(k, MAX_KP)))  # >= 2: the merge's sort wants a real axis
     rounds = triton.cdiv(k, kp)
     config = config or encode_config(kp, dtype, device)
     tiles = triton.cdiv(M, config.block_m)
     if splits is None:
-        # enough programs for two per multiprocessor, from splitting latents when rows are few
+        # Split the latents when row blocks alone leave multiprocessors idle. The shipped configs
+        # use 150-250 registers x 256 threads, so one program runs per multiprocessor: minimise
+        # waves x tiles per split, and on a tie take fewer splits (a longer split takes fewer
+        # insertions per tile, and less scratch).
         row_blocks = triton.cdiv(N, config.block_n)
-        splits = triton.cdiv(2 * multiprocessor_count(device), row_blocks)
-        splits = min(splits, max(1, tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS)
+        sms = multiprocessors or multiprocessor_count(device)
+        most = min(MAX_SPLITS, max(1, tiles // MIN_TILES_PER_SPLIT), triton.cdiv(sms, row_blocks))
+        splits = min(range(1, most + 1),
+                     key=lambda s: (triton.cdiv(row_blocks * s, sms) * triton.cdiv(tiles, s), s))
     splits = max(1, min(int(splits), tiles))
     latents_per_split = triton.cdiv(tiles, splits) * config.block_m
     return EncodePlan(N, kp, rounds, triton.cdiv(M, latents_per_split), latents_per_split, config)

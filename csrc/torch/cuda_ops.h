@@ -1,0 +1,25 @@
+// ATen entry points of the CUDA backend (built when SSAE_WITH_CUDA is defined,
+// see setup.py). Same signatures and checks as cpu_ops.h; each validates its
+// arguments with TORCH_CHECK (naming the argument) and launches the torch-free
+// kernels of csrc/kernels/cuda on the current stream. float32, bfloat16 and
+// float16 (float64 is served by the reference backend).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace ssae {
+
+std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const at::Tensor& W_enc,
+                                                    const at::Tensor& b_enc, int64_t k,
+                                                    const std::optional<at::Tensor>& b_dec);
+at::Tensor sparse_decode_cuda(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
+                              const std::optional<at::Tensor>& b_dec);
+at::Tensor sampled_dot_cuda(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& W);
+std::tuple<at::Tensor, at::Tensor> latent_transpose_cuda(const at::Tensor& indices, int64_t num_latents);
+std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cuda(const at::Tensor& weights, const at::Tensor& rows,
+                                                                const at::Tensor& offsets, const at::Tensor& order);
+
+}  // namespace ssae

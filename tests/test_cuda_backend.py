@@ -1,0 +1,316 @@
+"""The CUDA C++ backend (csrc/kernels/cuda, csrc/torch/cuda_ops.cu) against the reference.
+
+The ``test_gpu_*`` tests need a GPU and ``ssae_kernels._C`` built with
+``SSAE_BUILD_CUDA=1``; without them they skip with the reason. Everything about
+the CUDA path that can run without a GPU is tested elsewhere: the launch
+arithmetic, chunk plans and the block-level selection (emulated on the host) by
+ctest (csrc/tests/test_cuda_*.cpp), and the kernels' compilation for sm_80 and
+sm_90 with zero register spills by ctest's cuda_ptxas_report. The tests at the
+end of this file (the build switch, the backend's reasons) run here.
+
+Shapes: odd N, d, M; k = 1 and k = M; N = 1; encodes that span several row
+blocks (2048 rows) and latent chunks (4096 latents at 2048 rows, 2560 with the
+bf16/f16 hi + lo split, see launch.h); k beyond the shared-memory sort (2048).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ssae_kernels
+from assertions import TOLERANCE, close
+from conftest import CUDA
+from ssae_kernels import backends, reference
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ops = torch.ops.ssae
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cuda_built():
+    ext = backends.BACKENDS["cuda"].extension
+    return ext is not None and bool(ext.build_info().get("cuda", False))
+
+
+requires_cuda_backend = pytest.mark.skipif(
+    not CUDA or not _cuda_built(),
+    reason="needs a CUDA GPU (none on this machine)" if not CUDA
+    else "ssae_kernels._C was built without the CUDA backend (reinstall with SSAE_BUILD_CUDA=1)")
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32_gemm():
+    # The encode's float32 GEMM follows torch's TF32 switch; the tests need float32 scores.
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def make_inputs(N, d, M, dtype, b_dec=True, requires_grad=False):
+    x = torch.randn(N, d, dtype=torch.float64)
+    W = torch.randn(M, d, dtype=torch.float64) / d**0.5
+    b = torch.randn(M, dtype=torch.float64) * 0.1
+    bd = torch.randn(d, dtype=torch.float64) * 0.1 if b_dec else None
+    return [t.to(device="cuda", dtype=dtype).requires_grad_(requires_grad) if t is not None else None
+            for t in (x, W, b, bd)]
+
+
+def assert_valid_topk(values, indices, x, W, b, k, bd):
+    """A correct top-k of the exact pre-activations, up to the CUDA encode's score error.
+
+    Scores come from a float32-accumulated GEMM; for bfloat16/float16 with b_dec,
+    x - b_dec enters as hi + lo halves whose rounding adds at most 2^-17 (bf16)
+    or 2^-22 (f16) of sum |x_c w| (launch.h / cuda_ops.cu). Keys closer than that
+    may come out in either order, nothing else may.
+    """
+    N, M = x.shape[0], W.shape[0]
+    assert values.shape == (N, k) and indices.shape == (N, k)
+    assert values.dtype == x.dtype and indices.dtype == torch.int64
+    assert int(indices.min()) >= 0 and int(indices.max()) < M
+    assert all(len(set(row.tolist())) == k for row in indices.cpu()), "a latent selected twice in one row"
+    xd, Wd, bdd = x.double(), W.double(), b.double()
+    xc = xd if bd is None else xd - bd.double()
+    pre = xc @ Wd.T + bdd
+    magnitude = xc.abs() @ Wd.abs().T + bdd.abs()
+    split_error = {torch.bfloat16: 2.0**-17, torch.float16: 2.0**-22}.get(x.dtype, 0.0) if bd is not None else 0.0
+    slack = ((x.shape[1] + 1) * 2e-7 + split_error) * magnitude.max(dim=1, keepdim=True).values + 1e-30
+    selected = pre.gather(1, indices)
+    assert bool((selected[:, :-1] >= selected[:, 1:] - slack).all()), "indices not in descending order"
+    rest = pre.scatter(1, indices, float("-inf"))
+    assert bool((selected[:, -1:] >= rest.max(dim=1, keepdim=True).values - slack).all()), "a better latent was left out"
+    close(values, torch.relu(selected).to(x.dtype), dtype=x.dtype,
+          scale=float(magnitude.max()) if x.dtype == torch.float32 else 1.0)
+
+
+ENCODE_SHAPES = [  # N, d, M, k
+    (1, 1, 1, 1),
+    (1, 64, 128, 1),
+    (7, 33, 65, 65),          # k = M
+    (257, 129, 1000, 32),
+    (33, 64, 300, 300),       # k = M beyond one block of threads
+    (2049, 64, 9000, 32),     # two row blocks (the second of one row), three or four latent chunks
+    (3, 16, 3000, 2100),      # k > 2048: the final sort runs in global memory
+    (64, 768, 24576, 32),     # the reference width and dictionary size
+]
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,d,M,k", ENCODE_SHAPES)
+@pytest.mark.parametrize("with_b_dec", [True, False])
+def test_gpu_topk_encode(dtype, N, d, M, k, with_b_dec):
+    x, W, b, bd = make_inputs(N, d, M, dtype, b_dec=with_b_dec)
+    with ssae_kernels.use_backend("cuda"):
+        values, indices = ssae_kernels.topk_encode(x, W, b, k, b_dec=bd)
+    assert_valid_topk(values, indices, x, W, b, k, bd)
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_topk_encode_exact_ties(dtype):
+    # Small integers: every score is exact, so the result must equal the
+    # reference bit for bit, ties going to the lower index across chunks.
+    N, d, M, k = 2100, 16, 9000, 40
+    x = torch.randint(-2, 3, (N, d)).to("cuda", dtype)
+    W = torch.randint(-1, 2, (M, d)).to("cuda", dtype)
+    b = torch.randint(-1, 2, (M,)).to("cuda", dtype)
+    bd = torch.randint(-1, 2, (d,)).to("cuda", dtype)
+    for b_dec in (None, bd):
+        with ssae_kernels.use_backend("cuda"):
+            values, indices = ssae_kernels.topk_encode(x, W, b, k, b_dec=b_dec)
+        ref_values, ref_indices = reference.topk_encode(x, W, b, k, b_dec)
+        assert torch.equal(indices, ref_indices) and torch.equal(values, ref_values)
+
+
+@requires_cuda_backend
+def test_gpu_topk_encode_non_finite():
+    N, d, M, k = 50, 32, 700, 9
+    x, W, b, _ = make_inputs(N, d, M, torch.float32, b_dec=False)
+    x[3] = float("nan")  # a whole row of NaN scores: the first k latents, NaN values
+    x[4, 0] = float("inf")  # a row of +-inf scores
+    b[5] = float("nan")  # latent 5 is NaN in every row: it ranks first in the others
+    with ssae_kernels.use_backend("cuda"):
+        values, indices = ssae_kernels.topk_encode(x, W, b, k)
+    assert int(indices.min()) >= 0 and int(indices.max()) < M
+    assert all(len(set(row.tolist())) == k for row in indices.cpu())
+    assert torch.equal(indices[3], torch.arange(k, device="cuda")) and bool(values[3].isnan().all())
+    others = [n for n in range(N) if n != 3]
+    assert bool((indices[others, 0] == 5).all()) and bool(values[others, 0].isnan().all())
+    assert not bool(values[others, 1:].isnan().any())
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,k,d,M", [(1, 1, 1, 1), (17, 5, 33, 40), (300, 32, 768, 24576), (9, 40, 1025, 40),
+                                     (5, 300, 7, 1000)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gpu_sparse_decode(dtype, N, k, d, M, with_bias):
+    values = torch.randn(N, k, device="cuda").to(dtype)
+    indices = torch.randint(0, M, (N, k), device="cuda")
+    W = (torch.randn(M, d, device="cuda") / d**0.5).to(dtype)
+    bias = torch.randn(d, device="cuda").to(dtype) if with_bias else None
+    with ssae_kernels.use_backend("cuda"):
+        out = ssae_kernels.sparse_decode(values, indices, W, bias)
+    close(out, reference.sparse_decode(values, indices, W, bias), scale=k**0.5)
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,k,d,M", [(1, 1, 1, 1), (19, 5, 37, 50), (4096, 32, 192, 24576), (3, 50, 1029, 50)])
+def test_gpu_sampled_dot(dtype, N, k, d, M):
+    grad = torch.randn(N, d, device="cuda").to(dtype)
+    indices = torch.randint(0, M, (N, k), device="cuda")
+    W = torch.randn(M, d, device="cuda").to(dtype)
+    with ssae_kernels.use_backend("cuda"):
+        out = ops.sampled_dot(grad, indices, W)
+    close(out, reference.sampled_dot(grad, indices, W), scale=d**0.5)
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,k,M", [(1, 1, 1), (7, 3, 1), (113, 7, 40), (4096, 32, 24576), (300, 64, 70000)])
+def test_gpu_latent_transpose_and_matmul(dtype, N, k, M):
+    d = 67
+    # Skewed latents: some own many entries, many own none.
+    indices = (torch.rand(N, k, device="cuda") ** 3 * M).long().clamp_(max=M - 1)
+    weights = torch.randn(N, k, device="cuda").to(dtype)
+    rows = torch.randn(N, d, device="cuda").to(dtype)
+    with ssae_kernels.use_backend("cuda"):
+        offsets, order = ops.latent_transpose(indices, M)
+        out, colsum = ops.sparse_transpose_matmul(weights, rows, offsets, order)
+        again = ops.sparse_transpose_matmul(weights, rows, offsets, order)
+    ref_offsets, ref_order = reference.latent_transpose(indices, M)
+    assert torch.equal(offsets, ref_offsets) and torch.equal(order, ref_order)
+    assert torch.equal(out, again[0]) and torch.equal(colsum, again[1])  # deterministic
+    ref_out, ref_colsum = reference.sparse_transpose_matmul(weights, rows, offsets, order)
+    per_latent = float(torch.diff(offsets).max())
+    close(out, ref_out, scale=per_latent**0.5 + 1)
+    close(colsum, ref_colsum, scale=per_latent**0.5 + 1)
+
+
+@requires_cuda_backend
+def test_gpu_out_of_range_indices_never_read_outside():
+    M, d = 10, 8
+    W = torch.randn(M, d, device="cuda")
+    values = torch.randn(3, 2, device="cuda")
+    indices = torch.tensor([[0, 1], [2, M], [-1, 3]], device="cuda")
+    with ssae_kernels.use_backend("cuda"):
+        out = ssae_kernels.sparse_decode(values, indices, W)
+        dots = ops.sampled_dot(torch.randn(3, d, device="cuda"), indices, W)
+        offsets, order = ops.latent_transpose(indices, M)
+    torch.cuda.synchronize()
+    assert not bool(out[0].isnan().any()) and bool(out[1:].isnan().all())
+    assert bool(dots[1, 1].isnan()) and bool(dots[2, 0].isnan()) and not bool(dots[0].isnan().any())
+    assert int(offsets[-1]) == 4  # the two invalid entries are left out of the transpose
+    assert sorted(order[:4].tolist()) == [0, 1, 2, 5]
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_training_step(dtype):
+    # Forward and backward of encode -> decode through autograd, cuda vs reference.
+    N, d, M, k = 512, 256, 8192, 32
+    x, W, b, bd = make_inputs(N, d, M, dtype, requires_grad=True)
+    Wd = (torch.randn(M, d, device="cuda") / d**0.5).to(dtype).requires_grad_(True)
+    weights = torch.randn(N, k, device="cuda")
+
+    def step(encode, decode):
+        values, indices = encode(x, W, b, k, bd)
+        x_hat = decode(values, indices, Wd, bd)
+        loss = ((x_hat.float() - x.detach().float()) ** 2).sum() + (values.float() * weights).sum()
+        return torch.autograd.grad(loss, [x, W, b, bd, Wd]), indices
+
+    with ssae_kernels.use_backend("cuda"):
+        grads, indices = step(lambda *a: ssae_kernels.topk_encode(*a[:4], b_dec=a[4]), ssae_kernels.sparse_decode)
+    ref_grads, ref_indices = step(reference.topk_encode, reference.sparse_decode)
+    same = (indices == ref_indices).all(dim=1)
+    assert same.float().mean() > 0.95  # rows with a near-tie may select differently
+    scale = max(1.0, float(weights.abs().sum(0).max()), float(x.detach().float().abs().max()) * N)
+    tol = TOLERANCE[dtype]
+    for name, g, r in zip(("x", "W_enc", "b_enc", "b_dec", "W_dec"), grads, ref_grads):
+        if name == "x":
+            g, r = g[same], r[same]
+        if bool(same.all()) or name == "x":
+            torch.testing.assert_close(g, r, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+@requires_cuda_backend
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="compares with compiled Triton: run with TRITON_INTERPRET=0 "
+                           "(test_gpu_cuda_vs_triton_compiled does so on a GPU machine)")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_cuda_vs_triton(dtype):
+    # Exact scores (small integers): both GPU backends must give the reference's answer.
+    pytest.importorskip("triton")
+    N, d, M, k = 1000, 16, 5000, 32
+    x = torch.randint(-2, 3, (N, d)).to("cuda", dtype)
+    W = torch.randint(-1, 2, (M, d)).to("cuda", dtype)
+    b = torch.randint(-1, 2, (M,)).to("cuda", dtype)
+    results = {}
+    for name in ("cuda", "triton"):
+        with ssae_kernels.use_backend(name):
+            values, indices = ssae_kernels.topk_encode(x, W, b, k)
+            x_hat = ssae_kernels.sparse_decode(values, indices, W)
+        results[name] = (values, indices, x_hat)
+    assert torch.equal(results["cuda"][1], results["triton"][1])
+    assert torch.equal(results["cuda"][0], results["triton"][0])
+    close(results["cuda"][2], results["triton"][2], scale=k**0.5)
+
+
+@pytest.mark.skipif(not CUDA or not _cuda_built(), reason="needs a CUDA GPU and the CUDA backend built")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="this is the driver; runs directly otherwise")
+def test_gpu_cuda_vs_triton_compiled():
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", __file__, "-k", "test_gpu_cuda_vs_triton and not compiled",
+                             "-p", "no:cacheprovider"], env=env, cwd=os.path.dirname(__file__),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+@requires_cuda_backend
+def test_gpu_bad_input():
+    x, W, b, bd = make_inputs(5, 4, 10, torch.float32)
+    with ssae_kernels.use_backend("cuda"):
+        with pytest.raises(TypeError, match="float64 runs on the reference backend"):
+            ssae_kernels.topk_encode(x.double(), W.double(), b.double(), 3)
+        with pytest.raises(ValueError, match="k must be"):
+            ssae_kernels.topk_encode(x, W, b, 11)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        backends.BACKENDS["cuda"].extension.topk_encode_cuda(x.cpu(), W.cpu(), b.cpu(), 3, None)
+
+
+# ---- without a GPU ---------------------------------------------------------------------------
+
+
+def test_cuda_backend_says_why_it_is_unavailable():
+    reasons = backends.BACKENDS["cuda"].not_supported_reasons("topk_encode", torch.device("cuda"))
+    if _cuda_built():
+        assert reasons == []
+    else:
+        assert any("built without CUDA" in r or "not available" in r for r in reasons), reasons
+    # It never serves CPU tensors, whatever was built.
+    assert any("serves cuda tensors" in r for r in backends.BACKENDS["cuda"].not_supported_reasons(
+        "topk_encode", torch.device("cpu")))
+
+
+def _setup_py(env_overrides):
+    env = {k: v for k, v in os.environ.items() if k not in ("SSAE_BUILD_CUDA", "TORCH_CUDA_ARCH_LIST")}
+    env.update(env_overrides)
+    return subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-torch answers of setup.py")
+def test_setup_builds_cuda_only_when_asked():
+    # Asked explicitly with a CPU torch: a clear failure, not a silent CPU-only build.
+    asked = _setup_py({"SSAE_BUILD_CUDA": "1"})
+    assert asked.returncode != 0 and "torch" in asked.stderr and "CPU build" in asked.stderr, asked.stderr
+    # Asked through the arch list: skipped, and said so.
+    arch = _setup_py({"TORCH_CUDA_ARCH_LIST": "8.0"})
+    assert arch.returncode == 0 and "CUDA backend is skipped" in arch.stderr, arch.stderr
+    # Not asked: nothing said about CUDA at all.
+    quiet = _setup_py({})
+    assert quiet.returncode == 0 and "CUDA" not in quiet.stderr, quiet.stderr
