@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 PIN := $(VENV)/torch-pin.txt
 JOBS ?= 2
 
-.PHONY: setup model peers train bench bench-full test test-python test-cpp clean
+.PHONY: setup model peers train bench bench-full test test-python test-cpp test-triton-aot clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,10 +45,21 @@ bench: peers
 bench-full: peers
 	$(PY) benchmarks/bench_step.py
 
-test: setup test-python
+test: setup test-python test-cpp test-triton-aot
 
 test-python:
 	$(PY) -m pytest -q
+
+# The torch-free kernels standalone: C++ unit tests (ctest), and the CUDA kernels compiled for
+# sm_80/sm_90 with a spill check whenever nvcc is found.
+test-cpp:
+	cmake -S . -B build-cmake -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build build-cmake -j$(JOBS)
+	ctest --test-dir build-cmake --output-on-failure
+
+# Triton kernels compiled ahead of time for sm_80/sm_90 (no GPU needed): fails on spills or missing mma/wgmma.
+test-triton-aot:
+	$(PY) -m ssae_kernels.triton.aot_report
 
 clean:
 	rm -rf build build-cmake *.egg-info ssae_kernels/*.so

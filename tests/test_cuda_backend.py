@@ -11,6 +11,9 @@ end of this file (the build switch, the backend's reasons) run here.
 Shapes: odd N, d, M; k = 1 and k = M; N = 1; encodes that span several row
 blocks (2048 rows) and latent chunks (4096 latents at 2048 rows, 2560 with the
 bf16/f16 hi + lo split, see launch.h); k beyond the shared-memory sort (2048).
+The TERM primitives (tilted_group_stats, row_sq_error, sparse_decode_sq_error)
+are compared with the float64 reference at every tilt of issue 5; their slot
+plan and merge order are emulated on the host by test_cuda_launch.
 """
 
 import os
@@ -281,6 +284,143 @@ def test_gpu_bad_input():
             ssae_kernels.topk_encode(x, W, b, 11)
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
         backends.BACKENDS["cuda"].extension.topk_encode_cuda(x.cpu(), W.cpu(), b.cpu(), 3, None)
+
+
+# ---- TERM primitives (csrc/kernels/cuda/tilted_loss.cu) ------------------------------------------
+
+TILTS = (-1e9, -10.0, -1.0, -1e-6, 0.0, 1e-6, 1.0, 500.0, 1e9)
+
+
+def _groups(kind, n):
+    if kind == "none":
+        return None, 1
+    if kind == "one":
+        return torch.zeros(n, dtype=torch.int64, device="cuda"), 1
+    if kind == "singletons":  # groups of size 1, in shuffled order
+        return torch.randperm(n, device="cuda"), n
+    # 1000 ids with a skewed distribution: some groups large, many empty
+    return (torch.rand(n, device="cuda") ** 3 * 1000).long(), 1000
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", TILTS)
+@pytest.mark.parametrize("n", [1, 7, 5001, 300001])
+@pytest.mark.parametrize("kind", ["none", "one", "singletons", "skewed"])
+def test_gpu_tilted_group_stats(dtype, t, n, kind):
+    if kind == "singletons" and n > 5001:
+        pytest.skip("covered by the smaller sizes")
+    losses = (torch.rand(n, device="cuda", dtype=torch.float64) * 3).to(dtype)
+    groups, G = _groups(kind, n)
+    with ssae_kernels.use_backend("cuda"):
+        anchor, log_mean, count = ops.tilted_group_stats(losses, t, groups, G)
+    # The kernel reads each loss exactly into float64: the float64 reference is the same math.
+    ref_anchor, ref_log_mean, ref_count = reference.tilted_group_stats(losses.double(), t, groups, G)
+    assert anchor.dtype == log_mean.dtype == torch.float64 and count.dtype == torch.int64
+    assert torch.equal(count, ref_count)
+    if t != 0:
+        assert torch.equal(anchor, ref_anchor)  # a loss of the group, not a computed value
+        risk, ref_risk = anchor + log_mean / t, ref_anchor + ref_log_mean / t
+    else:
+        risk, ref_risk = anchor, ref_anchor
+    torch.testing.assert_close(risk, ref_risk, rtol=1e-12, atol=1e-300)
+    torch.testing.assert_close(log_mean, ref_log_mean, rtol=1e-10, atol=1e-13)
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("t", (-1e9, 1e-6, 500.0))
+def test_gpu_tilted_loss_equal_losses_and_public_op(t):
+    losses = torch.full((4099,), 0.7, device="cuda")
+    with ssae_kernels.use_backend("cuda"):
+        assert float(ssae_kernels.tilted_loss(losses, t)) == pytest.approx(0.7, rel=1e-7)
+        x = torch.rand(4099, device="cuda") * 2
+        g = torch.randint(0, 5, (4099,), device="cuda")
+        out = ssae_kernels.tilted_loss(x, t, groups=g, t_group=1.0)
+    expected = reference.tilted_loss(x.double(), t, g, 5, 1.0)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=0)
+
+
+@requires_cuda_backend
+def test_gpu_tilted_group_stats_bad_group_id_gives_nan():
+    # Out-of-range ids are not checked on the host (a sync); they poison the result instead.
+    losses = torch.rand(100, device="cuda")
+    groups = torch.zeros(100, dtype=torch.int64, device="cuda")
+    groups[37] = 3
+    with ssae_kernels.use_backend("cuda"):
+        anchor, log_mean, count = ops.tilted_group_stats(losses, 1.0, groups, 2)
+    assert bool(anchor.isnan().all()) and bool(log_mean.isnan().all())
+    assert count.tolist() == [99, 0]
+
+
+def _max_rel_error(actual, exact):
+    return float(((actual.double() - exact).abs() / exact.abs().clamp_min(1e-30)).max())
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,d", [(1, 1), (9, 33), (300, 768), (5, 5000), (4097, 64)])
+def test_gpu_row_sq_error(dtype, N, d):
+    x_hat = torch.randn(N, d, device="cuda").to(dtype)
+    x = torch.randn(N, d, device="cuda").to(dtype)
+    with ssae_kernels.use_backend("cuda"):
+        out = ops.row_sq_error(x_hat, x)
+    assert out.dtype == torch.float32 and out.shape == (N,)
+    exact = reference.row_sq_error(x_hat.double(), x.double())
+    # float32 accumulation: within a few times what PyTorch's own float32 evaluation achieves
+    torch_error = _max_rel_error(reference.row_sq_error(x_hat, x), exact)
+    assert _max_rel_error(out, exact) <= 4 * torch_error + 1e-6
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,k,d,M", [(1, 1, 1, 1), (17, 5, 33, 40), (300, 32, 768, 24576), (9, 40, 1025, 40),
+                                     (5, 300, 7, 1000), (3, 7, 5000, 7)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gpu_sparse_decode_sq_error(dtype, N, k, d, M, with_bias):
+    values = torch.randn(N, k, device="cuda").to(dtype)
+    indices = torch.randint(0, M, (N, k), device="cuda")
+    W = (torch.randn(M, d, device="cuda") / d**0.5).to(dtype)
+    bias = torch.randn(d, device="cuda").to(dtype) if with_bias else None
+    x = torch.randn(N, d, device="cuda").to(dtype)
+    with ssae_kernels.use_backend("cuda"):
+        out = ops.sparse_decode_sq_error(values, indices, W, bias, x)
+    assert out.dtype == torch.float32 and out.shape == (N,)
+    exact = reference.sparse_decode_sq_error(values.double(), indices, W.double(),
+                                             None if bias is None else bias.double(), x.double())
+    torch_error = _max_rel_error(reference.sparse_decode_sq_error(values, indices, W, bias, x), exact)
+    assert _max_rel_error(out, exact) <= 4 * torch_error + 1e-6
+
+
+@requires_cuda_backend
+def test_gpu_sparse_decode_sq_error_bad_index_gives_nan():
+    M, d = 10, 8
+    W = torch.randn(M, d, device="cuda")
+    values = torch.randn(3, 2, device="cuda")
+    indices = torch.tensor([[0, 1], [2, M], [-1, 3]], device="cuda")
+    x = torch.randn(3, d, device="cuda")
+    ext = backends.BACKENDS["cuda"].extension
+    out = ext.sparse_decode_sq_error_cuda(values, indices, W, None, x)
+    assert not bool(out[0].isnan()) and bool(out[1:].isnan().all())
+
+
+@requires_cuda_backend
+def test_gpu_term_bad_input():
+    ext = backends.BACKENDS["cuda"].extension
+    losses = torch.rand(10, device="cuda")
+    with pytest.raises(TypeError, match="float64 runs on the reference backend"):
+        ext.tilted_group_stats_cuda(losses.double(), 1.0, None, 1)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        ext.tilted_group_stats_cuda(losses.cpu(), 1.0, None, 1)
+    with pytest.raises(TypeError, match="groups must be int64"):
+        ext.tilted_group_stats_cuda(losses, 1.0, torch.zeros(10, dtype=torch.int32, device="cuda"), 1)
+    with pytest.raises(RuntimeError, match="num_groups must be 1 without groups"):
+        ext.tilted_group_stats_cuda(losses, 1.0, None, 2)
+    with pytest.raises(RuntimeError, match="x must have the shape of x_hat"):
+        ext.row_sq_error_cuda(torch.rand(3, 4, device="cuda"), torch.rand(3, 5, device="cuda"))
+    with pytest.raises(RuntimeError, match="x must be"):
+        ext.sparse_decode_sq_error_cuda(torch.rand(3, 2, device="cuda"), torch.zeros(3, 2, dtype=torch.int64,
+                                        device="cuda"), torch.rand(5, 4, device="cuda"), None,
+                                        torch.rand(3, 5, device="cuda"))
 
 
 # ---- without a GPU ---------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 // schedule, the column / slot mapping of every kernel's blocks and threads,
 // and latent_transpose's workspace layout. No GPU or CUDA toolkit needed.
 #include "kernels/cuda/launch.h"
+#include "kernels/cuda/tilt_state.h"
 
+#include <cmath>
 #include <cstdint>
 #include <set>
 #include <utility>
@@ -147,6 +149,82 @@ void check_transpose(int64_t count, int64_t M, int64_t temp) {
   CHECK(e.blocks * e.threads >= M + 1 && (e.blocks - 1) * e.threads < M + 1);
 }
 
+
+void check_tilt_plan(int64_t n, int64_t G, int64_t budget) {
+  ssae_test::context(ssae_test::str("tilt plan n=", n, " G=", G, " budget=", budget));
+  const TiltPlan p = plan_tilted_group_stats(n, G, budget);
+  CHECK(p.slots >= 32 && p.slots % 32 == 0 && p.slots <= kTiltMaxSlots);
+  CHECK(p.pass1.threads >= 32 && p.pass1.threads <= kTiltThreads && p.pass1.threads % 32 == 0);
+  CHECK(p.pass1.blocks * p.pass1.threads == p.slots && grid_fits(p.pass1));
+  CHECK(p.merge.blocks == G && p.merge.threads == kTiltMergeThreads);
+  // Enough losses per slot to pay for the merge, unless that is below one warp.
+  CHECK_MSG(p.slots == 32 || p.slots <= ceil_div(n, kTiltMinPerSlot), "slots ", p.slots);
+  // Bounded workspace: within budget, or one warp of slots per group when G alone exceeds it.
+  const int64_t states = G * p.slots * kTiltStateBytes;
+  CHECK_MSG(states <= budget || p.slots == 32, "states ", states);
+  // Regions in order, aligned, large enough, not overlapping.
+  CHECK(p.anchor == 0 && p.s % kWorkspaceAlign == 0 && p.count % kWorkspaceAlign == 0 && p.flag % kWorkspaceAlign == 0);
+  CHECK(p.s >= G * p.slots * 8 && p.count - p.s >= G * p.slots * 8 && p.flag - p.count >= G * p.slots * 8);
+  CHECK(p.total >= p.flag + 4);
+  CHECK(tilt_entry(G - 1, p.slots - 1, p.slots) == G * p.slots - 1);
+}
+
+// The two CUDA passes of tilted_group_stats run on the host with the plan's
+// slots and the merge kernel's order, against a long double evaluation.
+void check_tilt_emulated(int64_t n, int64_t G, double t, uint64_t seed, bool equal_losses) {
+  ssae_test::context(ssae_test::str("tilt emulated n=", n, " G=", G, " t=", t, " equal=", equal_losses));
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> dist(0.0, 3.0);
+  std::vector<float> losses(size_t(n), 1.25f);
+  std::vector<int64_t> groups(size_t(n), 0);
+  for (int64_t i = 0; i < n; ++i) {
+    if (!equal_losses) losses[size_t(i)] = float(dist(rng));
+    if (G > 1) groups[size_t(i)] = int64_t(rng() % uint64_t(G));
+  }
+  const TiltPlan p = plan_tilted_group_stats(n, G);
+  std::vector<TiltState> states(size_t(G * p.slots), tilt_empty());
+  for (int64_t i = 0; i < n; ++i)
+    tilt_add(states[size_t(tilt_entry(groups[size_t(i)], tilt_slot(i, p.slots), p.slots))], losses[size_t(i)], t);
+  for (int64_t g = 0; g < G; ++g) {
+    std::vector<TiltState> thread(kTiltMergeThreads, tilt_empty());
+    for (int tid = 0; tid < kTiltMergeThreads; ++tid)
+      for (int64_t j = tid; j < p.slots; j += kTiltMergeThreads)
+        tilt_merge(thread[size_t(tid)], states[size_t(tilt_entry(g, j, p.slots))], t);
+    for (int half = kTiltMergeThreads / 2; half > 0; half /= 2)
+      for (int tid = 0; tid < half; ++tid) tilt_merge(thread[size_t(tid)], thread[size_t(tid + half)], t);
+    double anchor = 0, log_mean = 0;
+    int64_t count = 0;
+    tilt_finish(thread[0], t, &anchor, &log_mean, &count);
+
+    long double sum = 0, top = -INFINITY;
+    double best = 0;
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; ++i)
+      if (groups[size_t(i)] == g && (long double)t * losses[size_t(i)] > top) {
+        top = (long double)t * losses[size_t(i)];
+        best = losses[size_t(i)];
+      }
+    for (int64_t i = 0; i < n; ++i) c += groups[size_t(i)] == g;
+    CHECK_MSG(count == c, "count ", count, " vs ", c);
+    if (c == 0) { CHECK(anchor == 0 && log_mean == 0); continue; }
+    long double risk;
+    if (t == 0) {
+      for (int64_t i = 0; i < n; ++i) if (groups[size_t(i)] == g) sum += losses[size_t(i)];
+      risk = sum / c;
+      CHECK(log_mean == 0);
+    } else {
+      for (int64_t i = 0; i < n; ++i)
+        if (groups[size_t(i)] == g) sum += std::expm1l((long double)t * losses[size_t(i)] - top);
+      risk = top / t + std::log1pl(sum / c) / t;
+      CHECK_MSG(anchor == best, "anchor ", anchor, " vs ", best);
+    }
+    const double got = t == 0 ? anchor : anchor + log_mean / t;
+    CHECK_MSG(std::fabs(got - double(risk)) <= 1e-12 * std::fabs(double(risk)) + 1e-300, "risk ", got, " vs ",
+              double(risk));
+    if (equal_losses) CHECK_MSG(std::fabs(got - 1.25) <= 1e-14, "equal losses gave ", got);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -196,6 +274,28 @@ int main() {
 
   for (int64_t count : {0, 1, 65536, 1000003})
     for (int64_t M : {int64_t(1), int64_t(2), int64_t(255), int64_t(256), int64_t(24576), int64_t(262144), int64_t(1) << 31}) check_transpose(count, M, 12345);
+
+  for (int64_t n : {int64_t(1), int64_t(31), int64_t(4097), int64_t(100003), int64_t(1) << 24})
+    for (int64_t G : {int64_t(1), int64_t(2), int64_t(1000), int64_t(50000), int64_t(3000000)}) {
+      check_tilt_plan(n, G, kTiltScratchBytes);
+      check_tilt_plan(n, G, 1000);
+    }
+  for (double t : {-1e9, -10.0, -1.0, -1e-6, 0.0, 1e-6, 1.0, 500.0, 1e9})
+    for (int64_t n : {1, 7, 5000, 70001})
+      for (int64_t G : {1, 3, 257}) check_tilt_emulated(n, G, t, uint64_t(n * 31 + G), false);
+  for (double t : {-1e9, 1e-6, 500.0}) check_tilt_emulated(9999, 1, t, 1, true);
+
+  for (int64_t rows : {1, 8, 9, 100000}) {
+    const Launch l = row_sq_error_launch(rows);
+    CHECK(l.threads == 32 * kSqRowsPerBlock && l.blocks * kSqRowsPerBlock >= rows &&
+          (l.blocks - 1) * kSqRowsPerBlock < rows);
+    for (int64_t d : {0, 1, 1024, 1025, 5000}) {
+      const Launch dl = decode_sq_error_launch(rows, d);
+      const Launch tl = row_tiles_launch(1, d);
+      CHECK(dl.blocks == rows && dl.threads == tl.threads && dl.tiles == tl.tiles);
+      CHECK(dl.tiles * dl.threads * kColsPerThread >= d);
+    }
+  }
 
   return ssae_test::finish("test_cuda_launch");
 }

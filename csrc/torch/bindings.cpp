@@ -54,6 +54,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("sampled_dot_cuda", &ssae::sampled_dot_cuda);
   m.def("latent_transpose_cuda", &ssae::latent_transpose_cuda);
   m.def("sparse_transpose_matmul_cuda", &ssae::sparse_transpose_matmul_cuda);
+  m.def("tilted_group_stats_cuda", &ssae::tilted_group_stats_cuda);
+  m.def("row_sq_error_cuda", &ssae::row_sq_error_cuda);
+  m.def("sparse_decode_sq_error_cuda", &ssae::sparse_decode_sq_error_cuda);
 #endif
   m.def("tilted_group_stats_cpu", &ssae::tilted_group_stats_cpu);
   m.def("row_sq_error_cpu", &ssae::row_sq_error_cpu);

@@ -9,6 +9,7 @@
 #include "../kernels/cuda/launch.h"
 #include "../kernels/cuda/sparse_backward.cuh"
 #include "../kernels/cuda/sparse_decode.cuh"
+#include "../kernels/cuda/tilted_loss.cuh"
 #include "../kernels/cuda/topk_encode.cuh"
 
 namespace ssae {
@@ -262,6 +263,94 @@ std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cuda(const at::Tensor
                                                     c10::cuda::getCurrentCUDAStream()));
   });
   return {out, colsum};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tilted_group_stats_cuda(const at::Tensor& losses, double t,
+                                                                       const std::optional<at::Tensor>& groups,
+                                                                       int64_t num_groups) {
+  check_cuda(losses, "losses");
+  check_dim(losses, 1, "losses", "[N]");
+  const int64_t n = losses.size(0);
+  TORCH_CHECK(n > 0, "losses must not be empty");
+  TORCH_CHECK(num_groups >= 1, "num_groups must be >= 1, got ", num_groups);
+  TORCH_CHECK(num_groups <= cuda::kMaxGrid, "num_groups must be < 2^31 on the cuda backend, got ", num_groups);
+  at::Tensor g;
+  if (groups) {
+    check_dim(*groups, 1, "groups", "[N]");
+    TORCH_CHECK(groups->size(0) == n, "groups must have N = ", n, " elements, got ", groups->size(0));
+    check_indices(*groups, losses, "groups", "losses");
+    g = groups->contiguous();
+  } else {
+    TORCH_CHECK(num_groups == 1, "num_groups must be 1 without groups, got ", num_groups);
+  }
+  dispatch_dtype(losses.scalar_type(), "losses", [](auto) {});
+
+  c10::cuda::CUDAGuard guard(losses.device());
+  const auto opts = losses.options().dtype(at::kDouble);
+  auto anchor = at::empty({num_groups}, opts), log_mean = at::empty({num_groups}, opts);
+  auto count = at::empty({num_groups}, opts.dtype(at::kLong));
+  const size_t bytes = cuda::tilted_group_stats_workspace_bytes(n, num_groups);
+  auto workspace = at::empty({int64_t(bytes)}, losses.options().dtype(at::kByte));
+  const auto l = losses.contiguous();
+  dispatch_dtype(losses.scalar_type(), "losses", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    C10_CUDA_CHECK(cuda::tilted_group_stats<T>(ptr<T>(l), n, t, g.defined() ? g.data_ptr<int64_t>() : nullptr,
+                                               num_groups, anchor.data_ptr<double>(), log_mean.data_ptr<double>(),
+                                               count.data_ptr<int64_t>(), workspace.data_ptr(), bytes,
+                                               c10::cuda::getCurrentCUDAStream()));
+  });
+  return {anchor, log_mean, count};
+}
+
+at::Tensor row_sq_error_cuda(const at::Tensor& x_hat, const at::Tensor& x) {
+  check_cuda(x_hat, "x_hat");
+  check_same_device(x, x_hat, "x", "x_hat");
+  check_dim(x_hat, 2, "x_hat", "[N, d]");
+  TORCH_CHECK(x.sizes() == x_hat.sizes(), "x must have the shape of x_hat ", x_hat.sizes(), ", got ", x.sizes());
+  check_same_dtype(x, x_hat, "x", "x_hat");
+  dispatch_dtype(x_hat.scalar_type(), "x_hat", [](auto) {});
+
+  c10::cuda::CUDAGuard guard(x_hat.device());
+  auto out = at::empty({x_hat.size(0)}, x_hat.options().dtype(at::kFloat));
+  const auto a = x_hat.contiguous(), b = x.contiguous();
+  dispatch_dtype(x_hat.scalar_type(), "x_hat", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    C10_CUDA_CHECK(cuda::row_sq_error<T>(ptr<T>(a), ptr<T>(b), a.size(0), a.size(1), out.data_ptr<float>(),
+                                         c10::cuda::getCurrentCUDAStream()));
+  });
+  return out;
+}
+
+at::Tensor sparse_decode_sq_error_cuda(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
+                                       const std::optional<at::Tensor>& b_dec, const at::Tensor& x) {
+  check_cuda(values, "values");
+  check_same_device(W_dec, values, "W_dec", "values");
+  check_same_device(x, values, "x", "values");
+  check_dim(values, 2, "values", "[N, k]");
+  check_dim(indices, 2, "indices", "[N, k]");
+  check_dim(W_dec, 2, "W_dec", "[M, d]");
+  check_dim(x, 2, "x", "[N, d]");
+  TORCH_CHECK(indices.sizes() == values.sizes(), "indices must have the shape of values ", values.sizes(), ", got ",
+              indices.sizes());
+  check_same_dtype(W_dec, values, "W_dec", "values");
+  check_same_dtype(x, values, "x", "values");
+  check_indices(indices, values, "indices", "values");
+  const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1), M = W_dec.size(0);
+  TORCH_CHECK(x.size(0) == N && x.size(1) == d, "x must be [N, d] = [", N, ", ", d, "], got shape ", x.sizes());
+  check_optional_bias(b_dec, d, values, "values");
+  dispatch_dtype(values.scalar_type(), "values", [](auto) {});
+
+  c10::cuda::CUDAGuard guard(values.device());
+  auto out = at::empty({N}, values.options().dtype(at::kFloat));
+  const auto v = values.contiguous(), ix = indices.contiguous(), W = W_dec.contiguous(), xc = x.contiguous();
+  const auto b = b_dec ? b_dec->contiguous() : at::Tensor();
+  dispatch_dtype(values.scalar_type(), "values", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    C10_CUDA_CHECK(cuda::sparse_decode_sq_error<T>(ptr<T>(v), ix.data_ptr<int64_t>(), ptr<T>(W),
+                                                   b.defined() ? ptr<T>(b) : nullptr, ptr<T>(xc), N, k, d, M,
+                                                   out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+  });
+  return out;
 }
 
 }  // namespace ssae

@@ -21,5 +21,12 @@ at::Tensor sampled_dot_cuda(const at::Tensor& grad, const at::Tensor& indices, c
 std::tuple<at::Tensor, at::Tensor> latent_transpose_cuda(const at::Tensor& indices, int64_t num_latents);
 std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cuda(const at::Tensor& weights, const at::Tensor& rows,
                                                                 const at::Tensor& offsets, const at::Tensor& order);
+// TERM primitives (see cpu_ops.h): float64 group stats, float32 per-row squared errors.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tilted_group_stats_cuda(const at::Tensor& losses, double t,
+                                                                       const std::optional<at::Tensor>& groups,
+                                                                       int64_t num_groups);
+at::Tensor row_sq_error_cuda(const at::Tensor& x_hat, const at::Tensor& x);
+at::Tensor sparse_decode_sq_error_cuda(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
+                                       const std::optional<at::Tensor>& b_dec, const at::Tensor& x);
 
 }  // namespace ssae

@@ -198,6 +198,68 @@ inline TransposeWorkspace transpose_workspace(int64_t count, int64_t sort_temp_b
 // The sort counts entries in int (CUB's item count).
 constexpr int64_t kMaxTransposeEntries = (int64_t(1) << 31) - 1;
 
+// ------------------------------------------------------------ tilted (TERM) stats
+
+// tilted_group_stats: pass 1 gives each thread ("slot") every slots-th loss
+// (coalesced) and one TiltState per group, in registers without groups and in
+// a [G, slots] global array with them (thread-private, so no atomics and a
+// fixed merge order: the result is deterministic). Pass 2 merges the slots of
+// each group, one block per group. The workspace is O(slots * G) with slots
+// shrinking as G grows (never below one warp), never O(N * G).
+constexpr int kTiltThreads = 256;
+constexpr int64_t kTiltMaxSlots = int64_t(1) << 18;  // 1024 blocks of 256: fills any current GPU
+constexpr int64_t kTiltMinPerSlot = 16;              // below this, merging costs more than it saves
+constexpr int64_t kTiltStateBytes = 24;              // anchor (f64) + s (f64) + count (i64)
+constexpr int64_t kTiltScratchBytes = int64_t(64) << 20;
+constexpr int kTiltMergeThreads = 256;
+
+struct TiltPlan {
+  int64_t slots = 0;  // threads of pass 1 = blocks * threads (a multiple of 32)
+  Launch pass1;       // blocks x threads over the losses
+  Launch merge;       // one block per group
+  // Byte offsets in the workspace: anchor [G * slots] f64, s f64, count i64,
+  // then an int32 flag set when a group id is out of range; 256-byte aligned.
+  int64_t anchor = 0, s = 0, count = 0, flag = 0, total = 0;
+};
+
+inline TiltPlan plan_tilted_group_stats(int64_t n, int64_t num_groups, int64_t budget = kTiltScratchBytes) {
+  TiltPlan p;
+  int64_t slots = std::min(kTiltMaxSlots, ceil_div(std::max<int64_t>(n, 1), kTiltMinPerSlot));
+  slots = std::min(slots, budget / (num_groups * kTiltStateBytes));
+  slots = std::max<int64_t>(32, slots / 32 * 32);
+  p.pass1.threads = int(std::min<int64_t>(kTiltThreads, slots));
+  slots = slots / p.pass1.threads * p.pass1.threads;
+  p.slots = slots;
+  p.pass1.blocks = slots / p.pass1.threads;
+  p.merge = Launch{num_groups, kTiltMergeThreads, 1};
+  const int64_t array = round_up(num_groups * slots * 8, kWorkspaceAlign);
+  p.anchor = 0;
+  p.s = array;
+  p.count = 2 * array;
+  p.flag = 3 * array;
+  p.total = p.flag + kWorkspaceAlign;
+  return p;
+}
+// Slot of the losses' i-th entry, and the entry of (group, slot) in the state arrays.
+SSAE_HD int64_t tilt_slot(int64_t i, int64_t slots) { return i % slots; }
+SSAE_HD int64_t tilt_entry(int64_t group, int64_t slot, int64_t slots) { return group * slots + slot; }
+
+// ------------------------------------------------------------ per-row squared errors
+
+// row_sq_error: one warp per row, kSqRowsPerBlock rows per block.
+constexpr int kSqRowsPerBlock = 8;
+inline Launch row_sq_error_launch(int64_t rows) {
+  return Launch{std::max<int64_t>(1, ceil_div(rows, kSqRowsPerBlock)), 32 * kSqRowsPerBlock, 1};
+}
+// sparse_decode_sq_error: one block per row (the whole row's error is reduced
+// in the block, so no atomics); the block walks its column tiles in turn, with
+// the width and tile count of row_tiles_launch.
+inline Launch decode_sq_error_launch(int64_t rows, int64_t d) {
+  Launch l = row_tiles_launch(1, d);
+  l.blocks = rows;
+  return l;
+}
+
 // Whether a problem fits these launch shapes (the bindings check this first).
 inline bool grid_fits(const Launch& l) { return l.blocks >= 1 && l.blocks <= kMaxGrid; }
 
