@@ -140,6 +140,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ssae", description="Sparse autoencoders on fused kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_args(sub.add_parser("train", help="train a TopK SAE on a model's activations, evaluate, report"))
+    from .recipes import specialized  # ssae select / finetune / eval (each sets args.run)
+
+    specialized.add_subcommands(sub)
+    from . import subspace  # ssae subspace (sets args.run)
+
+    subspace.add_subcommand(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -147,6 +153,8 @@ def main(argv=None) -> int:
             print(json.dumps({k: report[k] for k in ("fvu", "l0", "dead_fraction", "ce_loss_recovered",
                                                      "tokens", "tokens_per_s", "total_seconds")}, indent=2))
             print(f"report: {os.path.join(args.out, 'report.md')}")
+        elif getattr(args, "run", None) is not None:
+            args.run(args)
     except KeyboardInterrupt as stop:
         print(f"interrupted: {stop}", file=sys.stderr)
         return 130

@@ -119,3 +119,20 @@ def sparse_decode_sq_error(values, indices, W_dec, b_dec, x):
     if b_dec is not None:
         x_hat = x_hat + b_dec.to(acc)
     return ((x_hat - x.to(acc)) ** 2).sum(1)
+
+
+def project_subspace(G, U, complement=False):
+    """U (U^T G), or G - U (U^T G) with complement, in the accumulation dtype. [d, n].
+
+    The projection onto span(U) when U [d, r] has orthonormal columns; the formula is
+    evaluated as written for any U.
+    """
+    acc = accumulation_dtype(G.dtype)
+    g, u = G.to(acc), U.to(acc)
+    p = u @ (u.T @ g)
+    return (g - p if complement else p).to(G.dtype)
+
+
+def project_subspace_(G, U, complement=False):
+    """project_subspace written into G."""
+    G.copy_(project_subspace(G, U, complement))

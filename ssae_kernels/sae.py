@@ -160,8 +160,7 @@ class TopKSAE(torch.nn.Module):
         os.makedirs(directory, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         _atomic(os.path.join(directory, WEIGHTS_FILE), lambda p: save_file(tensors, p))
-        _atomic(os.path.join(directory, CONFIG_FILE),
-                lambda p: open(p, "w").write(json.dumps(dataclasses.asdict(self.cfg), indent=2)))
+        _atomic(os.path.join(directory, CONFIG_FILE), lambda p: _write_text(p, json.dumps(dataclasses.asdict(self.cfg), indent=2)))
 
     @classmethod
     def load(cls, directory: str, device: str | torch.device = "cpu") -> "TopKSAE":
@@ -183,6 +182,11 @@ def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-6) -> tor
             return new
         point = new
     return point
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _atomic(path: str, write) -> None:

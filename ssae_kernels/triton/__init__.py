@@ -12,6 +12,7 @@ import triton  # noqa: F401  (ImportError here tells the backend registry Triton
 from . import project_subspace as _project
 from . import sparse_backward as _backward
 from . import sparse_decode as _decode
+from . import tilted_loss as _tilted
 from . import topk_encode as _encode
 
 KERNELS: dict = {
@@ -22,4 +23,7 @@ KERNELS: dict = {
     "sparse_transpose_matmul": _backward.sparse_transpose_matmul,
     "project_subspace": _project.project_subspace,
     "project_subspace_": _project.project_subspace_,
+    "tilted_group_stats": _tilted.tilted_group_stats,
+    "row_sq_error": _tilted.row_sq_error,
+    "sparse_decode_sq_error": _tilted.sparse_decode_sq_error,
 }

@@ -43,6 +43,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from . import sparse_backward, sparse_decode, topk_encode  # noqa: E402
+from . import tilted_loss  # noqa: E402
 
 # Largest dynamic shared memory per block (bytes): A100 163 KB, H100 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -175,8 +176,50 @@ def _backward_specs():
     return specs
 
 
+def _tilted_specs():
+    m = tilted_loss
+    specs = []
+    # the statistics kernel at every group tile the launcher picks on the GPU
+    block_g = 1
+    while block_g <= m.MAX_BLOCK_G:
+        for has_groups in ((False, True) if block_g == 1 else (True,)):
+            for zero_t in (False, True):
+                block = m.STATS_TILE // block_g
+                specs.append(Spec(
+                    "tilted_loss._stats_kernel", m._stats_kernel,
+                    f"fp32 BLOCK={block} BLOCK_G={block_g} w={m.STATS_WARPS}"
+                    f"{' groups' if has_groups else ''}{' t=0' if zero_t else ''}",
+                    dict(loss_ptr="*fp32", group_ptr="*i64", t_ptr="*fp64", part_a="*fp64", part_s="*fp64",
+                         part_c="*i64", N="i32", G="i32", per_block="i32"),
+                    dict(HAS_GROUPS=has_groups, ZERO_T=zero_t, BLOCK=block, BLOCK_G=block_g), m.STATS_WARPS))
+        block_g *= 2
+    cfg = m.MERGE_CONFIG
+    for zero_t in (False, True):
+        specs.append(Spec(
+            "tilted_loss._stats_merge_kernel", m._stats_merge_kernel,
+            f"BLOCK_G={cfg['BLOCK_G']} w={cfg['num_warps']}{' t=0' if zero_t else ''}",
+            dict(part_a="*fp64", part_s="*fp64", part_c="*i64", t_ptr="*fp64", anchor_ptr="*fp64",
+                 log_mean_ptr="*fp64", count_ptr="*i64", G="i32", num_blocks="i32"),
+            dict(ZERO_T=zero_t, BLOCK_G=cfg["BLOCK_G"]), cfg["num_warps"]))
+    for dtype in ("bf16", "fp32"):
+        cfg = m.ROW_CONFIG
+        specs.append(Spec(
+            "tilted_loss._row_sq_error_kernel", m._row_sq_error_kernel,
+            f"{dtype} BLOCK_D={cfg['BLOCK_D']} w={cfg['num_warps']}",
+            dict(a_ptr=f"*{dtype}", b_ptr=f"*{dtype}", out_ptr="*fp32", D="i32"),
+            dict(BLOCK_D=cfg["BLOCK_D"]), cfg["num_warps"], aligned=("D",)))
+        cfg = m.DECODE_SQ_CONFIG
+        specs.append(Spec(
+            "tilted_loss._decode_sq_error_kernel", m._decode_sq_error_kernel,
+            f"{dtype} BLOCK_J={cfg['BLOCK_J']} BLOCK_D={cfg['BLOCK_D']} w={cfg['num_warps']}",
+            dict(v_ptr=f"*{dtype}", idx_ptr="*i64", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", x_ptr=f"*{dtype}",
+                 out_ptr="*fp32", K="i32", M="i32", D="i32"),
+            dict(HAS_BIAS=True, BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"]), cfg["num_warps"], aligned=("D",)))
+    return specs
+
+
 def all_specs() -> list[Spec]:
-    return _encode_specs() + _decode_specs() + _backward_specs()
+    return _encode_specs() + _decode_specs() + _backward_specs() + _tilted_specs()
 
 
 _PTXAS_USED = re.compile(r"Used (\d+) registers")

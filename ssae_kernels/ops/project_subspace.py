@@ -1,0 +1,150 @@
+"""Subspace projection: U (U^T G), or its complement G - U (U^T G), for U with orthonormal columns.
+
+The op behind SAE-feature subspace finetuning (SAILS): a weight update whose output
+side must stay inside span(U) is projected with it, from a gradient hook or right
+after an optimizer step. Backends compute U^T G one block of columns at a time and
+write the block's result before moving on, so G is read from memory once and no
+[r, n] or [d, n] temporary is stored besides the output.
+"""
+
+import torch
+
+from . import checks
+from .library import register_routed_kernel
+
+
+def project_subspace(G, U, complement=False, *, check=False):
+    """The projection of the columns of G onto span(U), or onto its orthogonal complement.
+
+    Args:
+        G: [d, n] matrix, e.g. the gradient of an ``nn.Linear`` weight [out_features,
+            in_features] whose output side is projected (d = out_features); float32,
+            bfloat16, float16 or float64; any strides.
+        U: [d, r] with orthonormal columns (1 <= r <= d); dtype and device of G.
+        complement: False: ``U (U^T G)``; True: ``G - U (U^T G)``.
+        check: verify that U has orthonormal columns first (costs O(d r^2) and a sync):
+            True for the default tolerance of :func:`orthonormality_error`'s dtype, or a
+            float tolerance; raises ``ValueError`` with the measured error.
+
+    Returns:
+        [d, n] contiguous, dtype of G, accumulated in float32 (float64 for float64).
+        Without the check, any U is accepted and the formula is applied as written.
+
+    Differentiable in G (the same projection of the incoming gradient: P is symmetric)
+    and in U. Projection and complement sum to G, the projection is idempotent, and
+    the complement is orthogonal to span(U), up to rounding.
+    """
+    _check_types(G, U)
+    if check is not False:
+        check_orthonormal(U, None if check is True else float(check))
+    return torch.ops.ssae.project_subspace(G, U, bool(complement))
+
+
+def project_subspace_(G, U, complement=False, *, check=False):
+    """:func:`project_subspace` written into G (which is returned), without another [d, n] buffer.
+
+    For gradients and updates, e.g. ``project_subspace_(p.grad, U)`` before an optimizer
+    step or ``project_subspace_(p.data - p0, U)`` after one. Not differentiable: G must
+    not require grad while autograd records (call it under ``torch.no_grad()``).
+    G must not have overlapping elements (an ``expand``-ed view).
+    """
+    _check_types(G, U)
+    if G.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("project_subspace_ overwrites G and is not differentiable: G requires grad here; "
+                           "use project_subspace (out of place) or call it under torch.no_grad()")
+    if check is not False:
+        check_orthonormal(U, None if check is True else float(check))
+    torch.ops.ssae.project_subspace_(G, U, bool(complement))
+    return G
+
+
+def default_orthonormality_tolerance(dtype: torch.dtype) -> float:
+    # Rounding an exact orthonormal basis to the dtype leaves max |U^T U - I| up to 3e-3
+    # (bfloat16) and 4e-4 (float16) (measured, d = 20 ... 4096); a float32 QR gives < 1e-6.
+    # The check exists to catch bases that are not orthonormal at all (errors of 0.1-1).
+    return {torch.float64: 1e-8, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}.get(dtype, 1e-4)
+
+
+def orthonormality_error(U) -> float:
+    """max |U^T U - I|, computed in float64."""
+    u = U.detach().double()
+    gram = u.T @ u
+    return float((gram - torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)).abs().max())
+
+
+def check_orthonormal(U, atol=None):
+    """Raises ValueError unless max |U^T U - I| <= atol (default: by dtype, see above)."""
+    checks.tensor(U, "U", 2, "[d, r]")
+    checks.floating(U, "U")
+    if U.shape[1] > U.shape[0]:
+        raise ValueError(f"U [d, r] has r = {U.shape[1]} > d = {U.shape[0]} columns: they cannot be orthonormal")
+    tol = default_orthonormality_tolerance(U.dtype) if atol is None else atol
+    error = orthonormality_error(U)
+    if not error <= tol:  # also catches NaN
+        raise ValueError(f"U must have orthonormal columns: max |U^T U - I| = {error:.3g} exceeds {tol:.3g} "
+                         "(orthonormalise it first, e.g. torch.linalg.qr(U).Q)")
+
+
+def _check_types(G, U):
+    # before the dispatcher, whose own message for a non-tensor is a RuntimeError
+    for t, name in ((G, "G"), (U, "U")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check(G, U, complement=False):
+    checks.tensor(G, "G", 2, "[d, n]")
+    checks.tensor(U, "U", 2, "[d, r]")
+    checks.floating(G, "G")
+    checks.like(U, G, "U", "G")
+    torch._check_type(isinstance(complement, bool), lambda: f"complement must be a bool, got {type(complement).__name__}")
+    d, r = U.shape
+    checks.same_size(G.shape[0], d, "G.shape[0] must equal U.shape[0] (d)")
+    torch._check_value(r >= 1, lambda: f"U must have at least one column, got shape {tuple(U.shape)}")
+    torch._check_value(r <= d, lambda: f"U [d, r] must have r <= d (orthonormal columns), got shape {tuple(U.shape)}")
+
+
+def _check_inplace(G, U, complement=False):
+    _check(G, U, complement)
+    # Writing an expanded view would race: several elements share one memory location.
+    torch._check_value(torch._debug_has_internal_overlap(G) != 1,
+                       lambda: "G has overlapping elements (an expanded view); project_subspace_ cannot write it")
+
+
+register_routed_kernel("project_subspace", _check)
+register_routed_kernel("project_subspace_", _check_inplace)
+
+
+@torch.library.register_fake("ssae::project_subspace")
+def _(G, U, complement=False):
+    _check(G, U, complement)
+    return G.new_empty(G.shape)
+
+
+@torch.library.register_fake("ssae::project_subspace_")
+def _(G, U, complement=False):
+    _check_inplace(G, U, complement)
+
+
+def _setup_context(ctx, inputs, output):
+    G, U, complement = inputs
+    ctx.complement = complement
+    ctx.save_for_backward(G if ctx.needs_input_grad[1] else None, U)
+
+
+def _backward(ctx, grad):
+    G, U = ctx.saved_tensors
+    need_G, need_U = ctx.needs_input_grad[:2]
+    # P = U U^T is symmetric, so the gradient in G is the same projection of grad.
+    grad_G = torch.ops.ssae.project_subspace(grad, U, ctx.complement) if need_G else None
+    grad_U = None
+    if need_U:
+        # d <grad, U U^T G> / dU = grad (G^T U) + G (grad^T U); the complement negates it.
+        acc = torch.float64 if G.dtype == torch.float64 else torch.float32
+        g, u, x = grad.to(acc), U.to(acc), G.to(acc)
+        grad_U = g @ (x.T @ u) + x @ (g.T @ u)
+        grad_U = (-grad_U if ctx.complement else grad_U).to(U.dtype)
+    return grad_G, grad_U, None
+
+
+torch.library.register_autograd("ssae::project_subspace", _backward, setup_context=_setup_context)

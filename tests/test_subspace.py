@@ -1,0 +1,290 @@
+"""SAE-feature subspace finetuning (ssae_kernels/subspace.py) on a tiny Llama built from a config."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import ssae_kernels
+from ssae_kernels import cli
+from ssae_kernels import subspace as S
+from ssae_kernels.data.behaviour import (REFUSAL_MARKERS, BehaviourPair, Example, builtin_refusal, load_behaviour,
+                                         matches_markers)
+from ssae_kernels.sae import SAEConfig, TopKSAE
+from tiny_model import build_model, build_tokenizer, save_tiny, write_corpus
+
+WIDTH, INTERMEDIATE = 32, 64  # tiny_model.build_model
+
+QUESTIONS = ["What is a list?", "How do generators work?", "Explain the with statement.", "What is a dictionary?",
+             "How do I raise an exception?", "What does yield do?", "How do I add two numbers?",
+             "What is a context manager?", "How are lists built?", "What is insertion order?", "What does finally do?",
+             "What is a frame?"]
+HELD_OUT = ["How do I handle errors?", "What is a sequence?", "How does iteration work?", "What is a key?"]
+
+
+def tiny_pair():
+    # " values" is one token of the tiny tokenizer: the tiny model can learn to say it in a few steps.
+    return BehaviourPair("tiny", [Example(q, "values", "No") for q in QUESTIONS], [], HELD_OUT, [], ("values",))
+
+
+@pytest.fixture()
+def tiny():
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    model = build_model(len(tokenizer))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer
+
+
+def random_sae(seed=0, latents=96, k=8):
+    return TopKSAE(SAEConfig(d_in=WIDTH, num_latents=latents, k=k), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_subspaces(model, tokenizer, layers=(1,), per_layer=16, variance=0.8, latents=96, k=8):
+    saes = {layer: random_sae(layer, latents, k) for layer in layers}
+    pair = tiny_pair()
+    mean_t = S.mean_feature_activations(model, tokenizer, saes, [(e.prompt, e.target) for e in pair.train])
+    mean_c = S.mean_feature_activations(model, tokenizer, saes, [(e.prompt, e.contrast) for e in pair.train])
+    selections = S.select_features(mean_t, mean_c, per_layer=per_layer)
+    return S.subspaces_from_features(saes, selections, variance), selections, saes
+
+
+# ---- the projection on a subspace built by the recipe ----------------------------------------------
+
+
+def test_projection_identities_on_a_built_subspace(tiny):
+    model, tokenizer = tiny
+    subspaces, _, _ = tiny_subspaces(model, tokenizer)
+    U = subspaces[1].U
+    G = model.model.layers[1].mlp.down_proj.weight.detach().clone()  # [32, 64]: a real weight shape
+    P = ssae_kernels.project_subspace(G, U, check=True)
+    C = ssae_kernels.project_subspace(G, U, complement=True)
+    torch.testing.assert_close(ssae_kernels.project_subspace(P, U), P, rtol=0, atol=1e-6)  # idempotent
+    assert float((U.T @ C).abs().max()) < 1e-6  # complement orthogonal to span(U)
+    torch.testing.assert_close(P + C, G, rtol=0, atol=1e-6)  # P + C = G
+    assert 0.05 < float(P.norm() / G.norm()) < 0.95  # a proper subspace: neither 0 nor everything
+
+
+# ---- selection and construction ----------------------------------------------------------------------
+
+
+def test_select_features_ranks_by_relative_score():
+    mean_t = {3: torch.tensor([0.0, 5.0, 1.0, 2.0, 0.5])}
+    mean_c = {3: torch.tensor([4.0, 1.0, 0.0, 2.5, 0.0])}
+    sel = S.select_features(mean_t, mean_c, per_layer=3)[3]
+    assert sel.ids == [1, 2, 4]  # delta 4, 1, 0.5 (latents 0 and 3 favour the contrast)
+    assert sel.delta == pytest.approx([4.0, 1.0, 0.5])
+    assert sel.relative == pytest.approx([1.0, 0.25, 0.125])  # delta / max E_contrast = delta / 4
+    both = S.select_features(mean_t, mean_c, per_layer=2, signs="both")[3]
+    assert both.ids == [0, 1]  # |delta| 4 and 4, ties by index
+    with pytest.raises(ValueError, match="no latent separates"):
+        S.select_features({0: torch.zeros(3)}, {0: torch.ones(3)})
+
+
+def test_build_subspace_keeps_the_variance_fraction():
+    torch.manual_seed(1)
+    d = 40
+    basis = torch.linalg.qr(torch.randn(d, 3, dtype=torch.float64)).Q
+    # 30 unit directions mostly in a 3-D subspace (energies ~ 70/20/10 %) plus a little noise
+    coef = torch.randn(30, 3, dtype=torch.float64) * torch.tensor([3.0, 1.6, 1.15], dtype=torch.float64)
+    dirs = coef @ basis.T + 0.01 * torch.randn(30, d, dtype=torch.float64)
+    U, explained, S_ = S.build_subspace(dirs, 0.8)
+    unit = dirs / dirs.norm(dim=1, keepdim=True)
+    energy = torch.linalg.svdvals(unit) ** 2
+    energy = energy / energy.sum()
+    want = int((torch.cumsum(energy, 0) < 0.8).sum()) + 1  # the smallest rank reaching 80%
+    assert U.shape == (d, want) and 1 <= want <= 3
+    assert explained >= 0.8 and explained == pytest.approx(float(energy[:want].sum()), abs=1e-6)
+    assert float((U.T.double() @ U.double() - torch.eye(want, dtype=torch.float64)).abs().max()) < 1e-6
+    # span(U) lies inside the planted subspace
+    assert float((U.double() - basis @ (basis.T @ U.double())).norm()) < 0.05
+    U_all, explained_all, _ = S.build_subspace(dirs, 1.0)
+    assert U_all.shape[1] > U.shape[1] and explained_all == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="variance must be in"):
+        S.build_subspace(dirs, 0.0)
+
+
+def test_feature_means_cover_response_tokens_only(tiny):
+    model, tokenizer = tiny
+    ids, start = S.encode_example(tokenizer, "What is a list?", "values")
+    assert tokenizer.decode(ids[start:]) == " values" + tokenizer.eos_token
+    assert ids[:start] == S.encode_prompt(tokenizer, "What is a list?")
+    sae = random_sae()
+    means = S.mean_feature_activations(model, tokenizer, {1: sae}, [("What is a list?", "values")])[1]
+    # by hand: the SAE on layer 1's output at the response positions
+    hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0, start:]
+    values, indices = sae.encode(hidden)
+    want = torch.zeros(96).index_add_(0, indices.reshape(-1), values.reshape(-1).float()) / hidden.shape[0]
+    torch.testing.assert_close(means, want, rtol=1e-5, atol=1e-6)
+
+
+def test_features_and_subspace_round_trip(tmp_path, tiny):
+    model, tokenizer = tiny
+    subspaces, selections, _ = tiny_subspaces(model, tokenizer)
+    S.save_features(str(tmp_path / "f.json"), selections)
+    S.save_subspaces(str(tmp_path / "s.safetensors"), subspaces)
+    back_f = S.load_features(str(tmp_path / "f.json"))
+    back_s = S.load_subspaces(str(tmp_path / "s.safetensors"))
+    assert back_f[1].ids == selections[1].ids and back_f[1].relative == selections[1].relative
+    assert torch.equal(back_s[1].U, subspaces[1].U) and back_s[1].feature_ids == subspaces[1].feature_ids
+
+
+# ---- adapters -------------------------------------------------------------------------------------
+
+
+def test_adapter_parameter_counts(tiny):
+    model, tokenizer = tiny
+    subspaces, _, _ = tiny_subspaces(model, tokenizer, layers=(0, 2))
+    r0, r2 = subspaces[0].rank, subspaces[2].rank
+    d_ins = WIDTH + INTERMEDIATE  # o_proj reads 32 (4 heads x 8), down_proj reads 64
+    adapters = S.attach_subspace_adapters(model, subspaces)
+    assert [n for n, _, _ in adapters.targets] == ["layers.0.self_attn.o_proj", "layers.0.mlp.down_proj",
+                                                   "layers.2.self_attn.o_proj", "layers.2.mlp.down_proj"]
+    assert adapters.num_trainable() == (r0 + r2) * d_ins  # only the r x d_in factors
+    adapters.remove()
+    lora = S.attach_lora_adapters(model, {0: r0, 2: r2})
+    assert lora.num_trainable() == (r0 + r2) * (d_ins + 2 * WIDTH)  # r (d_in + d_out) per module
+    lora.remove()
+    pg = S.ProjectedGradient(model, subspaces)
+    assert pg.num_trainable() == 2 * (WIDTH * WIDTH + WIDTH * INTERMEDIATE)  # the full weights
+    assert pg.num_effective() == (r0 + r2) * d_ins
+    pg.restore()
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_adapters_start_as_identity_and_remove_cleanly(tiny):
+    model, tokenizer = tiny
+    subspaces, _, _ = tiny_subspaces(model, tokenizer)
+    ids = torch.tensor([S.encode_example(tokenizer, "What is a list?", "values")[0]])
+    with torch.no_grad():
+        before = model(ids).logits
+        adapters = S.attach_subspace_adapters(model, subspaces)
+        assert torch.equal(model(ids).logits, before)  # B = 0
+        for p in adapters.parameters():
+            p.normal_()
+        assert not torch.allclose(model(ids).logits, before)
+        adapters.remove()
+        assert torch.equal(model(ids).logits, before)
+
+
+@pytest.mark.parametrize("method", ["subspace", "projected", "lora"])
+def test_updates_stay_in_span_over_a_short_run(tiny, method):
+    model, tokenizer = tiny
+    subspaces, _, _ = tiny_subspaces(model, tokenizer)
+    encoded = S.training_examples(tokenizer, tiny_pair())
+    cfg = S.FinetuneConfig(epochs=2, lr=0.1 if method != "projected" else 0.01, batch_size=4)
+    before = {n: m.weight.detach().clone() for n, m in S.residual_writers(model, 1)}
+    if method == "projected":
+        pg = S.ProjectedGradient(model, subspaces)
+        S.finetune(model, tokenizer, encoded, pg.parameters(), cfg, after_step=pg.after_step)
+        deltas = pg.delta_weights()
+        pg.restore()
+        for n, m in S.residual_writers(model, 1):
+            assert torch.equal(m.weight, before[n])
+    else:
+        adapters = (S.attach_subspace_adapters(model, subspaces) if method == "subspace"
+                    else S.attach_lora_adapters(model, {1: subspaces[1].rank}))
+        S.finetune(model, tokenizer, encoded, adapters.parameters(), cfg)
+        deltas = adapters.delta_weights()
+        adapters.remove()
+    assert all(float(d.norm()) > 1e-4 for d in deltas.values()), "the run must actually update the weights"
+    spans = S.out_of_span(deltas, subspaces)
+    if method == "lora":  # the unconstrained comparison leaves the span: the measure can fail
+        assert min(spans.values()) > 0.3
+    else:
+        assert max(spans.values()) < 1e-5, spans
+
+
+def test_projected_gradient_hook_projects_each_gradient(tiny):
+    model, tokenizer = tiny
+    subspaces, _, _ = tiny_subspaces(model, tokenizer)
+    U = subspaces[1].U
+    pg = S.ProjectedGradient(model, subspaces)
+    ids, mask, response = S._pad_batch([S.encode_example(tokenizer, q, "values") for q in QUESTIONS[:3]], 0, "cpu")
+    S.lm_loss(model, ids, mask, response).backward()
+    for w in pg.parameters():
+        assert float(w.grad.norm()) > 0
+        assert float((w.grad - U @ (U.T @ w.grad)).norm() / w.grad.norm()) < 1e-5
+    pg.restore()
+
+
+def test_a_short_run_moves_the_target_metric(tiny):
+    # Tied input and output embeddings, as in SmolLM2: the latents most active on the target
+    # response then lean towards its token's embedding, so their span can raise its logit. (In
+    # the untied random model no 8-dim subspace need contain a direction that makes " values"
+    # the argmax: plain LoRA, free in its output factor, learns it there and the subspace mostly
+    # does not; with the tie, every SAE seed in 0..5 reached >= 0.75.)
+    model, tokenizer = tiny
+    model.lm_head.weight = model.model.embed_tokens.weight
+    pair = tiny_pair()
+    subspaces, _, _ = tiny_subspaces(model, tokenizer, latents=256, k=16)
+    assert subspaces[1].rank < WIDTH // 2  # a real restriction
+    chunks = [S.encode_prompt(tokenizer, q) for q in QUESTIONS[:4]]
+    base = S.evaluate_behaviour(model, tokenizer, pair, chunks, max_new_tokens=4)
+    adapters = S.attach_subspace_adapters(model, subspaces)
+    S.finetune(model, tokenizer, S.training_examples(tokenizer, pair), adapters.parameters(),
+               S.FinetuneConfig(epochs=4, lr=0.1, batch_size=4))
+    tuned = S.evaluate_behaviour(model, tokenizer, pair, chunks, max_new_tokens=4)
+    adapters.remove()
+    assert base["target_metric"] == 0.0
+    assert tuned["target_metric"] >= 0.75, tuned["examples"]
+
+
+# ---- data, CLI ---------------------------------------------------------------------------------------
+
+
+def test_builtin_behaviour_is_split_and_marked():
+    pair = builtin_refusal()
+    assert len(pair.train) == 48 and len(pair.eval_prompts) == 24 and len(pair.keep) == 24
+    prompts = [e.prompt for e in pair.train]
+    assert not set(prompts) & set(pair.eval_prompts)  # held out
+    assert all(matches_markers(e.target) for e in pair.train)  # every target response is in the target style
+    assert not any(matches_markers(e.contrast) for e in pair.train)
+    assert not any(matches_markers(e.target) for e in pair.keep)
+    assert matches_markers("I\u2019m sorry, I can\u2019t do that") and not matches_markers("Sure, here it is")
+    assert "i cannot" in REFUSAL_MARKERS
+
+
+def test_load_behaviour_from_jsonl(tmp_path):
+    path = tmp_path / "pair.jsonl"
+    rows = [{"prompt": "a?", "target": "yes", "contrast": "no"}, {"prompt": "b?", "split": "eval"},
+            {"prompt": "c?", "split": "control"}, {"prompt": "d?", "response": "ok", "split": "keep"},
+            {"markers": ["YES"]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    pair = load_behaviour(str(path))
+    assert pair.train[0].contrast == "no" and pair.eval_prompts == ["b?"] and pair.control_prompts == ["c?"]
+    assert pair.keep[0].target == "ok" and pair.markers == ("yes",)
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]))
+    with pytest.raises(ValueError, match="markers"):
+        load_behaviour(str(path))
+
+
+def test_cli_end_to_end(tmp_path):
+    model_dir = save_tiny(str(tmp_path / "tiny"))
+    corpus = write_corpus(str(tmp_path))
+    data = tmp_path / "pair.jsonl"
+    rows = [{"prompt": q, "target": "values", "contrast": "No"} for q in QUESTIONS]
+    rows += [{"prompt": q, "split": "eval"} for q in HELD_OUT] + [{"markers": ["values"]}]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "run"
+    code = cli.main(["subspace", "--model", model_dir, "--layers", "1", "--behaviour", str(data),
+                     "--neutral-text", corpus, "--sae-tokens", "600",
+                     "--sae-latents", "64", "--sae-k", "4", "--sae-steps", "5", "--sae-batch-size", "128",
+                     "--epochs", "4", "--batch-size", "4", "--lr", "0.1", "--compare", "lora", "--ppl-sequences", "2",
+                     "--context", "16", "--max-new-tokens", "4", "--out", str(out), "--quiet"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("trainable_fraction", "target_metric_base", "target_metric_tuned", "ppl_base", "ppl_tuned",
+                "max_out_of_span"):
+        assert isinstance(report[key], float), key
+    assert report["max_out_of_span"] < 1e-5
+    assert set(report["comparisons"]) == {"lora"} and report["comparisons"]["lora"]["max_out_of_span"] > 0.3
+    assert os.path.exists(out / "features.json") and os.path.exists(out / "subspace.safetensors")
+    assert os.path.exists(out / "adapter_subspace.safetensors")
+
+
+def test_cli_rejects_bad_arguments(tmp_path):
+    assert cli.main(["subspace", "--layers", "x", "--out", str(tmp_path)]) == 2
+    assert cli.main(["subspace", "--compare", "nope", "--out", str(tmp_path)]) == 2
