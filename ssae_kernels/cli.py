@@ -26,7 +26,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-cache", default=None, help="directory to reuse (or write) harvested activations")
     p.add_argument("--latents", type=int, default=4608, help="dictionary size M")
     p.add_argument("--k", type=int, default=32, help="active latents per token")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
     p.add_argument("--lr", type=float, default=None, help="default 2e-4 / sqrt(M / 2^14)")
     p.add_argument("--tilt", type=float, default=0.0, help="TERM tilt t (0: ERM)")
