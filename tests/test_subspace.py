@@ -237,7 +237,7 @@ def test_a_short_run_moves_the_target_metric(tiny):
 
 def test_builtin_behaviour_is_split_and_marked():
     pair = builtin_refusal()
-    assert len(pair.train) == 48 and len(pair.eval_prompts) == 24 and len(pair.keep) == 24
+    assert len(pair.train) == 48 and len(pair.eval_prompts) == 24 and len(pair.keep) == 48
     prompts = [e.prompt for e in pair.train]
     assert not set(prompts) & set(pair.eval_prompts)  # held out
     assert all(matches_markers(e.target) for e in pair.train)  # every target response is in the target style
