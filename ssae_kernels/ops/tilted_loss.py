@@ -12,6 +12,7 @@ import math
 import torch
 
 from . import checks
+from ..reference import accumulation_dtype
 from .library import LIBRARY, register_routed_kernel
 
 
@@ -172,14 +173,10 @@ def _check_row_sq_error(x_hat, x):
 register_routed_kernel("row_sq_error", _check_row_sq_error)
 
 
-def _accumulation(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("ssae::row_sq_error")
 def _(x_hat, x):
     _check_row_sq_error(x_hat, x)
-    return x_hat.new_empty(x_hat.shape[0], dtype=_accumulation(x_hat.dtype))
+    return x_hat.new_empty(x_hat.shape[0], dtype=accumulation_dtype(x_hat.dtype))
 
 
 def _setup_row_sq_error(ctx, inputs, output):
@@ -211,7 +208,7 @@ register_routed_kernel("sparse_decode_sq_error", _check_sparse_decode_sq_error)
 @torch.library.register_fake("ssae::sparse_decode_sq_error")
 def _(values, indices, W_dec, b_dec, x):
     _check_sparse_decode_sq_error(values, indices, W_dec, b_dec, x)
-    return values.new_empty(values.shape[0], dtype=_accumulation(values.dtype))
+    return values.new_empty(values.shape[0], dtype=accumulation_dtype(values.dtype))
 
 
 def _setup_decode_sq_error(ctx, inputs, output):
