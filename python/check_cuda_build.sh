@@ -48,7 +48,8 @@ fi
 SO="$(ls "$WORK"/lib/ssae_kernels/_C*.so)"
 
 # The module loads (CUDA torch, no GPU) and exposes the CUDA backend.
-"$VENV/bin/python" - "$SO" <<'PY'
+"$VENV/bin/python" - "$SO" "$ROOT/ssae_kernels/backends.py" <<'PY'
+import ast
 import importlib.util
 import sys
 
@@ -58,8 +59,12 @@ spec = importlib.util.spec_from_file_location("ssae_kernels._C", sys.argv[1])
 C = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(C)
 info = C.build_info()
-missing = [op for op in ("topk_encode", "sparse_decode", "sampled_dot", "latent_transpose", "sparse_transpose_matmul")
-           if not hasattr(C, f"{op}_cuda")]
+# The op list is backends.OPS, read without importing the package (whose _C is the CPU build).
+tree = ast.parse(open(sys.argv[2]).read())
+ops = next(ast.literal_eval(n.value) for n in tree.body
+           if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "OPS")
+missing = [op for op in ops if not hasattr(C, f"{op}_cuda")]
 assert info["cuda"] is True and not missing, (info, missing)
-print("== OK:", sys.argv[1].rsplit("/", 1)[-1], "loads; build_info()['cuda'] =", info["cuda"], "; all five <op>_cuda present")
+print("== OK:", sys.argv[1].rsplit("/", 1)[-1], "loads; build_info()['cuda'] =", info["cuda"],
+      f"; all {len(ops)} <op>_cuda present")
 PY

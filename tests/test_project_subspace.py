@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ssae_kernels
+from conftest import requires_cuda
 from ssae_kernels import reference
 from ssae_kernels.ops.project_subspace import orthonormality_error
 
@@ -283,3 +284,17 @@ def test_zero_columns():
     for backend in BACKENDS:
         with ssae_kernels.use_backend(backend):
             assert ssae_kernels.project_subspace(torch.randn(6, 0), U).shape == (6, 0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("d,r,n", [(17, 5, 33), (576, 22, 1536), (300, 200, 70)])
+@pytest.mark.parametrize("complement", [False, True])
+def test_gpu_cuda_backend(dtype, d, r, n, complement):
+    U, G = basis(d, r, dtype).cuda(), torch.randn(d, n, dtype=torch.float64).to(dtype).cuda()
+    with ssae_kernels.use_backend("cuda"):
+        out = ssae_kernels.project_subspace(G, U, complement)
+        inplace = G.clone()
+        ssae_kernels.project_subspace_(inplace, U, complement)
+    assert_matches(out.cpu(), G.cpu(), U.cpu(), complement)
+    assert torch.equal(inplace, out)

@@ -57,6 +57,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("tilted_group_stats_cuda", &ssae::tilted_group_stats_cuda);
   m.def("row_sq_error_cuda", &ssae::row_sq_error_cuda);
   m.def("sparse_decode_sq_error_cuda", &ssae::sparse_decode_sq_error_cuda);
+  m.def("project_subspace_cuda", &ssae::project_subspace_cuda);
+  m.def("project_subspace__cuda", &ssae::project_subspace__cuda);
 #endif
   m.def("tilted_group_stats_cpu", &ssae::tilted_group_stats_cpu);
   m.def("row_sq_error_cpu", &ssae::row_sq_error_cpu);

@@ -4,9 +4,13 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <ATen/MemoryOverlap.h>
+
+#include <algorithm>
 #include <cstdint>
 
 #include "../kernels/cuda/launch.h"
+#include "../kernels/cuda/project_subspace.cuh"
 #include "../kernels/cuda/sparse_backward.cuh"
 #include "../kernels/cuda/sparse_decode.cuh"
 #include "../kernels/cuda/tilted_loss.cuh"
@@ -351,6 +355,65 @@ at::Tensor sparse_decode_sq_error_cuda(const at::Tensor& values, const at::Tenso
                                                    out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
   });
   return out;
+}
+
+// ---- project_subspace ----------------------------------------------------------------------------
+
+namespace {
+
+void check_project_args(const at::Tensor& G, const at::Tensor& U) {
+  check_cuda(G, "G");
+  check_same_device(U, G, "U", "G");
+  check_dim(G, 2, "G", "[d, n]");
+  check_dim(U, 2, "U", "[d, r]");
+  check_same_dtype(U, G, "U", "G");
+  TORCH_CHECK(U.size(0) == G.size(0), "U must be [d, r] with d = G.size(0) = ", G.size(0), ", got shape ", U.sizes());
+  TORCH_CHECK(U.size(1) >= 1 && U.size(1) <= U.size(0), "U [d, r] must have 1 <= r <= d, got shape ", U.sizes());
+  dispatch_dtype(G.scalar_type(), "G", [](auto) {});
+}
+
+// Whether the kernels can read (or write) t as it is: unit column stride, rows apart
+// (strides of size-1 dimensions do not matter).
+bool rows_strided(const at::Tensor& t) {
+  return (t.size(1) <= 1 || t.stride(1) == 1) && (t.size(0) <= 1 || t.stride(0) >= std::max<int64_t>(t.size(1), 1));
+}
+
+int64_t row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? std::max<int64_t>(t.size(1), 1) : t.stride(0); }
+
+void run_project(const at::Tensor& G, const at::Tensor& U, bool complement, const at::Tensor& out) {
+  const int64_t d = G.size(0), n = G.size(1), r = U.size(1);
+  if (n == 0) return;
+  c10::cuda::CUDAGuard guard(G.device());
+  const auto Uc = U.contiguous();
+  auto scratch = at::empty({cuda::project_subspace_scratch(r, n)}, G.options().dtype(at::kFloat));
+  dispatch_dtype(G.scalar_type(), "G", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    C10_CUDA_CHECK(cuda::project_subspace<T>(ptr<T>(G), row_stride(G), ptr<T>(Uc), d, r, n, complement, ptr<T>(out),
+                                             row_stride(out), scratch.data_ptr<float>(),
+                                             c10::cuda::getCurrentCUDAStream()));
+  });
+}
+
+}  // namespace
+
+at::Tensor project_subspace_cuda(const at::Tensor& G, const at::Tensor& U, bool complement) {
+  check_project_args(G, U);
+  auto out = at::empty(G.sizes(), G.options());
+  run_project(rows_strided(G) ? G : G.contiguous(), U, complement, out);
+  return out;
+}
+
+void project_subspace__cuda(const at::Tensor& G, const at::Tensor& U, bool complement) {
+  check_project_args(G, U);
+  TORCH_CHECK(at::has_internal_overlap(G) != at::MemOverlap::Yes,
+              "G has overlapping elements (an expanded view); project_subspace_ cannot write it");
+  if (rows_strided(G)) {
+    run_project(G, U, complement, G);
+  } else {  // e.g. a transposed view: compute densely, then copy back through G's strides
+    const auto dense = G.contiguous();
+    run_project(dense, U, complement, dense);
+    G.copy_(dense);
+  }
 }
 
 }  // namespace ssae

@@ -2,9 +2,10 @@
 
 The op behind SAE-feature subspace finetuning (SAILS): a weight update whose output
 side must stay inside span(U) is projected with it, from a gradient hook or right
-after an optimizer step. Backends compute U^T G one block of columns at a time and
-write the block's result before moving on, so G is read from memory once and no
-[r, n] or [d, n] temporary is stored besides the output.
+after an optimizer step. The CPU kernel and Triton's fused kernel (r <= 128) compute
+U^T G one block of columns at a time and write that block's result before moving on,
+so G is read from memory once and temporaries are per block; the CUDA kernels and
+Triton's path for larger r keep U^T G in a float32 [r, n] scratch buffer instead.
 """
 
 import torch
@@ -23,8 +24,8 @@ def project_subspace(G, U, complement=False, *, check=False):
         U: [d, r] with orthonormal columns (1 <= r <= d); dtype and device of G.
         complement: False: ``U (U^T G)``; True: ``G - U (U^T G)``.
         check: verify that U has orthonormal columns first (costs O(d r^2) and a sync):
-            True for the default tolerance of :func:`orthonormality_error`'s dtype, or a
-            float tolerance; raises ``ValueError`` with the measured error.
+            True for the tolerance of U's dtype (:func:`default_orthonormality_tolerance`),
+            or a float tolerance; raises ``ValueError`` with the measured max |U^T U - I|.
 
     Returns:
         [d, n] contiguous, dtype of G, accumulated in float32 (float64 for float64).
@@ -44,7 +45,8 @@ def project_subspace_(G, U, complement=False, *, check=False):
     """:func:`project_subspace` written into G (which is returned), without another [d, n] buffer.
 
     For gradients and updates, e.g. ``project_subspace_(p.grad, U)`` before an optimizer
-    step or ``project_subspace_(p.data - p0, U)`` after one. Not differentiable: G must
+    step, or on ``delta = p - p0`` after one (then ``p.copy_(p0 + delta)``, as
+    :class:`ssae_kernels.subspace.ProjectedGradient` does). Not differentiable: G must
     not require grad while autograd records (call it under ``torch.no_grad()``).
     G must not have overlapping elements (an ``expand``-ed view).
     """
@@ -97,7 +99,8 @@ def _check(G, U, complement=False):
     checks.tensor(U, "U", 2, "[d, r]")
     checks.floating(G, "G")
     checks.like(U, G, "U", "G")
-    torch._check_type(isinstance(complement, bool), lambda: f"complement must be a bool, got {type(complement).__name__}")
+    torch._check_type(isinstance(complement, bool),
+                      lambda: f"complement must be a bool, got {type(complement).__name__}")
     d, r = U.shape
     checks.same_size(G.shape[0], d, "G.shape[0] must equal U.shape[0] (d)")
     torch._check_value(r >= 1, lambda: f"U must have at least one column, got shape {tuple(U.shape)}")
