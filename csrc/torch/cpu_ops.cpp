@@ -1,6 +1,8 @@
 #include "cpu_ops.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 
 #include <algorithm>
 #include <climits>
@@ -54,19 +56,40 @@ void check_indices(const at::Tensor& indices, int64_t num_latents, const char* a
                     bad < 0 ? 0 : indices.data_ptr<int64_t>()[bad], " at flat position ", bad);
 }
 
-// Tile shape of the encode GEMMs, from a sweep at the reference shape (N=2048,
-// d=768, M=24576, 2 threads): row blocks of 1024 with 2 MB score tiles
-// (1024 x 512) ran the whole encode at 0.93x the single x @ W_enc.T GEMM
-// (which also pays for writing its 201 MB output); 512-row blocks gave 0.96x,
-// 256-row blocks 1.06x. Extra memory: the row block's centred copy (3 MB) +
-// one tile (2 MB) + selection state (~1 MB), about 3% of that N x M matrix.
+// Work split of the fused encode. One OpenMP region per call: each thread takes
+// row blocks (dynamic schedule) and runs, for its block, a single-threaded GEMM
+// per latent tile into a private score tile, then the selection of those rows.
+// Threads never wait on each other inside the call, so a core taken by another
+// process slows only its own blocks; the earlier design (a multithreaded GEMM
+// and a parallel selection per tile: ~200 parallel regions per call) measured
+// 1.20x the GEMM floor for the step at load 2.5 but 3.29x at load 3.
+// Tiles: kTileElems scores (2 MB) per thread, sized to stay in L2 (2 MB a core).
+// Row blocks: at least two per thread so a slowed thread sheds work, at most
+// kRowBlock rows (each block streams all of W_enc once).
 constexpr int64_t kTileElems = int64_t(1) << 19;
 constexpr int64_t kRowBlock = 1024;
+constexpr int64_t kMinRowBlock = 64;
+
+// C[rows, cols] = A[rows, d] B[cols, d]^T (row-major, C with leading dimension
+// ldc) through ATen on raw buffers. Called by every thread of the encode's
+// parallel region, where the BLAS behind at::mm runs single-threaded; the
+// autograd keys are skipped because the buffers alias W_enc, which may
+// require grad.
+template <typename A>
+void gemm_abt(int64_t rows, int64_t cols, int64_t d, const A* a, const A* b, A* c, int64_t ldc) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
+  auto out = at::from_blob(c, {rows, cols}, {ldc, 1}, opts);
+  at::mm_out(out, at::from_blob(const_cast<A*>(a), {rows, d}, opts),
+             at::from_blob(const_cast<A*>(b), {cols, d}, opts).t());
+}
 
 }  // namespace
 
 std::tuple<int64_t, int64_t> topk_encode_tile_cpu(int64_t rows, int64_t latents, int64_t d, bool exact_dtype) {
-  const int64_t nb = std::max<int64_t>(1, std::min(rows, kRowBlock));
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t per_thread = (rows + 2 * threads - 1) / (2 * threads);
+  const int64_t nb = std::max<int64_t>(1, std::min({rows, kRowBlock, std::max(kMinRowBlock, per_thread)}));
   // A converted W tile (bfloat16/float16 inputs) takes as much room as its scores.
   const int64_t per_latent = exact_dtype ? nb : std::max(nb, d);
   int64_t mt = std::max<int64_t>(64, kTileElems / per_latent / 64 * 64);
@@ -102,32 +125,51 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
   const bool exact = x.scalar_type() == acc;  // no conversion of W tiles needed
   auto values = at::empty({N, k}, x.options());
   auto indices = at::empty({N, k}, x.options().dtype(at::kLong));
-  const auto W = W_enc.contiguous();
+  const auto xc = x.contiguous(), W = W_enc.contiguous();
   const auto bias = b_enc.to(acc).contiguous();
+  const auto shift = b_dec ? b_dec->to(acc).contiguous() : at::Tensor();
   const auto [nb, mt] = topk_encode_tile_cpu(N, M, d, exact);
-  auto scores = at::empty({nb, mt}, x.options().dtype(acc));
+  const int64_t blocks = (N + nb - 1) / nb;
 
-  auto run = [&](auto score_tag) {
-    using A = decltype(score_tag);
+  dispatch_dtype(x.scalar_type(), "x", [&](auto tag) {
+    using T = decltype(tag);
+    using A = cpu::acc_t<T>;
     cpu::TopKSelector<A> selector(N, k);
-    for (int64_t n0 = 0; n0 < N; n0 += nb) {
-      const int64_t rows = std::min(nb, N - n0);
-      auto xb = x.narrow(0, n0, rows).to(acc);
-      if (b_dec) xb = xb - b_dec->to(acc);
-      for (int64_t m0 = 0; m0 < M; m0 += mt) {
-        const int64_t cols = std::min(mt, M - m0);
-        auto tile = scores.narrow(0, 0, rows).narrow(1, 0, cols);
-        at::mm_out(tile, xb, W.narrow(0, m0, cols).to(acc).t());
-        selector.consume(tile.data_ptr<A>(), mt, n0, rows, m0, cols, bias.data_ptr<A>() + m0);
+    const T* xp = ptr<T>(xc);
+    const T* wp = ptr<T>(W);
+    const A* bp = bias.data_ptr<A>();
+    const A* sp = shift.defined() ? shift.data_ptr<A>() : nullptr;
+    // Rows are copied (and centred) only when needed: float32/float64 without b_dec GEMM x in place.
+    const bool copy_rows = !exact || sp != nullptr;
+#pragma omp parallel
+    {
+      std::vector<A> scores(nb * mt), rows_buf(copy_rows ? nb * d : 0), w_buf(exact ? 0 : mt * d);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t n0 = blk * nb, rows = std::min(nb, N - n0);
+        const A* xb = reinterpret_cast<const A*>(xp + n0 * d);
+        if (copy_rows) {
+          for (int64_t r = 0; r < rows; ++r) {
+            const T* src = xp + (n0 + r) * d;
+            A* dst = rows_buf.data() + r * d;
+            for (int64_t c = 0; c < d; ++c) dst[c] = cpu::load<A>(src[c]) - (sp ? sp[c] : A(0));
+          }
+          xb = rows_buf.data();
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += mt) {
+          const int64_t cols = std::min(mt, M - m0);
+          const A* wb = reinterpret_cast<const A*>(wp + m0 * d);
+          if (!exact) {
+            for (int64_t i = 0; i < cols * d; ++i) w_buf[i] = cpu::load<A>(wp[m0 * d + i]);
+            wb = w_buf.data();
+          }
+          gemm_abt<A>(rows, cols, d, xb, wb, scores.data(), mt);
+          selector.consume(scores.data(), mt, n0, rows, m0, cols, bp + m0);
+        }
       }
     }
-    dispatch_dtype(x.scalar_type(), "x", [&](auto out_tag) {
-      using T = decltype(out_tag);
-      if constexpr (std::is_same_v<A, double> == std::is_same_v<T, double>)
-        selector.template finish<T>(ptr<T>(values), indices.data_ptr<int64_t>());
-    });
-  };
-  if (f64) run(double{}); else run(float{});
+    selector.template finish<T>(ptr<T>(values), indices.data_ptr<int64_t>());
+  });
   return {values, indices};
 }
 
