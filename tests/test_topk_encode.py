@@ -24,8 +24,7 @@ SHAPES = [  # N, d, M, k
     (37, 29, 101, 8),
     (130, 65, 1000, 32),
     (5, 16, 3000, 100),
-    # several row blocks (1024 rows) and latent tiles (512 latents at this N)
-    (1030, 8, 1100, 16),
+    (1030, 8, 4500, 16),  # several row blocks and latent tiles on the CPU path (test_tiling_is_exercised)
 ]
 
 
@@ -36,6 +35,26 @@ def test_matches_reference_float32(backend, N, d, M, k, with_b_dec):
     x, W, b, bd = make_inputs(N, d, M, b_dec=with_b_dec)
     with ssae_kernels.use_backend(backend):
         values, indices = ssae_kernels.topk_encode(x, W, b, k, b_dec=bd)
+    assert_valid_topk(values, indices, x, W, b, k, bd)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tiling_is_exercised(threads):
+    # The CPU encode works in row blocks x latent tiles; the big SHAPES entry must span several of
+    # each, at the thread counts tests run with, and agree with the reference there too.
+    from ssae_kernels import _C
+
+    N, d, M, k = SHAPES[-1]
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        rows, cols = _C.topk_encode_tile_cpu(N, M, d, True)
+        assert N > rows and M > cols and M % cols != 0
+        x, W, b, bd = make_inputs(N, d, M)
+        with ssae_kernels.use_backend("cpu"):
+            values, indices = ssae_kernels.topk_encode(x, W, b, k, b_dec=bd)
+    finally:
+        torch.set_num_threads(old)
     assert_valid_topk(values, indices, x, W, b, k, bd)
 
 
