@@ -30,7 +30,8 @@ DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "refere
 
 # The ops a backend supplies kernels for (composite ops such as tilted_loss are built on these).
 OPS = ("topk_encode", "sparse_decode", "sampled_dot", "latent_transpose", "sparse_transpose_matmul",
-       "tilted_group_stats", "row_sq_error", "sparse_decode_sq_error", "project_subspace", "project_subspace_")
+       "tilted_group_stats", "row_sq_error", "sparse_decode_sq_error", "project_subspace", "project_subspace_",
+       "sparse_decode_residual")
 
 
 class Backend:

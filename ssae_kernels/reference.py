@@ -121,6 +121,22 @@ def sparse_decode_sq_error(values, indices, W_dec, b_dec, x):
     return ((x_hat - x.to(acc)) ** 2).sum(1)
 
 
+def sparse_decode_residual(values, indices, W_dec, b_dec, x, scale):
+    """(residual [N, d], grad_values [N, k]), both of the dtype of values.
+
+    residual[n] = scale[n] * (x_hat[n] - x[n]) with x_hat the decode; grad_values[n, j] =
+    residual[n] . W_dec[indices[n, j]], dotted with the residual before it is rounded.
+    """
+    acc = accumulation_dtype(values.dtype)
+    rows = W_dec.to(acc)[indices]
+    x_hat = torch.einsum("nk,nkd->nd", values.to(acc), rows)
+    if b_dec is not None:
+        x_hat = x_hat + b_dec.to(acc)
+    residual = scale.to(acc)[:, None] * (x_hat - x.to(acc))
+    grad_values = torch.einsum("nd,nkd->nk", residual, rows)
+    return residual.to(values.dtype), grad_values.to(values.dtype)
+
+
 def project_subspace(G, U, complement=False):
     """U (U^T G), or G - U (U^T G) with complement, in the accumulation dtype. [d, n].
 

@@ -3,12 +3,14 @@ import math
 import mpmath
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ssae_kernels
 from ssae_kernels import reference
 from assertions import DTYPES, close
 
 BACKENDS = ("cpu",)
+ops = torch.ops.ssae
 TILTS = (-1e9, -10.0, -1.0, -1e-6, 1e-6, 1.0, 500.0, 1e9)
 
 
@@ -219,7 +221,105 @@ def test_sparse_decode_mse_forward_stores_no_reconstruction():
     assert largest < 64 * 48 * 4  # nothing of [N, d] size was allocated
 
 
+# ---- sparse_decode_residual: the backward primitive of sparse_decode_sq_error ------------------
+
+
+def make_residual_inputs(N, d, M, k, dtype, with_bias=True):
+    values, indices, W, b, x = make_decode_inputs(N, d, M, k, dtype, requires_grad=False)
+    scale = torch.rand(N, dtype=torch.float64).to(reference.accumulation_dtype(dtype)) * 3 - 1
+    return values, indices, W, b if with_bias else None, x, scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,d,M,k", [(1, 1, 1, 1), (37, 29, 101, 8), (9, 3, 4, 4), (5, 70, 13, 1), (3, 5, 6, 6)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_sparse_decode_residual_matches_reference(backend, dtype, N, d, M, k, with_bias):
+    args = make_residual_inputs(N, d, M, k, dtype, with_bias)
+    with ssae_kernels.use_backend(backend):
+        residual, grad_values = ops.sparse_decode_residual(*args)
+    ref_residual, ref_grad = reference.sparse_decode_residual(*args)
+    assert residual.shape == (N, d) and grad_values.shape == (N, k)
+    assert residual.dtype == grad_values.dtype == dtype
+    close(residual, ref_residual, scale=k)
+    close(grad_values, ref_grad, scale=k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_decode_residual_non_contiguous(backend):
+    v = torch.rand(13, 12)[:, ::2]
+    ix = torch.randint(0, 40, (6, 13)).T
+    W = torch.randn(40, 20)[:, 5:15]
+    b = torch.randn(20)[::2]
+    x = torch.randn(10, 13).T
+    scale = torch.tensor([2.0]).expand(13)  # as autograd passes the gradient of a sum
+    args = (v, ix, W, b, x, scale)
+    assert not any(t.is_contiguous() for t in args)
+    with ssae_kernels.use_backend(backend):
+        out = ops.sparse_decode_residual(*args)
+    for o, r in zip(out, reference.sparse_decode_residual(*args)):
+        close(o, r, scale=6)
+
+
+def _residual_args(**override):
+    values, indices, W, b, x, scale = make_residual_inputs(5, 4, 10, 3, torch.float32)
+    args = dict(values=values, indices=indices, W_dec=W, b_dec=b, x=x, scale=scale)
+    args.update(override)
+    return tuple(args.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("override,error,match", [
+    (dict(scale=torch.rand(5, dtype=torch.float64)), TypeError, "scale must be torch.float32"),
+    (dict(scale=torch.rand(4)), ValueError, "scale must have one entry per row"),
+    (dict(scale=torch.rand(5, 1)), ValueError, "scale must be 1-D"),
+    (dict(x=torch.randn(5, 3)), ValueError, "x must be"),
+    (dict(x=torch.randn(5, 4, dtype=torch.float64)), TypeError, "x has dtype"),
+    (dict(b_dec=torch.randn(3)), ValueError, r"b_dec.shape\[0\]"),
+    (dict(indices=torch.full((5, 3), 10)), IndexError, r"indices must lie in \[0, 10\)"),
+])
+def test_sparse_decode_residual_bad_input(backend, override, error, match):
+    with ssae_kernels.use_backend(backend), pytest.raises(error, match=match):
+        ops.sparse_decode_residual(*_residual_args(**override))
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_decode_mse_backward_gathers_once(backend):
+    values, indices, W, b, x = make_decode_inputs(20, 16, 30, 4, torch.float32)
+    with ssae_kernels.use_backend(backend):
+        value = ssae_kernels.sparse_decode_mse(values, indices, W, b, x, t=500.0)
+        with _OpLog() as log:
+            torch.autograd.grad(value, (values, W, b, x))
+    assert "ssae.sparse_decode_residual" in log.names
+    assert "ssae.sampled_dot" not in log.names and "ssae.sparse_decode" not in log.names, log.names
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("needed", [(False, True, False, False), (False, False, True, True), (True, False, False, False)])
+def test_sparse_decode_mse_partial_gradients(backend, needed):
+    values, indices, W, b, x = make_decode_inputs(15, 11, 20, 5, torch.float32, requires_grad=False)
+    inputs = [t.requires_grad_(n) for t, n in zip((values, W, b, x), needed)]
+    with ssae_kernels.use_backend(backend):
+        value = ssae_kernels.sparse_decode_mse(values, indices, W, b, x, t=500.0)
+    expected = reference.tilted_loss(reference.sparse_decode_sq_error(values, indices, W, b, x), 500.0)
+    wanted = [t for t in inputs if t.requires_grad]
+    for g, r in zip(torch.autograd.grad(value, wanted), torch.autograd.grad(expected, wanted)):
+        close(g, r, scale=2)
+
+
 @pytest.mark.parametrize("op,args", [
+    ("sparse_decode_residual", lambda: make_residual_inputs(6, 5, 9, 3, torch.float32)),
+    ("sparse_decode_residual", lambda: make_residual_inputs(4, 7, 5, 5, torch.float64, with_bias=False)),
     ("tilted_loss", lambda: (torch.rand(20, requires_grad=True), 2.0, torch.randint(0, 3, (20,)), 3, 1.0)),
     ("tilted_group_stats", lambda: (torch.rand(20), 2.0, None, 1)),
     ("row_sq_error", lambda: (torch.randn(6, 5, requires_grad=True), torch.randn(6, 5))),

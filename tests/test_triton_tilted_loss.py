@@ -1,4 +1,5 @@
-"""The Triton TERM kernels (tilted_group_stats, row_sq_error, sparse_decode_sq_error) against the reference.
+"""The Triton TERM kernels (tilted_group_stats, row_sq_error, sparse_decode_sq_error and its backward
+sparse_decode_residual) against the reference.
 
 CPU tensors run in the Triton interpreter (TRITON_INTERPRET=1, set by conftest), whose
 tiles are small (statistics chunks of 64 losses, group tiles of 4, gather tiles of 4
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="CPU tensors run Triton only with TRITON_INTERPRET=1")
 ops = torch.ops.ssae
 TILTS = (0.0, -1e9, -1.0, 1e-6, 1.0, 500.0, 1e9)
-TERM_OPS = ("tilted_group_stats", "row_sq_error", "sparse_decode_sq_error")
+TERM_OPS = ("tilted_group_stats", "row_sq_error", "sparse_decode_sq_error", "sparse_decode_residual")
 
 
 @pytest.fixture
@@ -145,6 +146,26 @@ def test_sparse_decode_sq_error(dtype, N, k, M, d, with_b_dec):
           scale=float(out.abs().max()))
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("N,k,M,d", [(1, 1, 1, 1), (5, 3, 7, 17), (4, 7, 7, 33), (3, 9, 20, 16), (2, 1, 5, 40)])
+@pytest.mark.parametrize("with_b_dec", (True, False))
+def test_sparse_decode_residual(dtype, N, k, M, d, with_b_dec):
+    # d = 33 and 40 span several column blocks (partial dots merged), k = 7 = M and 9 several slot chunks
+    values = torch.rand(N, k).to(dtype)
+    indices = torch.randint(0, M, (N, k))
+    W = (torch.randn(M, d) / d**0.5).to(dtype)
+    b = (torch.randn(d) * 0.1).to(dtype) if with_b_dec else None
+    x = torch.randn(N, d).to(dtype)
+    scale = torch.rand(N) * 4 - 2
+    with ssae_kernels.use_backend("triton"):
+        residual, grad_values = ops.sparse_decode_residual(values, indices, W, b, x, scale)
+    ref_residual, ref_grad = reference.sparse_decode_residual(values, indices, W, b, x, scale)
+    assert residual.dtype == grad_values.dtype == dtype
+    assert residual.shape == (N, d) and grad_values.shape == (N, k)
+    close(residual, ref_residual, scale=k)
+    close(grad_values, ref_grad, scale=k)
+
+
 def test_squared_error_bad_input():
     with ssae_kernels.use_backend("triton"):
         a = torch.randn(3, 4, dtype=torch.float64)
@@ -156,6 +177,13 @@ def test_squared_error_bad_input():
         with pytest.raises(IndexError, match="indices must lie in"):
             ops.sparse_decode_sq_error(torch.rand(3, 2), torch.full((3, 2), 5), torch.randn(5, 4), None,
                                        torch.randn(3, 4))
+        with pytest.raises(IndexError, match="indices must lie in"):
+            ops.sparse_decode_residual(torch.rand(3, 2), torch.full((3, 2), 5), torch.randn(5, 4), None,
+                                       torch.randn(3, 4), torch.ones(3))
+        with pytest.raises(TypeError, match="triton backend supports float32, bfloat16 and float16"):
+            ops.sparse_decode_residual(torch.rand(3, 2, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.int64),
+                                       torch.randn(5, 4, dtype=torch.float64), None, a,
+                                       torch.ones(3, dtype=torch.float64))
 
 
 # ---- the public ops, forward and backward, through the Triton backend ------------------------
@@ -221,7 +249,7 @@ def test_sparse_decode_mse_forward_backward(triton_calls, t, with_groups, t_grou
     with ssae_kernels.use_backend("triton"):
         value = ssae_kernels.sparse_decode_mse(values, indices, W, b, x, t=t, groups=groups, t_group=t_group)
         grads = torch.autograd.grad(value, inputs)
-    assert triton_calls["sparse_decode_sq_error"] >= 1
+    assert triton_calls["sparse_decode_sq_error"] >= 1 and triton_calls["sparse_decode_residual"] >= 1
     ref_inputs = [v.detach().double().requires_grad_(True) for v in inputs]
     rv, rW = ref_inputs[0], ref_inputs[1]
     rb = ref_inputs[2] if with_b_dec else None

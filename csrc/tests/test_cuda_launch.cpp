@@ -297,5 +297,29 @@ int main() {
     }
   }
 
+  // sparse_decode_residual: the launch of sparse_decode_sq_error, and the kernel's
+  // loop (thread t takes staged slots t, t + threads, ... of each round) finishes
+  // every slot j of a row in one thread, the same in every column tile.
+  for (int64_t d : {1, 768, 1025, 5000}) {
+    const Launch rl = decode_residual_launch(7, d), sl = decode_sq_error_launch(7, d);
+    CHECK(rl.blocks == sl.blocks && rl.threads == sl.threads && rl.tiles == sl.tiles);
+    for (int64_t k : {1, 32, 255, 256, 257, 1000}) {
+      ssae_test::context(ssae_test::str("residual dots d=", d, " k=", k));
+      std::vector<int> owner(size_t(k), -1), count(size_t(k), 0);
+      for (int64_t j0 = 0; j0 < k; j0 += kStageEntries) {
+        const int64_t nj = std::min<int64_t>(kStageEntries, k - j0);
+        for (int t = 0; t < rl.threads; ++t)
+          for (int64_t j = t; j < nj; j += rl.threads) {
+            ++count[size_t(j0 + j)];
+            owner[size_t(j0 + j)] = t;
+          }
+      }
+      bool ok = true;
+      for (int64_t j = 0; j < k; ++j) ok &= count[size_t(j)] == 1 && owner[size_t(j)] == residual_dot_thread(j, rl.threads);
+      CHECK(ok);
+    }
+  }
+  CHECK(kResidualSharedBytes <= 48 * 1024);
+
   return ssae_test::finish("test_cuda_launch");
 }

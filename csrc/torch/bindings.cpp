@@ -57,12 +57,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("tilted_group_stats_cuda", &ssae::tilted_group_stats_cuda);
   m.def("row_sq_error_cuda", &ssae::row_sq_error_cuda);
   m.def("sparse_decode_sq_error_cuda", &ssae::sparse_decode_sq_error_cuda);
+  m.def("sparse_decode_residual_cuda", &ssae::sparse_decode_residual_cuda);
   m.def("project_subspace_cuda", &ssae::project_subspace_cuda);
   m.def("project_subspace__cuda", &ssae::project_subspace__cuda);
 #endif
   m.def("tilted_group_stats_cpu", &ssae::tilted_group_stats_cpu);
   m.def("row_sq_error_cpu", &ssae::row_sq_error_cpu);
   m.def("sparse_decode_sq_error_cpu", &ssae::sparse_decode_sq_error_cpu);
+  m.def("sparse_decode_residual_cpu", &ssae::sparse_decode_residual_cpu);
   m.def("project_subspace_cpu", &ssae::project_subspace_cpu);
   m.def("project_subspace__cpu", &ssae::project_subspace__cpu);
 }

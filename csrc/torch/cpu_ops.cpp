@@ -233,6 +233,36 @@ at::Tensor sparse_decode_sq_error_cpu(const at::Tensor& values, const at::Tensor
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> sparse_decode_residual_cpu(const at::Tensor& values, const at::Tensor& indices,
+                                                              const at::Tensor& W_dec,
+                                                              const std::optional<at::Tensor>& b_dec,
+                                                              const at::Tensor& x, const at::Tensor& scale) {
+  check_decode_args(values, indices, W_dec, b_dec);
+  check_cpu(x, "x");
+  check_dim(x, 2, "x", "[N, d]");
+  const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1);
+  TORCH_CHECK(x.size(0) == N && x.size(1) == d, "x must be [N, d] = [", N, ", ", d, "], got shape ", x.sizes());
+  check_same_dtype(x, values, "x", "values");
+  check_cpu(scale, "scale");
+  check_dim(scale, 1, "scale", "[N]");
+  TORCH_CHECK(scale.size(0) == N, "scale must be [N] with N = ", N, ", got shape ", scale.sizes());
+  const auto acc = values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_TYPE(scale.scalar_type() == acc, "scale must be ", acc, " for values of dtype ", values.scalar_type(),
+                   ", got ", scale.scalar_type());
+  auto residual = at::empty({N, d}, values.options());
+  auto grad_values = at::empty({N, k}, values.options());
+  const auto v = values.contiguous(), ix = indices.contiguous(), W = W_dec.contiguous(), xc = x.contiguous();
+  const auto s = scale.contiguous();
+  const auto b = b_dec ? b_dec->contiguous() : at::Tensor();
+  dispatch_dtype(values.scalar_type(), "values", [&](auto tag) {
+    using T = decltype(tag);
+    cpu::sparse_decode_residual<T>(ptr<T>(v), ix.data_ptr<int64_t>(), ptr<T>(W), b.defined() ? ptr<T>(b) : nullptr,
+                                   ptr<T>(xc), ptr<cpu::acc_t<T>>(s), N, k, d, ptr<T>(residual),
+                                   ptr<T>(grad_values));
+  });
+  return {residual, grad_values};
+}
+
 at::Tensor row_sq_error_cpu(const at::Tensor& x_hat, const at::Tensor& x) {
   check_cpu(x_hat, "x_hat");
   check_cpu(x, "x");

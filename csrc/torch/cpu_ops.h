@@ -29,6 +29,12 @@ at::Tensor row_sq_error_cpu(const at::Tensor& x_hat, const at::Tensor& x);
 at::Tensor sparse_decode_sq_error_cpu(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
                                       const std::optional<at::Tensor>& b_dec, const at::Tensor& x);
 
+// (residual, grad_values): the backward of sparse_decode_sq_error in one pass (see kernels/cpu/sparse_decode.h).
+std::tuple<at::Tensor, at::Tensor> sparse_decode_residual_cpu(const at::Tensor& values, const at::Tensor& indices,
+                                                              const at::Tensor& W_dec,
+                                                              const std::optional<at::Tensor>& b_dec,
+                                                              const at::Tensor& x, const at::Tensor& scale);
+
 // Tile shape of the fused encode for a problem, exposed for tests and tuning.
 std::tuple<int64_t, int64_t> topk_encode_tile_cpu(int64_t rows, int64_t latents, int64_t d, bool exact_dtype);
 

@@ -357,6 +357,48 @@ at::Tensor sparse_decode_sq_error_cuda(const at::Tensor& values, const at::Tenso
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> sparse_decode_residual_cuda(const at::Tensor& values, const at::Tensor& indices,
+                                                               const at::Tensor& W_dec,
+                                                               const std::optional<at::Tensor>& b_dec,
+                                                               const at::Tensor& x, const at::Tensor& scale) {
+  check_cuda(values, "values");
+  check_same_device(W_dec, values, "W_dec", "values");
+  check_same_device(x, values, "x", "values");
+  check_same_device(scale, values, "scale", "values");
+  check_dim(values, 2, "values", "[N, k]");
+  check_dim(indices, 2, "indices", "[N, k]");
+  check_dim(W_dec, 2, "W_dec", "[M, d]");
+  check_dim(x, 2, "x", "[N, d]");
+  check_dim(scale, 1, "scale", "[N]");
+  TORCH_CHECK(indices.sizes() == values.sizes(), "indices must have the shape of values ", values.sizes(), ", got ",
+              indices.sizes());
+  check_same_dtype(W_dec, values, "W_dec", "values");
+  check_same_dtype(x, values, "x", "values");
+  check_indices(indices, values, "indices", "values");
+  const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1), M = W_dec.size(0);
+  TORCH_CHECK(x.size(0) == N && x.size(1) == d, "x must be [N, d] = [", N, ", ", d, "], got shape ", x.sizes());
+  TORCH_CHECK(scale.size(0) == N, "scale must be [N] with N = ", N, ", got shape ", scale.sizes());
+  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, "scale must be float32, got ", scale.scalar_type());
+  check_optional_bias(b_dec, d, values, "values");
+  dispatch_dtype(values.scalar_type(), "values", [](auto) {});
+
+  c10::cuda::CUDAGuard guard(values.device());
+  auto residual = at::empty({N, d}, values.options());
+  // float32 dots: the grad_values output itself for float32 values, else rounded once at the end
+  auto dots = at::empty({N, k}, values.options().dtype(at::kFloat));
+  const auto v = values.contiguous(), ix = indices.contiguous(), W = W_dec.contiguous(), xc = x.contiguous();
+  const auto sc = scale.contiguous();
+  const auto b = b_dec ? b_dec->contiguous() : at::Tensor();
+  dispatch_dtype(values.scalar_type(), "values", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    C10_CUDA_CHECK(cuda::sparse_decode_residual<T>(ptr<T>(v), ix.data_ptr<int64_t>(), ptr<T>(W),
+                                                   b.defined() ? ptr<T>(b) : nullptr, ptr<T>(xc), sc.data_ptr<float>(),
+                                                   N, k, d, M, ptr<T>(residual), dots.data_ptr<float>(),
+                                                   c10::cuda::getCurrentCUDAStream()));
+  });
+  return {residual, values.scalar_type() == at::kFloat ? dots : dots.to(values.scalar_type())};
+}
+
 // ---- project_subspace ----------------------------------------------------------------------------
 
 namespace {

@@ -28,6 +28,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tilted_group_stats_cuda(const at:
 at::Tensor row_sq_error_cuda(const at::Tensor& x_hat, const at::Tensor& x);
 at::Tensor sparse_decode_sq_error_cuda(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
                                        const std::optional<at::Tensor>& b_dec, const at::Tensor& x);
+std::tuple<at::Tensor, at::Tensor> sparse_decode_residual_cuda(const at::Tensor& values, const at::Tensor& indices,
+                                                               const at::Tensor& W_dec,
+                                                               const std::optional<at::Tensor>& b_dec,
+                                                               const at::Tensor& x, const at::Tensor& scale);
+
 // U (U^T G) or G - U (U^T G); the second form writes the result into G.
 at::Tensor project_subspace_cuda(const at::Tensor& G, const at::Tensor& U, bool complement);
 void project_subspace__cuda(const at::Tensor& G, const at::Tensor& U, bool complement);

@@ -25,6 +25,8 @@ SCHEMAS = {
     "tilted_group_stats": "(Tensor losses, float t, Tensor? groups, int num_groups) -> (Tensor anchor, Tensor log_mean, Tensor count)",
     "row_sq_error": "(Tensor x_hat, Tensor x) -> Tensor",
     "sparse_decode_sq_error": "(Tensor values, Tensor indices, Tensor W_dec, Tensor? b_dec, Tensor x) -> Tensor",
+    "sparse_decode_residual": "(Tensor values, Tensor indices, Tensor W_dec, Tensor? b_dec, Tensor x, Tensor scale) "
+                              "-> (Tensor residual, Tensor grad_values)",
     # subspace projection (see ops/project_subspace.py); the second form overwrites G
     "project_subspace": "(Tensor G, Tensor U, bool complement=False) -> Tensor",
     "project_subspace_": "(Tensor(a!) G, Tensor U, bool complement=False) -> ()",

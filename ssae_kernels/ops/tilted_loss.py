@@ -221,20 +221,42 @@ def _backward_decode_sq_error(ctx, grad):
 
     values, indices, W_dec, b_dec, x = ctx.saved_tensors
     need_values, _, need_W, need_b, need_x = ctx.needs_input_grad
-    # d error_n / d x_hat_n = 2 (x_hat_n - x_n): the residual is recomputed here.
-    residual = torch.ops.ssae.sparse_decode(values, indices, W_dec, b_dec) - x
-    grad_x_hat = (2 * grad[:, None].to(residual.dtype) * residual)
-    grad_values = torch.ops.ssae.sampled_dot(grad_x_hat, indices, W_dec) if need_values else None
+    # d error_n / d x_hat_n = 2 (x_hat_n - x_n): one pass over each row's W_dec rows
+    # re-decodes it and dots the scaled residual with the same (cached) rows.
+    residual, grad_values = torch.ops.ssae.sparse_decode_residual(values, indices, W_dec, b_dec, x, 2 * grad)
     grad_W = None
     if need_W:
         offsets, order = latent_index(indices, W_dec.shape[0])
-        grad_W = torch.ops.ssae.sparse_transpose_matmul(values, grad_x_hat, offsets, order)[0]
-    grad_b = grad_x_hat.sum(0) if need_b else None
-    return grad_values, None, grad_W, grad_b, -grad_x_hat if need_x else None
+        grad_W = torch.ops.ssae.sparse_transpose_matmul(values, residual, offsets, order)[0]
+    grad_b = residual.sum(0) if need_b else None
+    return grad_values if need_values else None, None, grad_W, grad_b, -residual if need_x else None
 
 
 torch.library.register_autograd("ssae::sparse_decode_sq_error", _backward_decode_sq_error,
                                 setup_context=_setup_decode_sq_error)
+
+
+def _check_sparse_decode_residual(values, indices, W_dec, b_dec, x, scale):
+    _check_sparse_decode_sq_error(values, indices, W_dec, b_dec, x)
+    checks.tensor(scale, "scale", 1, "[N]")
+    acc = accumulation_dtype(values.dtype)
+    torch._check_type(scale.dtype == acc,
+                      lambda: f"scale must be {acc} (the accumulation dtype of values {values.dtype}), got {scale.dtype}")
+    torch._check_value(scale.device == values.device,
+                       lambda: f"scale is on {scale.device} but values is on {values.device}")
+    checks.same_size(scale.shape[0], values.shape[0], "scale must have one entry per row of values")
+
+
+# The backward primitive of sparse_decode_sq_error: (residual, grad_values) with
+# residual[n] = scale[n] (x_hat[n] - x[n]) and grad_values[n, j] = residual[n] . W_dec[indices[n, j]],
+# both from one gather of each row's k W_dec rows (the unrounded residual is dotted).
+register_routed_kernel("sparse_decode_residual", _check_sparse_decode_residual)
+
+
+@torch.library.register_fake("ssae::sparse_decode_residual")
+def _(values, indices, W_dec, b_dec, x, scale):
+    _check_sparse_decode_residual(values, indices, W_dec, b_dec, x, scale)
+    return values.new_empty(values.shape[0], W_dec.shape[1]), values.new_empty(values.shape)
 
 
 # ---- streaming TERM -------------------------------------------------------------------

@@ -26,4 +26,5 @@ KERNELS: dict = {
     "tilted_group_stats": _tilted.tilted_group_stats,
     "row_sq_error": _tilted.row_sq_error,
     "sparse_decode_sq_error": _tilted.sparse_decode_sq_error,
+    "sparse_decode_residual": _tilted.sparse_decode_residual,
 }

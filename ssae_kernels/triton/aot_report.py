@@ -216,6 +216,14 @@ def _tilted_specs():
             dict(v_ptr=f"*{dtype}", idx_ptr="*i64", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", x_ptr=f"*{dtype}",
                  out_ptr="*fp32", K="i32", M="i32", D="i32"),
             dict(HAS_BIAS=True, BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"]), cfg["num_warps"], aligned=("D",)))
+        cfg = m.DECODE_RESIDUAL_CONFIG
+        specs.append(Spec(
+            "tilted_loss._decode_residual_kernel", m._decode_residual_kernel,
+            f"{dtype} BLOCK_J={cfg['BLOCK_J']} BLOCK_D={cfg['BLOCK_D']} w={cfg['num_warps']}",
+            dict(v_ptr=f"*{dtype}", idx_ptr="*i64", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", x_ptr=f"*{dtype}",
+                 scale_ptr="*fp32", res_ptr=f"*{dtype}", dot_ptr="*fp32", K="i32", M="i32", D="i32"),
+            dict(HAS_BIAS=True, BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"], ROUND_BF16=False), cfg["num_warps"],
+            aligned=("D",)))
     return specs
 
 

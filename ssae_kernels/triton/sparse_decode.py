@@ -23,12 +23,12 @@ def decode_config(device: torch.device) -> dict:
 
 
 @triton.jit
-def _decode_kernel(v_ptr, idx_ptr, w_ptr, b_ptr, out_ptr, K, M, D,
-                   HAS_BIAS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
-                   ROUND_BF16: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = ds < D
+def decode_tile(v_ptr, idx_ptr, w_ptr, n, K, M, D, ds, d_ok, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """sum_j values[n, j] * W[indices[n, j], ds] in float32, in slot order (no bias).
+
+    Row n's decode of one column block, shared by every decode kernel (sparse_decode and
+    the fused TERM kernels in tilted_loss.py). Out-of-range indices add nothing.
+    """
     acc = tl.zeros([BLOCK_D], tl.float32)
     for j0 in range(0, K, BLOCK_J):
         js = j0 + tl.arange(0, BLOCK_J)
@@ -38,6 +38,17 @@ def _decode_kernel(v_ptr, idx_ptr, w_ptr, b_ptr, out_ptr, K, M, D,
         v = tl.load(v_ptr + n * K + js, mask=ok, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + idx[:, None] * D + ds[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
         acc += tl.sum(v[:, None] * w.to(tl.float32), axis=0)
+    return acc
+
+
+@triton.jit
+def _decode_kernel(v_ptr, idx_ptr, w_ptr, b_ptr, out_ptr, K, M, D,
+                   HAS_BIAS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+                   ROUND_BF16: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = ds < D
+    acc = decode_tile(v_ptr, idx_ptr, w_ptr, n, K, M, D, ds, d_ok, BLOCK_J, BLOCK_D)
     if HAS_BIAS:
         acc += tl.load(b_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)
     if ROUND_BF16:

@@ -11,6 +11,8 @@ losses (work O(N x G / BLOCK_G)), fine for the few groups hierarchical TERM uses
 
 row_sq_error / sparse_decode_sq_error: one program per row; the decode happens in
 registers column block by column block and only the float32 squared error is stored.
+sparse_decode_residual (their backward) decodes the same way and reuses each tile of
+W_dec rows for the gather-dot right after (decode_tile is shared with sparse_decode.py).
 
 The interpreter has no libdevice, so expm1 and log1p are written with exp and log
 (Kahan's formulas, a few ulps in float64).
@@ -23,7 +25,8 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, check_dtype, check_index_range, interpreting, multiprocessor_count
-from ._common import next_power_of_2
+from ._common import next_power_of_2, rne_bf16, round_bf16_in_kernel
+from .sparse_decode import decode_tile
 
 # GPU: a [BLOCK, BLOCK_G] float64 tile of 2048 entries over 8 warps (8 per thread);
 # aot_report: 32-125 registers on sm_80/sm_90, no spills, at every BLOCK_G up to 32
@@ -36,10 +39,13 @@ MERGE_CONFIG = dict(BLOCK_G=128, num_warps=4)
 MAX_PARTIALS = 1 << 22
 ROW_CONFIG = dict(BLOCK_D=512, num_warps=4)
 DECODE_SQ_CONFIG = dict(BLOCK_J=16, BLOCK_D=256, num_warps=4)
+# aot_report: 48-64 registers on sm_80/sm_90, no spills (the decode tile's config).
+DECODE_RESIDUAL_CONFIG = dict(BLOCK_J=16, BLOCK_D=256, num_warps=4)
 # The interpreter: small tiles so small tests cross every mask and merge.
 INTERPRET_STATS = dict(TILE=64, MAX_BLOCK_G=4, BLOCK_G_MERGE=4)
 INTERPRET_ROW_CONFIG = dict(BLOCK_D=16, num_warps=4)
 INTERPRET_DECODE_SQ_CONFIG = dict(BLOCK_J=4, BLOCK_D=16, num_warps=4)
+INTERPRET_DECODE_RESIDUAL_CONFIG = dict(BLOCK_J=4, BLOCK_D=16, num_warps=4)
 
 
 def _gpu(device) -> bool:
@@ -232,15 +238,7 @@ def _decode_sq_error_kernel(v_ptr, idx_ptr, w_ptr, b_ptr, x_ptr, out_ptr, K, M, 
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < D
         # the row's decode of this column block, in registers (float32, slot order)
-        acc = tl.zeros([BLOCK_D], tl.float32)
-        for j0 in range(0, K, BLOCK_J):
-            js = j0 + tl.arange(0, BLOCK_J)
-            j_ok = js < K
-            idx = tl.load(idx_ptr + n * K + js, mask=j_ok, other=0)
-            ok = j_ok & (idx >= 0) & (idx < M)  # out-of-range entries read nothing
-            v = tl.load(v_ptr + n * K + js, mask=ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + idx[:, None] * D + ds[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-            acc += tl.sum(v[:, None] * w.to(tl.float32), axis=0)
+        acc = decode_tile(v_ptr, idx_ptr, w_ptr, n, K, M, D, ds, d_ok, BLOCK_J, BLOCK_D)
         if HAS_BIAS:
             acc += tl.load(b_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)
         diff = acc - tl.load(x_ptr + n * D + ds, mask=d_ok, other=0.0).to(tl.float32)
@@ -265,3 +263,59 @@ def sparse_decode_sq_error(values, indices, W_dec, b_dec, x):
     bias = b_dec.contiguous() if b_dec is not None else values
     _decode_sq_error_kernel[(N,)](values, indices, W_dec, bias, x, out, k, M, d, HAS_BIAS=b_dec is not None, **cfg)
     return out
+
+
+@triton.jit
+def _decode_residual_kernel(v_ptr, idx_ptr, w_ptr, b_ptr, x_ptr, scale_ptr, res_ptr, dot_ptr, K, M, D,
+                            HAS_BIAS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+                            ROUND_BF16: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    scale = tl.load(scale_ptr + n)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_ok = ds < D
+        acc = decode_tile(v_ptr, idx_ptr, w_ptr, n, K, M, D, ds, d_ok, BLOCK_J, BLOCK_D)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)
+        res = tl.where(d_ok, scale * (acc - tl.load(x_ptr + n * D + ds, mask=d_ok, other=0.0).to(tl.float32)), 0.0)
+        stored = rne_bf16(res) if ROUND_BF16 else res
+        tl.store(res_ptr + n * D + ds, stored.to(res_ptr.dtype.element_ty), mask=d_ok)
+        # The same [BLOCK_J, BLOCK_D] tiles of W again, just read by decode_tile (cache
+        # hits): this block's share of residual . W[indices[n, j]], with the float32 residual.
+        for j0 in range(0, K, BLOCK_J):
+            js = j0 + tl.arange(0, BLOCK_J)
+            j_ok = js < K
+            idx = tl.load(idx_ptr + n * K + js, mask=j_ok, other=0)
+            ok = j_ok & (idx >= 0) & (idx < M)
+            w = tl.load(w_ptr + idx[:, None] * D + ds[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+            part = tl.sum(w.to(tl.float32) * res[None, :], axis=1)
+            # partial sums of earlier column blocks, in block order (deterministic)
+            part += tl.load(dot_ptr + n * K + js, mask=j_ok & (d0 > 0), other=0.0)
+            tl.store(dot_ptr + n * K + js, part, mask=j_ok)
+        tl.debug_barrier()  # this block's stores of dot_ptr are visible to every thread of the next
+
+
+def sparse_decode_residual(values, indices, W_dec, b_dec, x, scale):
+    """Launcher with the schema's signature: (residual [N, d], grad_values [N, k]), dtype of values.
+
+    One program per row walks its column blocks: decode, residual = scale * (x_hat - x),
+    then its dots with the row's W_dec tiles (still in cache), accumulated in a float32
+    [N, k] buffer (the output itself for float32 values).
+    """
+    for t, name in ((values, "values"), (W_dec, "W_dec"), (b_dec, "b_dec"), (x, "x")):
+        if t is not None:
+            check_dtype(t, name)
+            check_device(t, name)
+    M, d = W_dec.shape
+    check_index_range(indices, M, "indices")
+    N, k = values.shape
+    residual = torch.empty(N, d, dtype=values.dtype, device=values.device)
+    if N == 0 or d == 0:
+        return residual, torch.zeros(N, k, dtype=values.dtype, device=values.device)
+    dots = torch.empty(N, k, dtype=torch.float32, device=values.device)
+    cfg = DECODE_RESIDUAL_CONFIG if _gpu(values.device) else INTERPRET_DECODE_RESIDUAL_CONFIG
+    values, indices, W_dec, x = values.contiguous(), indices.contiguous(), W_dec.contiguous(), x.contiguous()
+    bias = b_dec.contiguous() if b_dec is not None else values
+    _decode_residual_kernel[(N,)](values, indices, W_dec, bias, x, scale.contiguous(), residual, dots, k, M, d,
+                                  HAS_BIAS=b_dec is not None, ROUND_BF16=round_bf16_in_kernel(values.dtype), **cfg)
+    return residual, dots if values.dtype == torch.float32 else dots.to(values.dtype)

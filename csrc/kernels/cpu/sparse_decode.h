@@ -19,6 +19,15 @@ template <typename T>
 void sparse_decode_sq_error(const T* values, const int64_t* indices, const T* W, const T* bias,
                             const T* x, int64_t rows, int64_t k, int64_t d, acc_t<T>* out);
 
+// The backward of sparse_decode_sq_error in one pass over each row's k W rows:
+// residual[n] = scale[n] * (x_hat[n] - x[n]) ([rows, d]) and grad_values[n, j] =
+// residual[n] . W[indices[n, j]] ([rows, k]), dotted with the unrounded acc_t<T>
+// residual. scale is [rows]; bias may be null.
+template <typename T>
+void sparse_decode_residual(const T* values, const int64_t* indices, const T* W, const T* bias, const T* x,
+                            const acc_t<T>* scale, int64_t rows, int64_t k, int64_t d, T* residual,
+                            T* grad_values);
+
 // First position p with indices[p] outside [0, num_latents), or -1 if all are valid.
 int64_t find_invalid_index(const int64_t* indices, int64_t count, int64_t num_latents);
 

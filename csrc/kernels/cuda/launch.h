@@ -259,6 +259,14 @@ inline Launch decode_sq_error_launch(int64_t rows, int64_t d) {
   l.blocks = rows;
   return l;
 }
+// sparse_decode_residual: the same one block per row over its column tiles. The
+// dot of slot j is finished in every tile by thread residual_dot_thread(j, threads),
+// so a row's per-tile partial sums pass through one thread, in tile order.
+inline Launch decode_residual_launch(int64_t rows, int64_t d) { return decode_sq_error_launch(rows, d); }
+SSAE_HD int residual_dot_thread(int64_t j, int threads) { return int(j % kStageEntries) % threads; }
+// Its static shared memory: the staged entries and one partial dot per (warp, staged slot).
+constexpr int64_t kResidualSharedBytes = kStageEntries * (4 + 8) + (kMaxRowThreads / 32) * kStageEntries * 4;
+static_assert(kResidualSharedBytes <= 48 * 1024, "static shared memory is limited to 48 KiB per block");
 
 // Whether a problem fits these launch shapes (the bindings check this first).
 inline bool grid_fits(const Launch& l) { return l.blocks >= 1 && l.blocks <= kMaxGrid; }

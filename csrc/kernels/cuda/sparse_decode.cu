@@ -1,19 +1,19 @@
 #include "device.cuh"
 #include "launch.h"
+#include "row_decode.cuh"
 #include "sparse_decode.cuh"
 
 namespace ssae::cuda {
 namespace {
 
-// One block per (row, column tile); the row's (index, value) pairs are staged
-// in shared memory, then every thread adds the selected W rows into its
-// kColsPerThread columns (coalesced loads: consecutive threads, consecutive columns).
+// One block per (row, column tile): decode_tile (row_decode.cuh) stages the row's
+// (index, value) pairs in shared memory and every thread adds the selected W rows
+// into its kColsPerThread columns.
 template <typename T>
 __global__ void __launch_bounds__(kMaxRowThreads)
     decode_kernel(const T* values, const int64_t* indices, const T* W, const T* bias, int64_t k, int64_t d,
                   int64_t num_latents, int64_t tiles, T* out) {
-  __shared__ float stage_w[kStageEntries];
-  __shared__ int64_t stage_row[kStageEntries];
+  __shared__ DecodeStage stage;
   const int t = int(threadIdx.x), nt = int(blockDim.x);
   const int64_t n = tile_row(blockIdx.x, tiles);
   const int64_t first = tile_first_column(blockIdx.x, tiles, nt);
@@ -24,27 +24,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     const int64_t c = tile_column(first, i, t, nt);
     acc[i] = (bias != nullptr && c < d) ? to_float(bias[c]) : 0.0f;
   }
-  for (int64_t j0 = 0; j0 < k; j0 += kStageEntries) {
-    const int64_t nj = k - j0 < kStageEntries ? k - j0 : kStageEntries;
-    __syncthreads();  // the previous round's readers are done with the stage
-    for (int64_t j = t; j < nj; j += nt) {
-      const int64_t idx = indices[n * k + j0 + j];
-      const bool ok = idx >= 0 && idx < num_latents;
-      stage_row[j] = ok ? idx : 0;
-      stage_w[j] = ok ? to_float(values[n * k + j0 + j]) : quiet_nan();
-    }
-    __syncthreads();
-#pragma unroll 4
-    for (int64_t j = 0; j < nj; ++j) {
-      const float w = stage_w[j];
-      const T* row = W + stage_row[j] * d;
-#pragma unroll
-      for (int i = 0; i < kColsPerThread; ++i) {
-        const int64_t c = tile_column(first, i, t, nt);
-        if (c < d) acc[i] += w * to_float(row[c]);
-      }
-    }
-  }
+  decode_tile(values, indices, W, n, k, d, num_latents, first, stage, acc);
 #pragma unroll
   for (int i = 0; i < kColsPerThread; ++i) {
     const int64_t c = tile_column(first, i, t, nt);

@@ -1,5 +1,6 @@
 #include "device.cuh"
 #include "launch.h"
+#include "row_decode.cuh"
 #include "tilt_state.h"
 #include "tilted_loss.cuh"
 
@@ -104,14 +105,13 @@ __global__ void __launch_bounds__(32 * kSqRowsPerBlock)
   if (lane == 0) out[row] = s;
 }
 
-// One block per row: sparse_decode's column tiles (see sparse_decode.cu), each
-// thread squaring its columns' errors, then a block reduction in a fixed order.
+// One block per row: sparse_decode's column tiles (decode_tile, row_decode.cuh),
+// each thread squaring its columns' errors, then a block reduction in a fixed order.
 template <typename T>
 __global__ void __launch_bounds__(kMaxRowThreads)
     decode_sq_error_kernel(const T* values, const int64_t* indices, const T* W, const T* bias, const T* x, int64_t k,
                            int64_t d, int64_t num_latents, int64_t tiles, float* out) {
-  __shared__ float stage_w[kStageEntries];
-  __shared__ int64_t stage_row[kStageEntries];
+  __shared__ DecodeStage stage;
   __shared__ float warp_part[kMaxRowThreads / 32];
   const int t = int(threadIdx.x), nt = int(blockDim.x);
   const int64_t n = blockIdx.x;
@@ -124,27 +124,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
       const int64_t c = tile_column(first, i, t, nt);
       acc[i] = c < d ? (bias != nullptr ? to_float(bias[c]) : 0.0f) - to_float(x[n * d + c]) : 0.0f;
     }
-    for (int64_t j0 = 0; j0 < k; j0 += kStageEntries) {
-      const int64_t nj = k - j0 < kStageEntries ? k - j0 : kStageEntries;
-      __syncthreads();  // the previous round's readers are done with the stage
-      for (int64_t j = t; j < nj; j += nt) {
-        const int64_t idx = indices[n * k + j0 + j];
-        const bool ok = idx >= 0 && idx < num_latents;
-        stage_row[j] = ok ? idx : 0;
-        stage_w[j] = ok ? to_float(values[n * k + j0 + j]) : quiet_nan();
-      }
-      __syncthreads();
-#pragma unroll 4
-      for (int64_t j = 0; j < nj; ++j) {
-        const float w = stage_w[j];
-        const T* row = W + stage_row[j] * d;
-#pragma unroll
-        for (int i = 0; i < kColsPerThread; ++i) {
-          const int64_t c = tile_column(first, i, t, nt);
-          if (c < d) acc[i] += w * to_float(row[c]);
-        }
-      }
-    }
+    decode_tile(values, indices, W, n, k, d, num_latents, first, stage, acc);
 #pragma unroll
     for (int i = 0; i < kColsPerThread; ++i) sq += acc[i] * acc[i];
   }
@@ -155,6 +135,62 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     float total = 0.0f;
     for (int w = 0; w < nt / 32; ++w) total += warp_part[w];
     out[n] = total;
+  }
+}
+
+// The backward of decode_sq_error_kernel, one block per row over its column
+// tiles: the residual scale[n] (x_hat - x) of the tile in registers (stored as T),
+// then its dot with each staged W row, read again right after decode_tile read it
+// (L1/L2 hits). Per slot j: warp sums, then the warps' sums in a fixed order by the
+// thread that owns j in every tile (j % kStageEntries == t mod threads), which adds
+// the tile's share to dots[n, j]: no atomics, the same result on every run.
+template <typename T>
+__global__ void __launch_bounds__(kMaxRowThreads)
+    decode_residual_kernel(const T* values, const int64_t* indices, const T* W, const T* bias, const T* x,
+                           const float* scale, int64_t k, int64_t d, int64_t num_latents, int64_t tiles, T* residual,
+                           float* dots) {
+  __shared__ DecodeStage stage;
+  __shared__ float warp_dot[kMaxRowThreads / 32][kStageEntries];
+  const int t = int(threadIdx.x), nt = int(blockDim.x), warp = t / 32, lane = t & 31;
+  const int64_t n = blockIdx.x;
+  const float s = scale[n];
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t first = tile_first_column(tile, tiles, nt);
+    float acc[kColsPerThread];
+#pragma unroll
+    for (int i = 0; i < kColsPerThread; ++i) {
+      const int64_t c = tile_column(first, i, t, nt);
+      acc[i] = c < d ? (bias != nullptr ? to_float(bias[c]) : 0.0f) - to_float(x[n * d + c]) : 0.0f;
+    }
+    decode_tile(values, indices, W, n, k, d, num_latents, first, stage, acc);
+#pragma unroll
+    for (int i = 0; i < kColsPerThread; ++i) {
+      const int64_t c = tile_column(first, i, t, nt);
+      acc[i] = c < d ? s * acc[i] : 0.0f;
+      if (c < d) residual[n * d + c] = from_float<T>(acc[i]);
+    }
+    for (int64_t j0 = 0; j0 < k; j0 += kStageEntries) {
+      // (its leading barrier also keeps warp_dot until the previous round has read it)
+      const int64_t nj = stage_entries(stage, values, indices, n, k, j0, num_latents);
+      for (int64_t j = 0; j < nj; ++j) {
+        const T* row = W + stage.row[j] * d;
+        float p = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kColsPerThread; ++i) {
+          const int64_t c = tile_column(first, i, t, nt);
+          if (c < d) p += acc[i] * to_float(row[c]);
+        }
+        p = warp_sum(p);
+        if (lane == 0) warp_dot[warp][j] = p;
+      }
+      __syncthreads();
+      for (int64_t j = t; j < nj; j += nt) {
+        float total = 0.0f;
+        for (int w = 0; w < nt / 32; ++w) total += warp_dot[w][j];
+        float* out = dots + n * k + j0 + j;
+        *out = tile == 0 ? total : *out + total;
+      }
+    }
   }
 }
 
@@ -211,12 +247,26 @@ cudaError_t sparse_decode_sq_error(const T* values, const int64_t* indices, cons
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t sparse_decode_residual(const T* values, const int64_t* indices, const T* W, const T* bias, const T* x,
+                                   const float* scale, int64_t rows, int64_t k, int64_t d, int64_t num_latents,
+                                   T* residual, float* dots, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  const Launch l = decode_residual_launch(rows, d);
+  if (!grid_fits(l) || k < 0 || d < 0) return cudaErrorInvalidValue;
+  decode_residual_kernel<T><<<unsigned(l.blocks), l.threads, 0, stream>>>(values, indices, W, bias, x, scale, k, d,
+                                                                           num_latents, l.tiles, residual, dots);
+  return cudaGetLastError();
+}
+
 #define SSAE_INSTANTIATE(T)                                                                                        \
   template cudaError_t tilted_group_stats<T>(const T*, int64_t, double, const int64_t*, int64_t, double*, double*, \
                                              int64_t*, void*, size_t, cudaStream_t);                               \
   template cudaError_t row_sq_error<T>(const T*, const T*, int64_t, int64_t, float*, cudaStream_t);                \
   template cudaError_t sparse_decode_sq_error<T>(const T*, const int64_t*, const T*, const T*, const T*, int64_t,  \
-                                                 int64_t, int64_t, int64_t, float*, cudaStream_t);
+                                                 int64_t, int64_t, int64_t, float*, cudaStream_t);                 \
+  template cudaError_t sparse_decode_residual<T>(const T*, const int64_t*, const T*, const T*, const T*, const float*, \
+                                                 int64_t, int64_t, int64_t, int64_t, T*, float*, cudaStream_t);
 SSAE_INSTANTIATE(float)
 SSAE_INSTANTIATE(__nv_bfloat16)
 SSAE_INSTANTIATE(__half)

@@ -36,4 +36,13 @@ cudaError_t sparse_decode_sq_error(const T* values, const int64_t* indices, cons
                                    int64_t rows, int64_t k, int64_t d, int64_t num_latents, float* out,
                                    cudaStream_t stream);
 
+// The backward of sparse_decode_sq_error in one pass over each row's W rows:
+// residual[n, c] = scale[n] (x_hat[n, c] - x[n, c]) stored as T, and dots[n, j] =
+// sum_c residual[n, c] W[indices[n, j], c] in float32 with the unrounded residual.
+// A row with an index outside [0, num_latents) gets NaN (never dereferenced).
+template <typename T>
+cudaError_t sparse_decode_residual(const T* values, const int64_t* indices, const T* W, const T* bias, const T* x,
+                                   const float* scale, int64_t rows, int64_t k, int64_t d, int64_t num_latents,
+                                   T* residual, float* dots, cudaStream_t stream);
+
 }  // namespace ssae::cuda
