@@ -1,12 +1,12 @@
 #include "cpu_ops.h"
 
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 
 #include <algorithm>
 #include <climits>
 
+#include "arg_checks.h"
 #include "../kernels/cpu/project_subspace.h"
 #include "../kernels/cpu/sparse_backward.h"
 #include "../kernels/cpu/sparse_decode.h"
@@ -35,25 +35,21 @@ void dispatch_dtype(at::ScalarType dtype, const char* arg, F&& f) {
 template <typename T>
 T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
-void check_cpu(const at::Tensor& t, const char* arg) {
-  TORCH_CHECK(t.device().is_cpu(), arg, " must be a CPU tensor, got device ", t.device());
-}
+constexpr auto kCPU = c10::DeviceType::CPU;
 
-void check_dim(const at::Tensor& t, int64_t dim, const char* arg, const char* shape) {
-  TORCH_CHECK(t.dim() == dim, arg, " must be ", dim, "-D ", shape, ", got shape ", t.sizes());
-}
+void check_cpu(const at::Tensor& t, const char* arg) { checks::on_device(t, kCPU, arg); }
 
-void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* arg, const char* ref_arg) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), arg, " has dtype ", t.scalar_type(), " but ",
-                   ref_arg, " has dtype ", ref.scalar_type());
+// Index ranges are checked on the CPU path (a scan of N*k values, no sync to pay).
+void check_index_range(const at::Tensor& indices, int64_t num_latents, const char* arg) {
+  const int64_t bad = cpu::find_invalid_index(indices.data_ptr<int64_t>(), indices.numel(), num_latents);
+  TORCH_CHECK_INDEX(bad < 0, arg, " must lie in [0, ", num_latents, "), got ",
+                    bad < 0 ? 0 : indices.data_ptr<int64_t>()[bad], " at flat position ", bad);
 }
 
 void check_indices(const at::Tensor& indices, int64_t num_latents, const char* arg) {
   check_cpu(indices, arg);
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, arg, " must be int64, got ", indices.scalar_type());
-  const int64_t bad = cpu::find_invalid_index(indices.data_ptr<int64_t>(), indices.numel(), num_latents);
-  TORCH_CHECK_INDEX(bad < 0, arg, " must lie in [0, ", num_latents, "), got ",
-                    bad < 0 ? 0 : indices.data_ptr<int64_t>()[bad], " at flat position ", bad);
+  check_index_range(indices, num_latents, arg);
 }
 
 // Work split of the fused encode. One OpenMP region per call: each thread takes
@@ -99,26 +95,10 @@ std::tuple<int64_t, int64_t> topk_encode_tile_cpu(int64_t rows, int64_t latents,
 std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
                                                    const at::Tensor& b_enc, int64_t k,
                                                    const std::optional<at::Tensor>& b_dec) {
-  check_cpu(x, "x");
-  check_cpu(W_enc, "W_enc");
-  check_cpu(b_enc, "b_enc");
-  check_dim(x, 2, "x", "[N, d]");
-  check_dim(W_enc, 2, "W_enc", "[M, d]");
-  check_dim(b_enc, 1, "b_enc", "[M]");
+  checks::encode_args(x, W_enc, b_enc, k, b_dec, kCPU);
   const int64_t N = x.size(0), d = x.size(1), M = W_enc.size(0);
-  TORCH_CHECK(N > 0, "x must have at least one row, got shape ", x.sizes());
-  TORCH_CHECK(W_enc.size(1) == d, "W_enc must be [M, d] with d = x.size(1) = ", d, ", got shape ", W_enc.sizes());
-  TORCH_CHECK(b_enc.size(0) == M, "b_enc must be [M] with M = W_enc.size(0) = ", M, ", got shape ", b_enc.sizes());
+  // Latents are stored as int32 in the selection state.
   TORCH_CHECK(M < INT32_MAX, "W_enc has ", M, " latents; at most 2^31 - 2 are supported");
-  TORCH_CHECK(k >= 1 && k <= M, "k must be in [1, M = ", M, "], got ", k);
-  check_same_dtype(W_enc, x, "W_enc", "x");
-  check_same_dtype(b_enc, x, "b_enc", "x");
-  if (b_dec) {
-    check_cpu(*b_dec, "b_dec");
-    check_dim(*b_dec, 1, "b_dec", "[d]");
-    TORCH_CHECK(b_dec->size(0) == d, "b_dec must be [d] with d = ", d, ", got shape ", b_dec->sizes());
-    check_same_dtype(*b_dec, x, "b_dec", "x");
-  }
 
   const bool f64 = x.scalar_type() == at::kDouble;
   const auto acc = f64 ? at::kDouble : at::kFloat;
@@ -177,22 +157,8 @@ namespace {
 
 void check_decode_args(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
                        const std::optional<at::Tensor>& b_dec) {
-  check_cpu(values, "values");
-  check_cpu(W_dec, "W_dec");
-  check_dim(values, 2, "values", "[N, k]");
-  check_dim(indices, 2, "indices", "[N, k]");
-  check_dim(W_dec, 2, "W_dec", "[M, d]");
-  TORCH_CHECK(indices.sizes() == values.sizes(), "indices must have the shape of values ", values.sizes(),
-              ", got ", indices.sizes());
-  check_same_dtype(W_dec, values, "W_dec", "values");
-  check_indices(indices, W_dec.size(0), "indices");
-  if (b_dec) {
-    check_cpu(*b_dec, "b_dec");
-    check_dim(*b_dec, 1, "b_dec", "[d]");
-    TORCH_CHECK(b_dec->size(0) == W_dec.size(1), "b_dec must be [d] with d = W_dec.size(1) = ", W_dec.size(1),
-                ", got shape ", b_dec->sizes());
-    check_same_dtype(*b_dec, values, "b_dec", "values");
-  }
+  checks::decode_args(values, indices, W_dec, b_dec, kCPU);
+  check_index_range(indices, W_dec.size(0), "indices");
 }
 
 }  // namespace
@@ -215,11 +181,8 @@ at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices
 at::Tensor sparse_decode_sq_error_cpu(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
                                       const std::optional<at::Tensor>& b_dec, const at::Tensor& x) {
   check_decode_args(values, indices, W_dec, b_dec);
-  check_cpu(x, "x");
-  check_dim(x, 2, "x", "[N, d]");
+  checks::decode_target(x, values, W_dec);
   const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1);
-  TORCH_CHECK(x.size(0) == N && x.size(1) == d, "x must be [N, d] = [", N, ", ", d, "], got shape ", x.sizes());
-  check_same_dtype(x, values, "x", "values");
   const auto acc = values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = at::empty({N}, values.options().dtype(acc));
   const auto v = values.contiguous(), ix = indices.contiguous(), W = W_dec.contiguous(), xc = x.contiguous();
@@ -238,17 +201,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_residual_cpu(const at::Tensor& 
                                                               const std::optional<at::Tensor>& b_dec,
                                                               const at::Tensor& x, const at::Tensor& scale) {
   check_decode_args(values, indices, W_dec, b_dec);
-  check_cpu(x, "x");
-  check_dim(x, 2, "x", "[N, d]");
+  checks::decode_target(x, values, W_dec);
+  checks::row_scale(scale, values, values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1);
-  TORCH_CHECK(x.size(0) == N && x.size(1) == d, "x must be [N, d] = [", N, ", ", d, "], got shape ", x.sizes());
-  check_same_dtype(x, values, "x", "values");
-  check_cpu(scale, "scale");
-  check_dim(scale, 1, "scale", "[N]");
-  TORCH_CHECK(scale.size(0) == N, "scale must be [N] with N = ", N, ", got shape ", scale.sizes());
-  const auto acc = values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK_TYPE(scale.scalar_type() == acc, "scale must be ", acc, " for values of dtype ", values.scalar_type(),
-                   ", got ", scale.scalar_type());
   auto residual = at::empty({N, d}, values.options());
   auto grad_values = at::empty({N, k}, values.options());
   const auto v = values.contiguous(), ix = indices.contiguous(), W = W_dec.contiguous(), xc = x.contiguous();
@@ -264,11 +219,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_residual_cpu(const at::Tensor& 
 }
 
 at::Tensor row_sq_error_cpu(const at::Tensor& x_hat, const at::Tensor& x) {
-  check_cpu(x_hat, "x_hat");
-  check_cpu(x, "x");
-  check_dim(x_hat, 2, "x_hat", "[N, d]");
-  TORCH_CHECK(x.sizes() == x_hat.sizes(), "x must have the shape of x_hat ", x_hat.sizes(), ", got ", x.sizes());
-  check_same_dtype(x, x_hat, "x", "x_hat");
+  checks::row_error_args(x_hat, x, kCPU);
   const auto acc = x_hat.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = at::empty({x_hat.size(0)}, x_hat.options().dtype(acc));
   const auto a = x_hat.contiguous(), b = x.contiguous();
@@ -283,13 +234,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tilted_group_stats_cpu(const at::
                                                                       const std::optional<at::Tensor>& groups,
                                                                       int64_t num_groups) {
   check_cpu(losses, "losses");
-  check_dim(losses, 1, "losses", "[N]");
+  checks::dim(losses, 1, "losses", "[N]");
   TORCH_CHECK(losses.size(0) > 0, "losses must not be empty");
   TORCH_CHECK(num_groups >= 1, "num_groups must be >= 1, got ", num_groups);
   const int64_t n = losses.size(0);
   at::Tensor g;
   if (groups) {
-    check_dim(*groups, 1, "groups", "[N]");
+    checks::dim(*groups, 1, "groups", "[N]");
     TORCH_CHECK(groups->size(0) == n, "groups must have N = ", n, " elements, got ", groups->size(0));
     check_indices(*groups, num_groups, "groups");
     g = groups->contiguous();
@@ -311,14 +262,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tilted_group_stats_cpu(const at::
 at::Tensor sampled_dot_cpu(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& W) {
   check_cpu(grad, "grad");
   check_cpu(W, "W");
-  check_dim(grad, 2, "grad", "[N, d]");
-  check_dim(indices, 2, "indices", "[N, k]");
-  check_dim(W, 2, "W", "[M, d]");
+  checks::dim(grad, 2, "grad", "[N, d]");
+  checks::dim(indices, 2, "indices", "[N, k]");
+  checks::dim(W, 2, "W", "[M, d]");
   TORCH_CHECK(indices.size(0) == grad.size(0), "indices must have N = grad.size(0) = ", grad.size(0),
               " rows, got shape ", indices.sizes());
   TORCH_CHECK(W.size(1) == grad.size(1), "W must be [M, d] with d = grad.size(1) = ", grad.size(1),
               ", got shape ", W.sizes());
-  check_same_dtype(W, grad, "W", "grad");
+  checks::same_dtype(W, grad, "W", "grad");
   check_indices(indices, W.size(0), "indices");
   const int64_t N = grad.size(0), k = indices.size(1), d = grad.size(1);
   auto out = at::empty({N, k}, grad.options());
@@ -349,11 +300,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cpu(const at::Tensor&
   check_cpu(rows, "rows");
   check_cpu(offsets, "offsets");
   check_cpu(order, "order");
-  check_dim(weights, 2, "weights", "[N, k]");
-  check_dim(rows, 2, "rows", "[N, d]");
-  check_dim(offsets, 1, "offsets", "[M + 1]");
-  check_dim(order, 1, "order", "[N * k]");
-  check_same_dtype(rows, weights, "rows", "weights");
+  checks::dim(weights, 2, "weights", "[N, k]");
+  checks::dim(rows, 2, "rows", "[N, d]");
+  checks::dim(offsets, 1, "offsets", "[M + 1]");
+  checks::dim(order, 1, "order", "[N * k]");
+  checks::same_dtype(rows, weights, "rows", "weights");
   const int64_t N = weights.size(0), k = weights.size(1), d = rows.size(1), M = offsets.size(0) - 1;
   TORCH_CHECK(rows.size(0) == N, "rows must have N = weights.size(0) = ", N, " rows, got shape ", rows.sizes());
   TORCH_CHECK(M >= 1, "offsets must have at least 2 elements, got ", offsets.size(0));
@@ -377,54 +328,26 @@ std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cpu(const at::Tensor&
 
 namespace {
 
-void check_project_args(const at::Tensor& G, const at::Tensor& U) {
-  check_cpu(G, "G");
-  check_cpu(U, "U");
-  check_dim(G, 2, "G", "[d, n]");
-  check_dim(U, 2, "U", "[d, r]");
-  check_same_dtype(U, G, "U", "G");
-  TORCH_CHECK(U.size(0) == G.size(0), "U must be [d, r] with d = G.size(0) = ", G.size(0), ", got shape ", U.sizes());
-  TORCH_CHECK(U.size(1) >= 1 && U.size(1) <= U.size(0), "U [d, r] must have 1 <= r <= d, got shape ", U.sizes());
-}
-
-// Whether the kernel can read (or write) t as it is: unit column stride, rows apart
-// (strides of size-1 dimensions do not matter).
-bool rows_strided(const at::Tensor& t) {
-  return (t.size(1) <= 1 || t.stride(1) == 1) && (t.size(0) <= 1 || t.stride(0) >= std::max<int64_t>(t.size(1), 1));
-}
-
-int64_t row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? std::max<int64_t>(t.size(1), 1) : t.stride(0); }
-
 void run_project(const at::Tensor& G, const at::Tensor& U, bool complement, const at::Tensor& out) {
   const auto Uc = U.contiguous();
   const int64_t d = G.size(0), n = G.size(1), r = U.size(1);
   dispatch_dtype(G.scalar_type(), "G", [&](auto tag) {
     using T = decltype(tag);
-    cpu::project_subspace<T>(ptr<T>(G), row_stride(G), ptr<T>(Uc), d, r, n, complement, ptr<T>(out),
-                             row_stride(out));
+    cpu::project_subspace<T>(ptr<T>(G), checks::row_stride(G), ptr<T>(Uc), d, r, n, complement, ptr<T>(out),
+                             checks::row_stride(out));
   });
 }
 
 }  // namespace
 
 at::Tensor project_subspace_cpu(const at::Tensor& G, const at::Tensor& U, bool complement) {
-  check_project_args(G, U);
-  auto out = at::empty(G.sizes(), G.options());
-  run_project(rows_strided(G) ? G : G.contiguous(), U, complement, out);
-  return out;
+  checks::project_args(G, U, kCPU);
+  return checks::project_out_of_place(G, U, complement, run_project);
 }
 
 void project_subspace__cpu(const at::Tensor& G, const at::Tensor& U, bool complement) {
-  check_project_args(G, U);
-  TORCH_CHECK(at::has_internal_overlap(G) != at::MemOverlap::Yes,
-              "G has overlapping elements (an expanded view); project_subspace_ cannot write it");
-  if (rows_strided(G)) {
-    run_project(G, U, complement, G);
-  } else {  // e.g. a transposed view: compute densely, then copy back through G's strides
-    const auto dense = G.contiguous();
-    run_project(dense, U, complement, dense);
-    G.copy_(dense);
-  }
+  checks::project_args(G, U, kCPU);
+  checks::project_in_place(G, U, complement, run_project);
 }
 
 }  // namespace ssae

@@ -4,11 +4,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <ATen/MemoryOverlap.h>
-
 #include <algorithm>
 #include <cstdint>
 
+#include "arg_checks.h"
 #include "../kernels/cuda/launch.h"
 #include "../kernels/cuda/project_subspace.cuh"
 #include "../kernels/cuda/sparse_backward.cuh"
@@ -42,37 +41,15 @@ T* ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
-void check_cuda(const at::Tensor& t, const char* arg) {
-  TORCH_CHECK(t.is_cuda(), arg, " must be a CUDA tensor, got device ", t.device());
-}
+constexpr auto kCUDA = c10::DeviceType::CUDA;
 
-void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* arg, const char* ref_arg) {
-  TORCH_CHECK(t.device() == ref.device(), arg, " is on ", t.device(), " but ", ref_arg, " is on ", ref.device());
-}
-
-void check_dim(const at::Tensor& t, int64_t dim, const char* arg, const char* shape) {
-  TORCH_CHECK(t.dim() == dim, arg, " must be ", dim, "-D ", shape, ", got shape ", t.sizes());
-}
-
-void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* arg, const char* ref_arg) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), arg, " has dtype ", t.scalar_type(), " but ", ref_arg,
-                   " has dtype ", ref.scalar_type());
-}
+void check_cuda(const at::Tensor& t, const char* arg) { checks::on_device(t, kCUDA, arg); }
 
 // Index ranges are not checked here: that needs a device-to-host copy (a sync)
 // per call. The kernels never dereference an out-of-range index; they make the
 // affected outputs NaN instead (see sparse_decode.cuh, sparse_backward.cuh).
 void check_indices(const at::Tensor& indices, const at::Tensor& ref, const char* arg, const char* ref_arg) {
-  check_same_device(indices, ref, arg, ref_arg);
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, arg, " must be int64, got ", indices.scalar_type());
-}
-
-void check_optional_bias(const std::optional<at::Tensor>& b, int64_t d, const at::Tensor& ref, const char* ref_arg) {
-  if (!b) return;
-  check_same_device(*b, ref, "b_dec", ref_arg);
-  check_dim(*b, 1, "b_dec", "[d]");
-  TORCH_CHECK(b->size(0) == d, "b_dec must be [d] with d = ", d, ", got shape ", b->sizes());
-  check_same_dtype(*b, ref, "b_dec", ref_arg);
+  checks::int64_indices(indices, ref, arg, ref_arg);
 }
 
 }  // namespace
@@ -80,22 +57,10 @@ void check_optional_bias(const std::optional<at::Tensor>& b, int64_t d, const at
 std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const at::Tensor& W_enc,
                                                     const at::Tensor& b_enc, int64_t k,
                                                     const std::optional<at::Tensor>& b_dec) {
-  check_cuda(x, "x");
-  check_same_device(W_enc, x, "W_enc", "x");
-  check_same_device(b_enc, x, "b_enc", "x");
-  check_dim(x, 2, "x", "[N, d]");
-  check_dim(W_enc, 2, "W_enc", "[M, d]");
-  check_dim(b_enc, 1, "b_enc", "[M]");
+  checks::encode_args(x, W_enc, b_enc, k, b_dec, kCUDA);
   const int64_t N = x.size(0), d = x.size(1), M = W_enc.size(0);
-  TORCH_CHECK(N > 0, "x must have at least one row, got shape ", x.sizes());
-  TORCH_CHECK(W_enc.size(1) == d, "W_enc must be [M, d] with d = x.size(1) = ", d, ", got shape ", W_enc.sizes());
-  TORCH_CHECK(b_enc.size(0) == M, "b_enc must be [M] with M = W_enc.size(0) = ", M, ", got shape ", b_enc.sizes());
   // Latents are packed into 32 bits of the selection keys.
   TORCH_CHECK(M < (int64_t(1) << 32), "W_enc has ", M, " latents; the cuda backend supports at most 2^32 - 1");
-  TORCH_CHECK(k >= 1 && k <= M, "k must be in [1, M = ", M, "], got ", k);
-  check_same_dtype(W_enc, x, "W_enc", "x");
-  check_same_dtype(b_enc, x, "b_enc", "x");
-  check_optional_bias(b_dec, d, x, "x");
   const auto dtype = x.scalar_type();
   dispatch_dtype(dtype, "x", [](auto) {});
 
@@ -160,17 +125,8 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const a
 
 at::Tensor sparse_decode_cuda(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
                               const std::optional<at::Tensor>& b_dec) {
-  check_cuda(values, "values");
-  check_same_device(W_dec, values, "W_dec", "values");
-  check_dim(values, 2, "values", "[N, k]");
-  check_dim(indices, 2, "indices", "[N, k]");
-  check_dim(W_dec, 2, "W_dec", "[M, d]");
-  TORCH_CHECK(indices.sizes() == values.sizes(), "indices must have the shape of values ", values.sizes(), ", got ",
-              indices.sizes());
-  check_same_dtype(W_dec, values, "W_dec", "values");
-  check_indices(indices, values, "indices", "values");
+  checks::decode_args(values, indices, W_dec, b_dec, kCUDA);
   const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1), M = W_dec.size(0);
-  check_optional_bias(b_dec, d, values, "values");
 
   c10::cuda::CUDAGuard guard(values.device());
   auto out = at::empty({N, d}, values.options());
@@ -187,15 +143,15 @@ at::Tensor sparse_decode_cuda(const at::Tensor& values, const at::Tensor& indice
 
 at::Tensor sampled_dot_cuda(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& W) {
   check_cuda(grad, "grad");
-  check_same_device(W, grad, "W", "grad");
-  check_dim(grad, 2, "grad", "[N, d]");
-  check_dim(indices, 2, "indices", "[N, k]");
-  check_dim(W, 2, "W", "[M, d]");
+  checks::same_device(W, grad, "W", "grad");
+  checks::dim(grad, 2, "grad", "[N, d]");
+  checks::dim(indices, 2, "indices", "[N, k]");
+  checks::dim(W, 2, "W", "[M, d]");
   TORCH_CHECK(indices.size(0) == grad.size(0), "indices must have N = grad.size(0) = ", grad.size(0),
               " rows, got shape ", indices.sizes());
   TORCH_CHECK(W.size(1) == grad.size(1), "W must be [M, d] with d = grad.size(1) = ", grad.size(1), ", got shape ",
               W.sizes());
-  check_same_dtype(W, grad, "W", "grad");
+  checks::same_dtype(W, grad, "W", "grad");
   check_indices(indices, grad, "indices", "grad");
   const int64_t N = grad.size(0), k = indices.size(1), d = grad.size(1);
 
@@ -236,14 +192,14 @@ std::tuple<at::Tensor, at::Tensor> latent_transpose_cuda(const at::Tensor& indic
 std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cuda(const at::Tensor& weights, const at::Tensor& rows,
                                                                 const at::Tensor& offsets, const at::Tensor& order) {
   check_cuda(weights, "weights");
-  check_same_device(rows, weights, "rows", "weights");
-  check_same_device(offsets, weights, "offsets", "weights");
-  check_same_device(order, weights, "order", "weights");
-  check_dim(weights, 2, "weights", "[N, k]");
-  check_dim(rows, 2, "rows", "[N, d]");
-  check_dim(offsets, 1, "offsets", "[M + 1]");
-  check_dim(order, 1, "order", "[N * k]");
-  check_same_dtype(rows, weights, "rows", "weights");
+  checks::same_device(rows, weights, "rows", "weights");
+  checks::same_device(offsets, weights, "offsets", "weights");
+  checks::same_device(order, weights, "order", "weights");
+  checks::dim(weights, 2, "weights", "[N, k]");
+  checks::dim(rows, 2, "rows", "[N, d]");
+  checks::dim(offsets, 1, "offsets", "[M + 1]");
+  checks::dim(order, 1, "order", "[N * k]");
+  checks::same_dtype(rows, weights, "rows", "weights");
   const int64_t N = weights.size(0), k = weights.size(1), d = rows.size(1), M = offsets.size(0) - 1;
   TORCH_CHECK(rows.size(0) == N, "rows must have N = weights.size(0) = ", N, " rows, got shape ", rows.sizes());
   TORCH_CHECK(M >= 1, "offsets must have at least 2 elements, got ", offsets.size(0));
@@ -273,14 +229,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tilted_group_stats_cuda(const at:
                                                                        const std::optional<at::Tensor>& groups,
                                                                        int64_t num_groups) {
   check_cuda(losses, "losses");
-  check_dim(losses, 1, "losses", "[N]");
+  checks::dim(losses, 1, "losses", "[N]");
   const int64_t n = losses.size(0);
   TORCH_CHECK(n > 0, "losses must not be empty");
   TORCH_CHECK(num_groups >= 1, "num_groups must be >= 1, got ", num_groups);
   TORCH_CHECK(num_groups <= cuda::kMaxGrid, "num_groups must be < 2^31 on the cuda backend, got ", num_groups);
   at::Tensor g;
   if (groups) {
-    check_dim(*groups, 1, "groups", "[N]");
+    checks::dim(*groups, 1, "groups", "[N]");
     TORCH_CHECK(groups->size(0) == n, "groups must have N = ", n, " elements, got ", groups->size(0));
     check_indices(*groups, losses, "groups", "losses");
     g = groups->contiguous();
@@ -307,11 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tilted_group_stats_cuda(const at:
 }
 
 at::Tensor row_sq_error_cuda(const at::Tensor& x_hat, const at::Tensor& x) {
-  check_cuda(x_hat, "x_hat");
-  check_same_device(x, x_hat, "x", "x_hat");
-  check_dim(x_hat, 2, "x_hat", "[N, d]");
-  TORCH_CHECK(x.sizes() == x_hat.sizes(), "x must have the shape of x_hat ", x_hat.sizes(), ", got ", x.sizes());
-  check_same_dtype(x, x_hat, "x", "x_hat");
+  checks::row_error_args(x_hat, x, kCUDA);
   dispatch_dtype(x_hat.scalar_type(), "x_hat", [](auto) {});
 
   c10::cuda::CUDAGuard guard(x_hat.device());
@@ -327,21 +279,9 @@ at::Tensor row_sq_error_cuda(const at::Tensor& x_hat, const at::Tensor& x) {
 
 at::Tensor sparse_decode_sq_error_cuda(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
                                        const std::optional<at::Tensor>& b_dec, const at::Tensor& x) {
-  check_cuda(values, "values");
-  check_same_device(W_dec, values, "W_dec", "values");
-  check_same_device(x, values, "x", "values");
-  check_dim(values, 2, "values", "[N, k]");
-  check_dim(indices, 2, "indices", "[N, k]");
-  check_dim(W_dec, 2, "W_dec", "[M, d]");
-  check_dim(x, 2, "x", "[N, d]");
-  TORCH_CHECK(indices.sizes() == values.sizes(), "indices must have the shape of values ", values.sizes(), ", got ",
-              indices.sizes());
-  check_same_dtype(W_dec, values, "W_dec", "values");
-  check_same_dtype(x, values, "x", "values");
-  check_indices(indices, values, "indices", "values");
+  checks::decode_args(values, indices, W_dec, b_dec, kCUDA);
+  checks::decode_target(x, values, W_dec);
   const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1), M = W_dec.size(0);
-  TORCH_CHECK(x.size(0) == N && x.size(1) == d, "x must be [N, d] = [", N, ", ", d, "], got shape ", x.sizes());
-  check_optional_bias(b_dec, d, values, "values");
   dispatch_dtype(values.scalar_type(), "values", [](auto) {});
 
   c10::cuda::CUDAGuard guard(values.device());
@@ -361,25 +301,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_residual_cuda(const at::Tensor&
                                                                const at::Tensor& W_dec,
                                                                const std::optional<at::Tensor>& b_dec,
                                                                const at::Tensor& x, const at::Tensor& scale) {
-  check_cuda(values, "values");
-  check_same_device(W_dec, values, "W_dec", "values");
-  check_same_device(x, values, "x", "values");
-  check_same_device(scale, values, "scale", "values");
-  check_dim(values, 2, "values", "[N, k]");
-  check_dim(indices, 2, "indices", "[N, k]");
-  check_dim(W_dec, 2, "W_dec", "[M, d]");
-  check_dim(x, 2, "x", "[N, d]");
-  check_dim(scale, 1, "scale", "[N]");
-  TORCH_CHECK(indices.sizes() == values.sizes(), "indices must have the shape of values ", values.sizes(), ", got ",
-              indices.sizes());
-  check_same_dtype(W_dec, values, "W_dec", "values");
-  check_same_dtype(x, values, "x", "values");
-  check_indices(indices, values, "indices", "values");
+  checks::decode_args(values, indices, W_dec, b_dec, kCUDA);
+  checks::decode_target(x, values, W_dec);
+  checks::row_scale(scale, values, at::kFloat);
   const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1), M = W_dec.size(0);
-  TORCH_CHECK(x.size(0) == N && x.size(1) == d, "x must be [N, d] = [", N, ", ", d, "], got shape ", x.sizes());
-  TORCH_CHECK(scale.size(0) == N, "scale must be [N] with N = ", N, ", got shape ", scale.sizes());
-  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, "scale must be float32, got ", scale.scalar_type());
-  check_optional_bias(b_dec, d, values, "values");
   dispatch_dtype(values.scalar_type(), "values", [](auto) {});
 
   c10::cuda::CUDAGuard guard(values.device());
@@ -404,23 +329,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_residual_cuda(const at::Tensor&
 namespace {
 
 void check_project_args(const at::Tensor& G, const at::Tensor& U) {
-  check_cuda(G, "G");
-  check_same_device(U, G, "U", "G");
-  check_dim(G, 2, "G", "[d, n]");
-  check_dim(U, 2, "U", "[d, r]");
-  check_same_dtype(U, G, "U", "G");
-  TORCH_CHECK(U.size(0) == G.size(0), "U must be [d, r] with d = G.size(0) = ", G.size(0), ", got shape ", U.sizes());
-  TORCH_CHECK(U.size(1) >= 1 && U.size(1) <= U.size(0), "U [d, r] must have 1 <= r <= d, got shape ", U.sizes());
+  checks::project_args(G, U, kCUDA);
   dispatch_dtype(G.scalar_type(), "G", [](auto) {});
 }
-
-// Whether the kernels can read (or write) t as it is: unit column stride, rows apart
-// (strides of size-1 dimensions do not matter).
-bool rows_strided(const at::Tensor& t) {
-  return (t.size(1) <= 1 || t.stride(1) == 1) && (t.size(0) <= 1 || t.stride(0) >= std::max<int64_t>(t.size(1), 1));
-}
-
-int64_t row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? std::max<int64_t>(t.size(1), 1) : t.stride(0); }
 
 void run_project(const at::Tensor& G, const at::Tensor& U, bool complement, const at::Tensor& out) {
   const int64_t d = G.size(0), n = G.size(1), r = U.size(1);
@@ -430,8 +341,8 @@ void run_project(const at::Tensor& G, const at::Tensor& U, bool complement, cons
   auto scratch = at::empty({cuda::project_subspace_scratch(r, n)}, G.options().dtype(at::kFloat));
   dispatch_dtype(G.scalar_type(), "G", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    C10_CUDA_CHECK(cuda::project_subspace<T>(ptr<T>(G), row_stride(G), ptr<T>(Uc), d, r, n, complement, ptr<T>(out),
-                                             row_stride(out), scratch.data_ptr<float>(),
+    C10_CUDA_CHECK(cuda::project_subspace<T>(ptr<T>(G), checks::row_stride(G), ptr<T>(Uc), d, r, n, complement,
+                                             ptr<T>(out), checks::row_stride(out), scratch.data_ptr<float>(),
                                              c10::cuda::getCurrentCUDAStream()));
   });
 }
@@ -440,22 +351,12 @@ void run_project(const at::Tensor& G, const at::Tensor& U, bool complement, cons
 
 at::Tensor project_subspace_cuda(const at::Tensor& G, const at::Tensor& U, bool complement) {
   check_project_args(G, U);
-  auto out = at::empty(G.sizes(), G.options());
-  run_project(rows_strided(G) ? G : G.contiguous(), U, complement, out);
-  return out;
+  return checks::project_out_of_place(G, U, complement, run_project);
 }
 
 void project_subspace__cuda(const at::Tensor& G, const at::Tensor& U, bool complement) {
   check_project_args(G, U);
-  TORCH_CHECK(at::has_internal_overlap(G) != at::MemOverlap::Yes,
-              "G has overlapping elements (an expanded view); project_subspace_ cannot write it");
-  if (rows_strided(G)) {
-    run_project(G, U, complement, G);
-  } else {  // e.g. a transposed view: compute densely, then copy back through G's strides
-    const auto dense = G.contiguous();
-    run_project(dense, U, complement, dense);
-    G.copy_(dense);
-  }
+  checks::project_in_place(G, U, complement, run_project);
 }
 
 }  // namespace ssae

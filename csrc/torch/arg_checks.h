@@ -1,0 +1,154 @@
+// Argument checks and layout helpers shared by the ATen bindings of every backend
+// (cpu_ops.cpp, cuda_ops.cu). A binding names its device; the op's leading tensor
+// must be on it and every other tensor on the same device. Messages name the
+// argument and what was expected. Backend-specific limits (index ranges, latent
+// counts, dtypes) stay in the bindings.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+#include <algorithm>
+#include <optional>
+
+namespace ssae::checks {
+
+inline void on_device(const at::Tensor& t, c10::DeviceType type, const char* arg) {
+  TORCH_CHECK(t.device().type() == type, arg, " must be a ", c10::DeviceTypeName(type), " tensor, got device ",
+              t.device());
+}
+
+inline void same_device(const at::Tensor& t, const at::Tensor& ref, const char* arg, const char* ref_arg) {
+  TORCH_CHECK(t.device() == ref.device(), arg, " is on ", t.device(), " but ", ref_arg, " is on ", ref.device());
+}
+
+inline void dim(const at::Tensor& t, int64_t d, const char* arg, const char* shape) {
+  TORCH_CHECK(t.dim() == d, arg, " must be ", d, "-D ", shape, ", got shape ", t.sizes());
+}
+
+inline void same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* arg, const char* ref_arg) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), arg, " has dtype ", t.scalar_type(), " but ", ref_arg,
+                   " has dtype ", ref.scalar_type());
+}
+
+inline void int64_indices(const at::Tensor& indices, const at::Tensor& ref, const char* arg, const char* ref_arg) {
+  same_device(indices, ref, arg, ref_arg);
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, arg, " must be int64, got ", indices.scalar_type());
+}
+
+// b_dec: optional [d] of ref's dtype and device.
+inline void optional_bias(const std::optional<at::Tensor>& b, int64_t d, const at::Tensor& ref, const char* ref_arg) {
+  if (!b) return;
+  same_device(*b, ref, "b_dec", ref_arg);
+  dim(*b, 1, "b_dec", "[d]");
+  TORCH_CHECK(b->size(0) == d, "b_dec must be [d] with d = ", d, ", got shape ", b->sizes());
+  same_dtype(*b, ref, "b_dec", ref_arg);
+}
+
+// topk_encode(x [N, d], W_enc [M, d], b_enc [M], k, b_dec [d]?)
+inline void encode_args(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, int64_t k,
+                        const std::optional<at::Tensor>& b_dec, c10::DeviceType type) {
+  on_device(x, type, "x");
+  same_device(W_enc, x, "W_enc", "x");
+  same_device(b_enc, x, "b_enc", "x");
+  dim(x, 2, "x", "[N, d]");
+  dim(W_enc, 2, "W_enc", "[M, d]");
+  dim(b_enc, 1, "b_enc", "[M]");
+  const int64_t N = x.size(0), d = x.size(1), M = W_enc.size(0);
+  TORCH_CHECK(N > 0, "x must have at least one row, got shape ", x.sizes());
+  TORCH_CHECK(W_enc.size(1) == d, "W_enc must be [M, d] with d = x.size(1) = ", d, ", got shape ", W_enc.sizes());
+  TORCH_CHECK(b_enc.size(0) == M, "b_enc must be [M] with M = W_enc.size(0) = ", M, ", got shape ", b_enc.sizes());
+  TORCH_CHECK(k >= 1 && k <= M, "k must be in [1, M = ", M, "], got ", k);
+  same_dtype(W_enc, x, "W_enc", "x");
+  same_dtype(b_enc, x, "b_enc", "x");
+  optional_bias(b_dec, d, x, "x");
+}
+
+// sparse_decode(values [N, k], indices [N, k] int64, W_dec [M, d], b_dec [d]?); index
+// ranges are the binding's to check (or not: see cuda_ops.cu).
+inline void decode_args(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
+                        const std::optional<at::Tensor>& b_dec, c10::DeviceType type) {
+  on_device(values, type, "values");
+  same_device(W_dec, values, "W_dec", "values");
+  dim(values, 2, "values", "[N, k]");
+  dim(indices, 2, "indices", "[N, k]");
+  dim(W_dec, 2, "W_dec", "[M, d]");
+  TORCH_CHECK(indices.sizes() == values.sizes(), "indices must have the shape of values ", values.sizes(), ", got ",
+              indices.sizes());
+  same_dtype(W_dec, values, "W_dec", "values");
+  int64_indices(indices, values, "indices", "values");
+  optional_bias(b_dec, W_dec.size(1), values, "values");
+}
+
+// The target x [N, d] of the fused decode losses, beside decode_args.
+inline void decode_target(const at::Tensor& x, const at::Tensor& values, const at::Tensor& W_dec) {
+  same_device(x, values, "x", "values");
+  dim(x, 2, "x", "[N, d]");
+  const int64_t N = values.size(0), d = W_dec.size(1);
+  TORCH_CHECK(x.size(0) == N && x.size(1) == d, "x must be [N, d] = [", N, ", ", d, "], got shape ", x.sizes());
+  same_dtype(x, values, "x", "values");
+}
+
+// The per-row scale [N] of sparse_decode_residual, in the accumulation dtype acc.
+inline void row_scale(const at::Tensor& scale, const at::Tensor& values, at::ScalarType acc) {
+  same_device(scale, values, "scale", "values");
+  dim(scale, 1, "scale", "[N]");
+  TORCH_CHECK(scale.size(0) == values.size(0), "scale must be [N] with N = ", values.size(0), ", got shape ",
+              scale.sizes());
+  TORCH_CHECK_TYPE(scale.scalar_type() == acc, "scale must be ", acc, " for values of dtype ", values.scalar_type(),
+                   ", got ", scale.scalar_type());
+}
+
+// row_sq_error(x_hat [N, d], x [N, d])
+inline void row_error_args(const at::Tensor& x_hat, const at::Tensor& x, c10::DeviceType type) {
+  on_device(x_hat, type, "x_hat");
+  same_device(x, x_hat, "x", "x_hat");
+  dim(x_hat, 2, "x_hat", "[N, d]");
+  TORCH_CHECK(x.sizes() == x_hat.sizes(), "x must have the shape of x_hat ", x_hat.sizes(), ", got ", x.sizes());
+  same_dtype(x, x_hat, "x", "x_hat");
+}
+
+// project_subspace(G [d, n], U [d, r]) with 1 <= r <= d
+inline void project_args(const at::Tensor& G, const at::Tensor& U, c10::DeviceType type) {
+  on_device(G, type, "G");
+  same_device(U, G, "U", "G");
+  dim(G, 2, "G", "[d, n]");
+  dim(U, 2, "U", "[d, r]");
+  same_dtype(U, G, "U", "G");
+  TORCH_CHECK(U.size(0) == G.size(0), "U must be [d, r] with d = G.size(0) = ", G.size(0), ", got shape ", U.sizes());
+  TORCH_CHECK(U.size(1) >= 1 && U.size(1) <= U.size(0), "U [d, r] must have 1 <= r <= d, got shape ", U.sizes());
+}
+
+// Whether a kernel can read (or write) the 2-D t as it is: unit column stride, rows
+// apart (strides of size-1 dimensions do not matter); and its row stride then.
+inline bool rows_strided(const at::Tensor& t) {
+  return (t.size(1) <= 1 || t.stride(1) == 1) && (t.size(0) <= 1 || t.stride(0) >= std::max<int64_t>(t.size(1), 1));
+}
+
+inline int64_t row_stride(const at::Tensor& t) {
+  return t.size(0) <= 1 ? std::max<int64_t>(t.size(1), 1) : t.stride(0);
+}
+
+// project_subspace and project_subspace_ around a backend's run(G, U, complement, out),
+// which needs rows_strided G and out.
+template <typename Run>
+at::Tensor project_out_of_place(const at::Tensor& G, const at::Tensor& U, bool complement, Run&& run) {
+  auto out = at::empty(G.sizes(), G.options());
+  run(rows_strided(G) ? G : G.contiguous(), U, complement, out);
+  return out;
+}
+
+template <typename Run>
+void project_in_place(const at::Tensor& G, const at::Tensor& U, bool complement, Run&& run) {
+  TORCH_CHECK(at::has_internal_overlap(G) != at::MemOverlap::Yes,
+              "G has overlapping elements (an expanded view); project_subspace_ cannot write it");
+  if (rows_strided(G)) {
+    run(G, U, complement, G);
+  } else {  // e.g. a transposed view: compute densely, then copy back through G's strides
+    const auto dense = G.contiguous();
+    run(dense, U, complement, dense);
+    G.copy_(dense);
+  }
+}
+
+}  // namespace ssae::checks
