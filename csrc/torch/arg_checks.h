@@ -99,6 +99,43 @@ inline void row_scale(const at::Tensor& scale, const at::Tensor& values, at::Sca
                    ", got ", scale.scalar_type());
 }
 
+// sampled_dot(grad [N, d], indices [N, k] int64, W [M, d]); index ranges as in decode_args.
+inline void sampled_dot_args(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& W,
+                             c10::DeviceType type) {
+  on_device(grad, type, "grad");
+  same_device(W, grad, "W", "grad");
+  dim(grad, 2, "grad", "[N, d]");
+  dim(indices, 2, "indices", "[N, k]");
+  dim(W, 2, "W", "[M, d]");
+  TORCH_CHECK(indices.size(0) == grad.size(0), "indices must have N = grad.size(0) = ", grad.size(0),
+              " rows, got shape ", indices.sizes());
+  TORCH_CHECK(W.size(1) == grad.size(1), "W must be [M, d] with d = grad.size(1) = ", grad.size(1), ", got shape ",
+              W.sizes());
+  same_dtype(W, grad, "W", "grad");
+  int64_indices(indices, grad, "indices", "grad");
+}
+
+// sparse_transpose_matmul(weights [N, k], rows [N, d], offsets [M + 1], order [N * k]),
+// offsets and order from latent_transpose; their contents are the binding's to check.
+inline void transpose_matmul_args(const at::Tensor& weights, const at::Tensor& rows, const at::Tensor& offsets,
+                                  const at::Tensor& order, c10::DeviceType type) {
+  on_device(weights, type, "weights");
+  same_device(rows, weights, "rows", "weights");
+  same_device(offsets, weights, "offsets", "weights");
+  same_device(order, weights, "order", "weights");
+  dim(weights, 2, "weights", "[N, k]");
+  dim(rows, 2, "rows", "[N, d]");
+  dim(offsets, 1, "offsets", "[M + 1]");
+  dim(order, 1, "order", "[N * k]");
+  same_dtype(rows, weights, "rows", "weights");
+  const int64_t N = weights.size(0), k = weights.size(1);
+  TORCH_CHECK(rows.size(0) == N, "rows must have N = weights.size(0) = ", N, " rows, got shape ", rows.sizes());
+  TORCH_CHECK(offsets.size(0) >= 2, "offsets must have at least 2 elements, got ", offsets.size(0));
+  TORCH_CHECK(order.size(0) == N * k, "order must have N * k = ", N * k, " elements, got ", order.size(0));
+  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong && order.scalar_type() == at::kLong,
+                   "offsets and order must be int64 (from latent_transpose)");
+}
+
 // row_sq_error(x_hat [N, d], x [N, d])
 inline void row_error_args(const at::Tensor& x_hat, const at::Tensor& x, c10::DeviceType type) {
   on_device(x_hat, type, "x_hat");

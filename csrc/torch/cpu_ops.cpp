@@ -260,17 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tilted_group_stats_cpu(const at::
 }
 
 at::Tensor sampled_dot_cpu(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& W) {
-  check_cpu(grad, "grad");
-  check_cpu(W, "W");
-  checks::dim(grad, 2, "grad", "[N, d]");
-  checks::dim(indices, 2, "indices", "[N, k]");
-  checks::dim(W, 2, "W", "[M, d]");
-  TORCH_CHECK(indices.size(0) == grad.size(0), "indices must have N = grad.size(0) = ", grad.size(0),
-              " rows, got shape ", indices.sizes());
-  TORCH_CHECK(W.size(1) == grad.size(1), "W must be [M, d] with d = grad.size(1) = ", grad.size(1),
-              ", got shape ", W.sizes());
-  checks::same_dtype(W, grad, "W", "grad");
-  check_indices(indices, W.size(0), "indices");
+  checks::sampled_dot_args(grad, indices, W, kCPU);
+  check_index_range(indices, W.size(0), "indices");
   const int64_t N = grad.size(0), k = indices.size(1), d = grad.size(1);
   auto out = at::empty({N, k}, grad.options());
   const auto g = grad.contiguous(), ix = indices.contiguous(), Wc = W.contiguous();
@@ -296,25 +287,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cpu(const at::Tensor&
                                                                const at::Tensor& rows,
                                                                const at::Tensor& offsets,
                                                                const at::Tensor& order) {
-  check_cpu(weights, "weights");
-  check_cpu(rows, "rows");
-  check_cpu(offsets, "offsets");
-  check_cpu(order, "order");
-  checks::dim(weights, 2, "weights", "[N, k]");
-  checks::dim(rows, 2, "rows", "[N, d]");
-  checks::dim(offsets, 1, "offsets", "[M + 1]");
-  checks::dim(order, 1, "order", "[N * k]");
-  checks::same_dtype(rows, weights, "rows", "weights");
+  checks::transpose_matmul_args(weights, rows, offsets, order, kCPU);
   const int64_t N = weights.size(0), k = weights.size(1), d = rows.size(1), M = offsets.size(0) - 1;
-  TORCH_CHECK(rows.size(0) == N, "rows must have N = weights.size(0) = ", N, " rows, got shape ", rows.sizes());
-  TORCH_CHECK(M >= 1, "offsets must have at least 2 elements, got ", offsets.size(0));
-  TORCH_CHECK(order.size(0) == N * k, "order must have N * k = ", N * k, " elements, got ", order.size(0));
-  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong && order.scalar_type() == at::kLong,
-                   "offsets and order must be int64 (from latent_transpose)");
   const auto off = offsets.contiguous();
   const int64_t* o = off.data_ptr<int64_t>();
   TORCH_CHECK(o[0] == 0 && o[M] == N * k, "offsets must run from 0 to N * k = ", N * k, " (from latent_transpose)");
-  check_indices(order, N * k, "order");
+  check_index_range(order, N * k, "order");
   auto out = at::empty({M, d}, rows.options());
   auto colsum = at::empty({M}, rows.options());
   const auto w = weights.contiguous(), X = rows.contiguous(), ord = order.contiguous();

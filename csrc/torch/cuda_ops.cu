@@ -41,16 +41,13 @@ T* ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
+// Index ranges are not checked on this backend: that needs a device-to-host copy
+// (a sync) per call. The kernels never dereference an out-of-range index; they
+// make the affected outputs NaN instead (see sparse_decode.cuh, sparse_backward.cuh).
 constexpr auto kCUDA = c10::DeviceType::CUDA;
 
 void check_cuda(const at::Tensor& t, const char* arg) { checks::on_device(t, kCUDA, arg); }
 
-// Index ranges are not checked here: that needs a device-to-host copy (a sync)
-// per call. The kernels never dereference an out-of-range index; they make the
-// affected outputs NaN instead (see sparse_decode.cuh, sparse_backward.cuh).
-void check_indices(const at::Tensor& indices, const at::Tensor& ref, const char* arg, const char* ref_arg) {
-  checks::int64_indices(indices, ref, arg, ref_arg);
-}
 
 }  // namespace
 
@@ -142,17 +139,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& values, const at::Tensor& indice
 }
 
 at::Tensor sampled_dot_cuda(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& W) {
-  check_cuda(grad, "grad");
-  checks::same_device(W, grad, "W", "grad");
-  checks::dim(grad, 2, "grad", "[N, d]");
-  checks::dim(indices, 2, "indices", "[N, k]");
-  checks::dim(W, 2, "W", "[M, d]");
-  TORCH_CHECK(indices.size(0) == grad.size(0), "indices must have N = grad.size(0) = ", grad.size(0),
-              " rows, got shape ", indices.sizes());
-  TORCH_CHECK(W.size(1) == grad.size(1), "W must be [M, d] with d = grad.size(1) = ", grad.size(1), ", got shape ",
-              W.sizes());
-  checks::same_dtype(W, grad, "W", "grad");
-  check_indices(indices, grad, "indices", "grad");
+  checks::sampled_dot_args(grad, indices, W, kCUDA);
   const int64_t N = grad.size(0), k = indices.size(1), d = grad.size(1);
 
   c10::cuda::CUDAGuard guard(grad.device());
@@ -191,21 +178,8 @@ std::tuple<at::Tensor, at::Tensor> latent_transpose_cuda(const at::Tensor& indic
 
 std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cuda(const at::Tensor& weights, const at::Tensor& rows,
                                                                 const at::Tensor& offsets, const at::Tensor& order) {
-  check_cuda(weights, "weights");
-  checks::same_device(rows, weights, "rows", "weights");
-  checks::same_device(offsets, weights, "offsets", "weights");
-  checks::same_device(order, weights, "order", "weights");
-  checks::dim(weights, 2, "weights", "[N, k]");
-  checks::dim(rows, 2, "rows", "[N, d]");
-  checks::dim(offsets, 1, "offsets", "[M + 1]");
-  checks::dim(order, 1, "order", "[N * k]");
-  checks::same_dtype(rows, weights, "rows", "weights");
+  checks::transpose_matmul_args(weights, rows, offsets, order, kCUDA);
   const int64_t N = weights.size(0), k = weights.size(1), d = rows.size(1), M = offsets.size(0) - 1;
-  TORCH_CHECK(rows.size(0) == N, "rows must have N = weights.size(0) = ", N, " rows, got shape ", rows.sizes());
-  TORCH_CHECK(M >= 1, "offsets must have at least 2 elements, got ", offsets.size(0));
-  TORCH_CHECK(order.size(0) == N * k, "order must have N * k = ", N * k, " elements, got ", order.size(0));
-  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong && order.scalar_type() == at::kLong,
-                   "offsets and order must be int64 (from latent_transpose)");
 
   c10::cuda::CUDAGuard guard(weights.device());
   auto out = at::empty({M, d}, rows.options());
@@ -238,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tilted_group_stats_cuda(const at:
   if (groups) {
     checks::dim(*groups, 1, "groups", "[N]");
     TORCH_CHECK(groups->size(0) == n, "groups must have N = ", n, " elements, got ", groups->size(0));
-    check_indices(*groups, losses, "groups", "losses");
+    checks::int64_indices(*groups, losses, "groups", "losses");
     g = groups->contiguous();
   } else {
     TORCH_CHECK(num_groups == 1, "num_groups must be 1 without groups, got ", num_groups);
