@@ -1,9 +1,15 @@
-"""GPU benchmark of the Triton backend: its ops and a TopK-SAE training step against the dense
-PyTorch formulation, eai-sparsify (when importable) and the GEMM floor, beside the performance
-model of docs/triton.md.
+"""GPU benchmark of the GPU backends (Triton and CUDA C++), side by side in one run: their ops and
+a TopK-SAE training step against the dense PyTorch formulation, eai-sparsify (when importable) and
+the GEMM floor, beside the performance model of docs/triton.md (a model of the Triton kernels).
 
     python benchmarks/bench_gpu.py [--dtype bfloat16] [--shape ref] [--repeats 20] [--json results.jsonl]
+                                   [--backends triton cuda]
     python benchmarks/bench_gpu.py --model [--shape ref]     # the model alone, no GPU needed
+
+Each GPU backend (provider `triton`, `cuda`) runs every op and the step through
+``ssae_kernels.use_backend(name)``. A backend that cannot serve an op on CUDA tensors (e.g. `_C`
+built without SSAE_BUILD_CUDA=1) is listed at the start and in that op's row with the reasons
+``ssae_kernels.backends`` gives, and skipped.
 
 Per shape and dtype it reports, for each op and provider: median time over --repeats timed runs
 (CUDA events, after warm-up), the ratio to the dense PyTorch formulation of the same op, achieved
@@ -12,7 +18,8 @@ was allocated before it. The training step (encode -> decode -> per-row squared 
 backward into W_enc, b_enc, W_dec, b_dec) is also reported as a multiple of one dense GEMM
 x @ W_enc.T (the floor, DESIGN.md §6).
 
-Without a CUDA device it prints why and exits 0. It does not depend on benchmarks/harness.py.
+Without a CUDA device it lists the backends, prints why nothing is timed and exits 0. It does not
+depend on benchmarks/harness.py.
 """
 
 from __future__ import annotations
@@ -167,13 +174,39 @@ def _dense_code(values, indices, M):
     return torch.zeros(values.shape[0], M, dtype=values.dtype, device=values.device).scatter_(1, indices, values)
 
 
-def run(shape_name, dtype, repeats, json_path=None):
+GPU_BACKENDS = ("triton", "cuda")
+# The primitives one training step runs (forward and backward).
+STEP_OPS = ("topk_encode", "sparse_decode", "sampled_dot", "latent_transpose", "sparse_transpose_matmul")
+
+
+def backend_reasons(name, ops=STEP_OPS) -> list[str]:
+    """Why backend ``name`` cannot run ``ops`` on CUDA tensors, from ssae_kernels.backends ([] if it can)."""
+    from ssae_kernels import backends
+
+    reasons = []
+    for op in ops:
+        for reason in backends.BACKENDS[name].not_supported_reasons(op, torch.device("cuda")):
+            if reason not in reasons:
+                reasons.append(reason)
+    return reasons
+
+
+def print_backends(names=GPU_BACKENDS) -> dict[str, list[str]]:
+    status = {name: backend_reasons(name) for name in names}
+    for name, reasons in status.items():
+        print(f"backend {name}: " + ("available" if not reasons else "skipped, " + "; ".join(reasons)))
+    return status
+
+
+def run(shape_name, dtype, repeats, json_path=None, gpu_backends=GPU_BACKENDS, device="cuda"):
+    """Times every case of one shape and dtype; ``device`` is "cuda" except in tests (CPU tensors
+    through the Triton interpreter, with the CUDA timers replaced)."""
     import ssae_kernels
     from ssae_kernels import backends
 
     ops = torch.ops.ssae
     N, d, M, k = SHAPES[shape_name]
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     gpu = "H100" if "H100" in torch.cuda.get_device_name() else "A100"
     s = torch.empty((), dtype=dtype).element_size()
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -182,62 +215,74 @@ def run(shape_name, dtype, repeats, json_path=None):
     W_dec = W_enc.clone()
     b_enc = torch.zeros(M, device=dev, dtype=dtype)
     b_dec = torch.zeros(d, device=dev, dtype=dtype)
-    with ssae_kernels.use_backend("triton"):
-        values, indices = ssae_kernels.topk_encode(x, W_enc, b_enc, k, b_dec=b_dec)
-        offsets, order = ops.latent_transpose(indices, M)
+    # Inputs of the decode and backward ops, the same for every provider (dense formulation).
+    values, indices = _dense_encode(x, W_enc, b_enc, k, b_dec)
+    offsets, order = backends.BACKENDS["reference"].kernel("latent_transpose")(indices, M)
     grad = torch.randn(N, d, device=dev, generator=gen).to(dtype)
 
-    @contextlib.contextmanager
-    def triton_backend():
-        with ssae_kernels.use_backend("triton"):
-            yield
-
-    def in_triton(fn):
+    def on(backend, fn):
         def call():
-            with triton_backend():
+            with ssae_kernels.use_backend(backend):
                 return fn()
         return call
 
-    cases = {  # op -> provider -> callable
+    def ours(backend):  # op -> callable on ``backend``
+        return {
+            "topk_encode": on(backend, lambda: ssae_kernels.topk_encode(x, W_enc, b_enc, k, b_dec=b_dec)),
+            "sparse_decode": on(backend, lambda: ssae_kernels.sparse_decode(values, indices, W_dec, b_dec)),
+            "sampled_dot": on(backend, lambda: ops.sampled_dot(grad, indices, W_dec)),
+            "latent_transpose": on(backend, lambda: ops.latent_transpose(indices, M)),
+            "sparse_transpose_matmul": on(backend, lambda: ops.sparse_transpose_matmul(values, grad, offsets, order)),
+        }
+
+    baselines = {  # op -> provider -> callable
         "gemm_floor": {"torch": lambda: x @ W_enc.T},
-        "topk_encode": {
-            "triton": in_triton(lambda: ssae_kernels.topk_encode(x, W_enc, b_enc, k, b_dec=b_dec)),
-            "dense": lambda: _dense_encode(x, W_enc, b_enc, k, b_dec),
-        },
+        "topk_encode": {"dense": lambda: _dense_encode(x, W_enc, b_enc, k, b_dec)},
         "sparse_decode": {
-            "triton": in_triton(lambda: ssae_kernels.sparse_decode(values, indices, W_dec, b_dec)),
             "dense": lambda: _dense_code(values, indices, M) @ W_dec + b_dec,
             "embedding_bag": lambda: torch.nn.functional.embedding_bag(
                 indices, W_dec, per_sample_weights=values, mode="sum") + b_dec,
         },
         "sampled_dot": {
-            "triton": in_triton(lambda: ops.sampled_dot(grad, indices, W_dec)),
             "dense": lambda: (grad @ W_dec.T).gather(1, indices),
             "gather": lambda: torch.einsum("nd,nkd->nk", grad, W_dec[indices]),
         },
-        "latent_transpose": {
-            "triton": in_triton(lambda: ops.latent_transpose(indices, M)),
-            "torch": lambda: backends.BACKENDS["reference"].kernel("latent_transpose")(indices, M),
-        },
+        "latent_transpose": {"torch": lambda: backends.BACKENDS["reference"].kernel("latent_transpose")(indices, M)},
         "sparse_transpose_matmul": {
-            "triton": in_triton(lambda: ops.sparse_transpose_matmul(values, grad, offsets, order)),
             "dense": lambda: (_dense_code(values, indices, M).T @ grad, _dense_code(values, indices, M).sum(0)),
         },
     }
-    step_cases = _step_cases(N, d, M, k, dtype, dev, x)
+    # Our backends first in each op, then the baselines; a backend that cannot serve an op keeps
+    # its row with the reasons (skipped[op][backend]).
+    cases, skipped = {"gemm_floor": baselines["gemm_floor"]}, {}
+    per_backend = {name: ours(name) for name in gpu_backends}
+    for op in STEP_OPS:
+        cases[op] = {}
+        for name in gpu_backends:
+            reasons = backend_reasons(name, (op,))
+            if reasons:
+                skipped.setdefault(op, {})[name] = reasons
+            else:
+                cases[op][name] = per_backend[name][op]
+        cases[op].update(baselines[op])
+    step_cases, skipped["training_step"] = _step_cases(N, d, M, k, dtype, dev, x, gpu_backends)
     model_rows, _ = model(N, d, M, k, s, gpu)
     model_of = {"topk_encode": ["encode (fused GEMM + top-k)", "encode merge", "fold bias (W @ b_dec)"],
                 "sparse_decode": ["sparse_decode"], "sampled_dot": ["sampled_dot"],
                 "latent_transpose": ["latent_transpose"], "sparse_transpose_matmul": ["sparse_transpose_matmul"],
                 "gemm_floor": ["dense GEMM floor x @ W_enc.T"]}
 
+    extension = backends.BACKENDS["cuda"].extension
+    built = "cuda" if extension is not None and extension.build_info().get("cuda", False) else "cpu only"
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {_version('triton')}  "
-          f"shape {shape_name}: N={N} d={d} M={M} k={k} {dtype}")
+          f"_C: {built}  shape {shape_name}: N={N} d={d} M={M} k={k} {dtype}")
     print(f"{'op':<24} {'provider':<14} {'median ms':>10} {'vs dense':>9} {'TFLOP/s':>8} {'GB/s':>7} "
           f"{'model ms':>9} {'peak MB':>8}")
     results = []
     floor = None
     for op, providers in list(cases.items()) + [("training_step", step_cases)]:
+        for provider, reasons in skipped.get(op, {}).items():
+            print(f"{op:<24} {provider:<14} skipped: {'; '.join(reasons)}")
         medians = {}
         for provider, fn in providers.items():
             try:
@@ -255,6 +300,7 @@ def run(shape_name, dtype, repeats, json_path=None):
             rows = [model_rows[name] for name in model_of.get(op, [])]
             flops = sum(r["flops"] for r in rows)
             bytes_ = sum(r["bytes"] for r in rows)
+            # the model describes the Triton kernels (and the GEMM floor), not the CUDA C++ ones
             model_s = sum(r["seconds"] for r in rows) if provider in ("triton", "torch") and rows else float("nan")
             ratio = t / base if base else float("nan")
             extra = f"  {t / floor:.2f}x floor" if op == "training_step" and floor else ""
@@ -263,7 +309,7 @@ def run(shape_name, dtype, repeats, json_path=None):
             results.append(dict(op=op, provider=provider, shape=dict(N=N, d=d, M=M, k=k), dtype=str(dtype),
                                 device=torch.cuda.get_device_name(), seconds=t, vs_dense=ratio,
                                 floor_seconds=floor, model_seconds=model_s, peak_bytes=mem,
-                                versions=dict(torch=torch.__version__, triton=_version("triton"))))
+                                versions=dict(torch=torch.__version__, triton=_version("triton"), extension=built)))
     if json_path:
         with open(json_path, "a") as f:
             for r in results:
@@ -271,7 +317,8 @@ def run(shape_name, dtype, repeats, json_path=None):
     return results
 
 
-def _step_cases(N, d, M, k, dtype, dev, x):
+def _step_cases(N, d, M, k, dtype, dev, x, gpu_backends=GPU_BACKENDS):
+    """provider -> one training step, and backend -> reasons for the GPU backends that cannot run it."""
     import ssae_kernels
 
     gen = torch.Generator(device=dev).manual_seed(1)
@@ -283,16 +330,18 @@ def _step_cases(N, d, M, k, dtype, dev, x):
         b_dec = torch.zeros(d, device=dev, dtype=dtype, requires_grad=True)
         return W_enc, b_enc, W_dec, b_dec
 
-    ours, dense = params(), params()
+    def ssae_step(backend, weights):
+        def step():
+            W_enc, b_enc, W_dec, b_dec = weights
+            for p in weights:
+                p.grad = None
+            with ssae_kernels.use_backend(backend):
+                values, indices = ssae_kernels.topk_encode(x, W_enc, b_enc, k, b_dec=b_dec)
+                x_hat = ssae_kernels.sparse_decode(values, indices, W_dec, b_dec)
+                ((x_hat - x).float() ** 2).sum(-1).mean().backward()
+        return step
 
-    def ssae_step():
-        W_enc, b_enc, W_dec, b_dec = ours
-        for p in ours:
-            p.grad = None
-        with ssae_kernels.use_backend("triton"):
-            values, indices = ssae_kernels.topk_encode(x, W_enc, b_enc, k, b_dec=b_dec)
-            x_hat = ssae_kernels.sparse_decode(values, indices, W_dec, b_dec)
-            ((x_hat - x).float() ** 2).sum(-1).mean().backward()
+    dense = params()
 
     def dense_step():
         W_enc, b_enc, W_dec, b_dec = dense
@@ -302,7 +351,14 @@ def _step_cases(N, d, M, k, dtype, dev, x):
         x_hat = _dense_code(values, indices, M) @ W_dec + b_dec
         ((x_hat - x).float() ** 2).sum(-1).mean().backward()
 
-    cases = {"triton": ssae_step, "dense": dense_step}
+    cases, skipped = {}, {}
+    for name in gpu_backends:
+        reasons = backend_reasons(name, STEP_OPS)
+        if reasons:
+            skipped[name] = reasons
+        else:
+            cases[name] = ssae_step(name, params())
+    cases["dense"] = dense_step
     try:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import peers
@@ -312,7 +368,7 @@ def _step_cases(N, d, M, k, dtype, dev, x):
         cases["eai-sparsify"] = lambda: peer.step(x)
     except Exception as error:  # not installed, or fails on this setup
         print(f"eai-sparsify: not benchmarked ({type(error).__name__}: {str(error).splitlines()[0][:100]})")
-    return cases
+    return cases, skipped
 
 
 def _version(module):
@@ -326,6 +382,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", nargs="+", default=["ref"], choices=sorted(SHAPES))
     ap.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--backends", nargs="+", default=list(GPU_BACKENDS), choices=GPU_BACKENDS,
+                    help="GPU backends to time (default: all; one that cannot run is listed with its reasons)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", default=None, help="append one JSON line per (op, provider) to this file")
     ap.add_argument("--model", action="store_true", help="print the performance model only (no GPU needed)")
@@ -340,15 +398,18 @@ def main(argv=None) -> int:
                 print_model(shape, 4 if dtype == "float32" else 2, args.gpu)
                 print()
         return 0
+    gpu_backends = tuple(dict.fromkeys(args.backends))
+    if torch.cuda.is_available():
+        os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels: before the listing imports triton
+    print_backends(gpu_backends)
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device here (torch.cuda.is_available() is False), so there is nothing to time. "
               "Run it on a GPU machine; `python benchmarks/bench_gpu.py --model` prints the performance "
               "model without one.")
         return 0
-    os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels
     for shape in args.shape:
         for dtype in args.dtype:
-            run(shape, getattr(torch, dtype), args.repeats, args.json)
+            run(shape, getattr(torch, dtype), args.repeats, args.json, gpu_backends)
     return 0
 
 

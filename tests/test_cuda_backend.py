@@ -13,7 +13,8 @@ blocks (2048 rows) and latent chunks (4096 latents at 2048 rows, 2560 with the
 bf16/f16 hi + lo split, see launch.h); k beyond the shared-memory sort (2048).
 The TERM primitives (tilted_group_stats, row_sq_error, sparse_decode_sq_error)
 are compared with the float64 reference at every tilt of issue 5; their slot
-plan and merge order are emulated on the host by test_cuda_launch.
+plan and merge order are emulated on the host by test_cuda_launch, as is the slot
+ownership of sparse_decode_sq_error's backward (sparse_decode_residual).
 """
 
 import os
@@ -24,7 +25,9 @@ import pytest
 import torch
 
 import ssae_kernels
-from assertions import TOLERANCE, close
+from assertions import (assert_gpu_step_matches_reference, assert_op_matches_reference,
+                        assert_transpose_and_matmul_match, assert_valid_topk, close, make_encode_inputs,
+                        make_step_inputs, step_grads)
 from conftest import CUDA
 from ssae_kernels import backends, reference
 
@@ -54,15 +57,10 @@ def _exact_float32_gemm():
 
 
 def make_inputs(N, d, M, dtype, b_dec=True, requires_grad=False):
-    x = torch.randn(N, d, dtype=torch.float64)
-    W = torch.randn(M, d, dtype=torch.float64) / d**0.5
-    b = torch.randn(M, dtype=torch.float64) * 0.1
-    bd = torch.randn(d, dtype=torch.float64) * 0.1 if b_dec else None
-    return [t.to(device="cuda", dtype=dtype).requires_grad_(requires_grad) if t is not None else None
-            for t in (x, W, b, bd)]
+    return make_encode_inputs(N, d, M, dtype, b_dec=b_dec, requires_grad=requires_grad, device="cuda")
 
 
-def assert_valid_topk(values, indices, x, W, b, k, bd):
+def assert_valid_cuda_topk(values, indices, x, W, b, k, bd):
     """A correct top-k of the exact pre-activations, up to the CUDA encode's score error.
 
     Scores come from a float32-accumulated GEMM; for bfloat16/float16 with b_dec,
@@ -70,23 +68,8 @@ def assert_valid_topk(values, indices, x, W, b, k, bd):
     or 2^-22 (f16) of sum |x_c w| (launch.h / cuda_ops.cu). Keys closer than that
     may come out in either order, nothing else may.
     """
-    N, M = x.shape[0], W.shape[0]
-    assert values.shape == (N, k) and indices.shape == (N, k)
-    assert values.dtype == x.dtype and indices.dtype == torch.int64
-    assert int(indices.min()) >= 0 and int(indices.max()) < M
-    assert all(len(set(row.tolist())) == k for row in indices.cpu()), "a latent selected twice in one row"
-    xd, Wd, bdd = x.double(), W.double(), b.double()
-    xc = xd if bd is None else xd - bd.double()
-    pre = xc @ Wd.T + bdd
-    magnitude = xc.abs() @ Wd.abs().T + bdd.abs()
     split_error = {torch.bfloat16: 2.0**-17, torch.float16: 2.0**-22}.get(x.dtype, 0.0) if bd is not None else 0.0
-    slack = ((x.shape[1] + 1) * 2e-7 + split_error) * magnitude.max(dim=1, keepdim=True).values + 1e-30
-    selected = pre.gather(1, indices)
-    assert bool((selected[:, :-1] >= selected[:, 1:] - slack).all()), "indices not in descending order"
-    rest = pre.scatter(1, indices, float("-inf"))
-    assert bool((selected[:, -1:] >= rest.max(dim=1, keepdim=True).values - slack).all()), "a better latent was left out"
-    close(values, torch.relu(selected).to(x.dtype), dtype=x.dtype,
-          scale=float(magnitude.max()) if x.dtype == torch.float32 else 1.0)
+    assert_valid_topk(values, indices, x, W, b, k, bd, score_error=split_error)
 
 
 ENCODE_SHAPES = [  # N, d, M, k
@@ -109,7 +92,7 @@ def test_gpu_topk_encode(dtype, N, d, M, k, with_b_dec):
     x, W, b, bd = make_inputs(N, d, M, dtype, b_dec=with_b_dec)
     with ssae_kernels.use_backend("cuda"):
         values, indices = ssae_kernels.topk_encode(x, W, b, k, b_dec=bd)
-    assert_valid_topk(values, indices, x, W, b, k, bd)
+    assert_valid_cuda_topk(values, indices, x, W, b, k, bd)
 
 
 @requires_cuda_backend
@@ -156,9 +139,7 @@ def test_gpu_sparse_decode(dtype, N, k, d, M, with_bias):
     indices = torch.randint(0, M, (N, k), device="cuda")
     W = (torch.randn(M, d, device="cuda") / d**0.5).to(dtype)
     bias = torch.randn(d, device="cuda").to(dtype) if with_bias else None
-    with ssae_kernels.use_backend("cuda"):
-        out = ssae_kernels.sparse_decode(values, indices, W, bias)
-    close(out, reference.sparse_decode(values, indices, W, bias), scale=k**0.5)
+    assert_op_matches_reference("cuda", "sparse_decode", values, indices, W, bias, scale=k**0.5)
 
 
 @requires_cuda_backend
@@ -168,9 +149,7 @@ def test_gpu_sampled_dot(dtype, N, k, d, M):
     grad = torch.randn(N, d, device="cuda").to(dtype)
     indices = torch.randint(0, M, (N, k), device="cuda")
     W = torch.randn(M, d, device="cuda").to(dtype)
-    with ssae_kernels.use_backend("cuda"):
-        out = ops.sampled_dot(grad, indices, W)
-    close(out, reference.sampled_dot(grad, indices, W), scale=d**0.5)
+    assert_op_matches_reference("cuda", "sampled_dot", grad, indices, W, scale=d**0.5)
 
 
 @requires_cuda_backend
@@ -182,17 +161,8 @@ def test_gpu_latent_transpose_and_matmul(dtype, N, k, M):
     indices = (torch.rand(N, k, device="cuda") ** 3 * M).long().clamp_(max=M - 1)
     weights = torch.randn(N, k, device="cuda").to(dtype)
     rows = torch.randn(N, d, device="cuda").to(dtype)
-    with ssae_kernels.use_backend("cuda"):
-        offsets, order = ops.latent_transpose(indices, M)
-        out, colsum = ops.sparse_transpose_matmul(weights, rows, offsets, order)
-        again = ops.sparse_transpose_matmul(weights, rows, offsets, order)
-    ref_offsets, ref_order = reference.latent_transpose(indices, M)
-    assert torch.equal(offsets, ref_offsets) and torch.equal(order, ref_order)
-    assert torch.equal(out, again[0]) and torch.equal(colsum, again[1])  # deterministic
-    ref_out, ref_colsum = reference.sparse_transpose_matmul(weights, rows, offsets, order)
-    per_latent = float(torch.diff(offsets).max())
-    close(out, ref_out, scale=per_latent**0.5 + 1)
-    close(colsum, ref_colsum, scale=per_latent**0.5 + 1)
+    per_latent = float(torch.bincount(indices.reshape(-1), minlength=M).max())  # entries of the busiest latent
+    assert_transpose_and_matmul_match("cuda", indices, weights, rows, M, scale=per_latent**0.5 + 1)
 
 
 @requires_cuda_backend
@@ -217,28 +187,10 @@ def test_gpu_out_of_range_indices_never_read_outside():
 def test_gpu_training_step(dtype):
     # Forward and backward of encode -> decode through autograd, cuda vs reference.
     N, d, M, k = 512, 256, 8192, 32
-    x, W, b, bd = make_inputs(N, d, M, dtype, requires_grad=True)
-    Wd = (torch.randn(M, d, device="cuda") / d**0.5).to(dtype).requires_grad_(True)
-    weights = torch.randn(N, k, device="cuda")
-
-    def step(encode, decode):
-        values, indices = encode(x, W, b, k, bd)
-        x_hat = decode(values, indices, Wd, bd)
-        loss = ((x_hat.float() - x.detach().float()) ** 2).sum() + (values.float() * weights).sum()
-        return torch.autograd.grad(loss, [x, W, b, bd, Wd]), indices
-
-    with ssae_kernels.use_backend("cuda"):
-        grads, indices = step(lambda *a: ssae_kernels.topk_encode(*a[:4], b_dec=a[4]), ssae_kernels.sparse_decode)
-    ref_grads, ref_indices = step(reference.topk_encode, reference.sparse_decode)
-    same = (indices == ref_indices).all(dim=1)
-    assert same.float().mean() > 0.95  # rows with a near-tie may select differently
-    scale = max(1.0, float(weights.abs().sum(0).max()), float(x.detach().float().abs().max()) * N)
-    tol = TOLERANCE[dtype]
-    for name, g, r in zip(("x", "W_enc", "b_enc", "b_dec", "W_dec"), grads, ref_grads):
-        if name == "x":
-            g, r = g[same], r[same]
-        if bool(same.all()) or name == "x":
-            torch.testing.assert_close(g, r, rtol=tol["rtol"], atol=tol["atol"] * scale)
+    x, W, b, bd, Wd, weights = make_step_inputs(N, d, M, k, dtype, device="cuda")
+    grads, indices = step_grads("cuda", x, W, b, bd, Wd, k, weights)
+    ref_grads, ref_indices = step_grads(None, x, W, b, bd, Wd, k, weights)
+    assert_gpu_step_matches_reference(grads, indices, ref_grads, ref_indices, x, weights, dtype)
 
 
 @requires_cuda_backend
@@ -404,6 +356,63 @@ def test_gpu_sparse_decode_sq_error_bad_index_gives_nan():
 
 
 @requires_cuda_backend
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,k,d,M", [(1, 1, 1, 1), (17, 5, 33, 40), (300, 32, 768, 24576), (9, 40, 1025, 40),
+                                     (5, 300, 7, 1000), (3, 7, 5000, 7)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gpu_sparse_decode_residual(dtype, N, k, d, M, with_bias):
+    # d = 1025 and 5000 span several column tiles, k = 300 two staging rounds, (9, 40, 1025, 40) has k = M
+    values = torch.rand(N, k, device="cuda").to(dtype)
+    indices = torch.randint(0, M, (N, k), device="cuda")
+    W = (torch.randn(M, d, device="cuda") / d**0.5).to(dtype)
+    bias = (torch.randn(d, device="cuda") * 0.1).to(dtype) if with_bias else None
+    x = torch.randn(N, d, device="cuda").to(dtype)
+    scale = torch.rand(N, device="cuda") * 4 - 2
+    with ssae_kernels.use_backend("cuda"):
+        residual, grad_values = ops.sparse_decode_residual(values, indices, W, bias, x, scale)
+    assert residual.dtype == grad_values.dtype == dtype
+    assert residual.shape == (N, d) and grad_values.shape == (N, k)
+    ref_residual, ref_grad = reference.sparse_decode_residual(values, indices, W, bias, x, scale)
+    close(residual, ref_residual, scale=k)
+    close(grad_values, ref_grad, scale=k)
+    # deterministic: the per-tile partial dots are merged in a fixed order
+    with ssae_kernels.use_backend("cuda"):
+        again = ops.sparse_decode_residual(values, indices, W, bias, x, scale)
+    assert torch.equal(again[0], residual) and torch.equal(again[1], grad_values)
+
+
+@requires_cuda_backend
+def test_gpu_sparse_decode_mse_backward():
+    N, k, d, M = 64, 8, 300, 500
+    values = torch.rand(N, k, device="cuda", requires_grad=True)
+    indices = torch.randint(0, M, (N, k), device="cuda")
+    W = (torch.randn(M, d, device="cuda") / d**0.5).requires_grad_(True)
+    b = (torch.randn(d, device="cuda") * 0.1).requires_grad_(True)
+    x = torch.randn(N, d, device="cuda", requires_grad=True)
+    inputs = (values, W, b, x)
+    with ssae_kernels.use_backend("cuda"):
+        value = ssae_kernels.sparse_decode_mse(values, indices, W, b, x, t=500.0)
+        grads = torch.autograd.grad(value, inputs)
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+    rv, rW, rb, rx = ref_inputs
+    ref = reference.tilted_loss(reference.sparse_decode_sq_error(rv, indices, rW, rb, rx), 500.0)
+    for g, r in zip(grads, torch.autograd.grad(ref, ref_inputs)):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6 * float(r.abs().max()))
+
+
+@requires_cuda_backend
+def test_gpu_sparse_decode_residual_bad_index_gives_nan():
+    M, d = 10, 8
+    ext = backends.BACKENDS["cuda"].extension
+    indices = torch.tensor([[0, 1], [2, M], [-1, 3]], device="cuda")
+    residual, grad_values = ext.sparse_decode_residual_cuda(torch.randn(3, 2, device="cuda"), indices,
+                                                            torch.randn(M, d, device="cuda"), None,
+                                                            torch.randn(3, d, device="cuda"), torch.ones(3, device="cuda"))
+    assert not bool(residual[0].isnan().any() or grad_values[0].isnan().any())
+    assert bool(residual[1:].isnan().all() and grad_values[1:].isnan().all())
+
+
+@requires_cuda_backend
 def test_gpu_term_bad_input():
     ext = backends.BACKENDS["cuda"].extension
     losses = torch.rand(10, device="cuda")
@@ -421,6 +430,14 @@ def test_gpu_term_bad_input():
         ext.sparse_decode_sq_error_cuda(torch.rand(3, 2, device="cuda"), torch.zeros(3, 2, dtype=torch.int64,
                                         device="cuda"), torch.rand(5, 4, device="cuda"), None,
                                         torch.rand(3, 5, device="cuda"))
+    with pytest.raises(TypeError, match="scale must be float32"):
+        ext.sparse_decode_residual_cuda(torch.rand(3, 2, device="cuda"), torch.zeros(3, 2, dtype=torch.int64,
+                                        device="cuda"), torch.rand(5, 4, device="cuda"), None,
+                                        torch.rand(3, 4, device="cuda"), torch.ones(3, dtype=torch.float64, device="cuda"))
+    with pytest.raises(RuntimeError, match="scale must be"):
+        ext.sparse_decode_residual_cuda(torch.rand(3, 2, device="cuda"), torch.zeros(3, 2, dtype=torch.int64,
+                                        device="cuda"), torch.rand(5, 4, device="cuda"), None,
+                                        torch.rand(3, 4, device="cuda"), torch.ones(4, device="cuda"))
 
 
 # ---- without a GPU ---------------------------------------------------------------------------

@@ -19,7 +19,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ssae_kernels
-from assertions import TOLERANCE, assert_valid_topk, close
+from assertions import (GRAD_NAMES, TOLERANCE, assert_gpu_step_matches_reference, assert_op_matches_reference,
+                        assert_transpose_and_matmul_match, assert_valid_topk, close, make_encode_inputs,
+                        make_step_inputs, step_grads)
 from conftest import requires_cuda
 from ssae_kernels import reference
 
@@ -35,15 +37,6 @@ compiled = pytest.mark.skipif(INTERPRETING, reason="compiled-mode test: run with
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ops = torch.ops.ssae
 SAE_OPS = ("topk_encode", "sparse_decode", "sampled_dot", "latent_transpose", "sparse_transpose_matmul")
-
-
-def make_inputs(N, d, M, dtype=torch.float32, b_dec=True, requires_grad=False, device="cpu"):
-    x = torch.randn(N, d, dtype=torch.float64)
-    W = torch.randn(M, d, dtype=torch.float64) / d**0.5
-    b = torch.randn(M, dtype=torch.float64) * 0.1
-    bd = torch.randn(d, dtype=torch.float64) * 0.1 if b_dec else None
-    return [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) if t is not None else None
-            for t in (x, W, b, bd)]
 
 
 def encode(x, W, b, k, bd=None, **overrides):
@@ -68,7 +61,7 @@ EDGE_SHAPES = [  # N, d, M, k around BLOCK_N=16, BLOCK_K=16, BLOCK_M=32
 @pytest.mark.parametrize("N,d,M,k", EDGE_SHAPES)
 @pytest.mark.parametrize("with_b_dec", [True, False])
 def test_encode_matches_reference_float32(N, d, M, k, with_b_dec):
-    x, W, b, bd = make_inputs(N, d, M, b_dec=with_b_dec)
+    x, W, b, bd = make_encode_inputs(N, d, M, b_dec=with_b_dec)
     with ssae_kernels.use_backend("triton"):
         values, indices = ssae_kernels.topk_encode(x, W, b, k, b_dec=bd)
     assert_valid_topk(values, indices, x, W, b, k, bd)
@@ -78,7 +71,7 @@ def test_encode_matches_reference_float32(N, d, M, k, with_b_dec):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,d,M,k", [(17, 17, 33, 5), (15, 15, 31, 31), (2, 3, 5, 5)])
 def test_encode_dtypes(dtype, N, d, M, k):
-    x, W, b, bd = make_inputs(N, d, M, dtype)
+    x, W, b, bd = make_encode_inputs(N, d, M, dtype)
     with ssae_kernels.use_backend("triton"):
         values, indices = ssae_kernels.topk_encode(x, W, b, k, b_dec=bd)
     assert_valid_topk(values, indices, x, W, b, k, bd)
@@ -88,7 +81,7 @@ def test_encode_dtypes(dtype, N, d, M, k):
 @pytest.mark.parametrize("splits", [1, 2, 3, 5])
 def test_encode_latent_splits(splits):
     # 5 tiles of 32 latents; every split count, including splits of unequal length
-    x, W, b, bd = make_inputs(20, 9, 150)
+    x, W, b, bd = make_encode_inputs(20, 9, 150)
     values, indices = encode(x, W, b, 12, bd, splits=splits)
     assert_valid_topk(values, indices, x, W, b, 12, bd)
     assert te.encode_plan(20, 150, 12, x.dtype, x.device, splits=splits).splits == splits
@@ -98,7 +91,7 @@ def test_encode_latent_splits(splits):
 def test_encode_shipped_gpu_config_in_interpreter():
     # The largest shipped tile shape, with shapes one past its edges: 64 rows, 128 latents, 64 columns.
     cfg = te.ENCODE_CONFIGS[(32, 2)]
-    x, W, b, bd = make_inputs(65, 65, 257, torch.bfloat16)
+    x, W, b, bd = make_encode_inputs(65, 65, 257, torch.bfloat16)
     values, indices = encode(x, W, b, 24, bd, config=cfg, splits=2)
     assert_valid_topk(values, indices, x, W, b, 24, bd)
 
@@ -108,7 +101,7 @@ def test_encode_shipped_gpu_config_in_interpreter():
 def test_encode_rounds_when_k_exceeds_max_kp(monkeypatch, k):
     # k > MAX_KP runs the kernels in rounds below the previous round's last key
     monkeypatch.setattr(te, "MAX_KP", 4)
-    x, W, b, bd = make_inputs(9, 10, 23 if k == 23 else 50)
+    x, W, b, bd = make_encode_inputs(9, 10, 23 if k == 23 else 50)
     plan = te.encode_plan(9, W.shape[0], k, x.dtype, x.device)
     assert plan.kp == 4 and plan.rounds == -(-k // 4)
     values, indices = encode(x, W, b, k, bd, splits=2)
@@ -146,7 +139,7 @@ def test_encode_all_scores_equal_and_negative_zero():
 
 @interpreter
 def test_encode_fewer_positive_than_k():
-    x, W, b, bd = make_inputs(17, 12, 90)
+    x, W, b, bd = make_encode_inputs(17, 12, 90)
     b = b - 100.0
     values, indices = encode(x, W, b, 9, bd)
     assert torch.equal(values, torch.zeros_like(values))
@@ -158,7 +151,7 @@ def test_encode_fewer_positive_than_k():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("with_b_dec", [True, False])
 def test_encode_non_finite_inputs(bad, with_b_dec):
-    x, W, b, bd = make_inputs(20, 10, 64, b_dec=with_b_dec)
+    x, W, b, bd = make_encode_inputs(20, 10, 64, b_dec=with_b_dec)
     x[3] = bad
     x[7, 2] = bad
     if not with_b_dec:
@@ -181,7 +174,7 @@ def test_encode_non_finite_inputs(bad, with_b_dec):
 @interpreter
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
 def test_encode_non_finite_weights_with_b_dec_give_valid_indices():
-    x, W, b, bd = make_inputs(20, 10, 64)
+    x, W, b, bd = make_encode_inputs(20, 10, 64)
     W[5, 1], W[9, 0], bd[2] = float("inf"), float("nan"), float("-inf")
     values, indices = encode(x, W, b, 6, bd, splits=2)
     assert int(indices.min()) >= 0 and int(indices.max()) < 64
@@ -255,7 +248,7 @@ class _Allocations(TorchDispatchMode):
 @interpreter
 def test_encode_allocations_are_small_for_large_M():
     N, d, M, k = 8, 4, 4096, 4
-    x, W, b, bd = make_inputs(N, d, M)
+    x, W, b, bd = make_encode_inputs(N, d, M)
     plan = te.encode_plan(N, M, k, x.dtype, x.device)
     with _Allocations() as seen:
         values, indices = encode(x, W, b, k, bd)
@@ -280,9 +273,7 @@ def test_decode_matches_reference(dtype, N, k, M, d, with_b_dec):
     indices = torch.randint(0, M, (N, k))
     W = torch.randn(M, d).to(dtype)
     bd = torch.randn(d).to(dtype) if with_b_dec else None
-    with ssae_kernels.use_backend("triton"):
-        out = ssae_kernels.sparse_decode(values, indices, W, bd)
-    close(out, reference.sparse_decode(values, indices, W, bd), scale=k)
+    assert_op_matches_reference("triton", "sparse_decode", values, indices, W, bd, scale=k)
 
 
 # ---- backward primitives -------------------------------------------------------------------
@@ -295,9 +286,7 @@ def test_sampled_dot(dtype, N, d, M, k):
     grad = torch.randn(N, d).to(dtype)
     W = torch.randn(M, d).to(dtype)
     indices = torch.randint(0, M, (N, k))
-    with ssae_kernels.use_backend("triton"):
-        out = ops.sampled_dot(grad, indices, W)
-    close(out, reference.sampled_dot(grad, indices, W), scale=d)
+    assert_op_matches_reference("triton", "sampled_dot", grad, indices, W, scale=d)
 
 
 @interpreter
@@ -376,46 +365,27 @@ def triton_calls(monkeypatch):
     return calls
 
 
-def _grads(x, W, b, bd, Wd, k, weights):
-    values, indices = ssae_kernels.topk_encode(x, W, b, k, b_dec=bd)
-    x_hat = ssae_kernels.sparse_decode(values, indices, Wd, bd)
-    loss = ((x_hat.float() - x.detach().float()) ** 2).sum() + (values.float() * weights).sum()
-    inputs = [t for t in (x, W, b, bd, Wd) if t is not None]
-    return torch.autograd.grad(loss, inputs), indices
-
-
 @interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,d,M,k", [(17, 17, 33, 5), (4, 3, 9, 9), (6, 20, 70, 1)])
 def test_training_step_gradients(triton_calls, dtype, N, d, M, k):
-    x, W, b, bd = make_inputs(N, d, M, dtype, requires_grad=True)
-    Wd = (torch.randn(M, d) / d**0.5).to(dtype).requires_grad_(True)
-    weights = torch.randn(N, k)
-    with ssae_kernels.use_backend("triton"):
-        grads, indices = _grads(x, W, b, bd, Wd, k, weights)
-    ref_grads, ref_indices = _reference_grads(x, W, b, bd, Wd, k, weights)
+    x, W, b, bd, Wd, weights = make_step_inputs(N, d, M, k, dtype)
+    grads, indices = step_grads("triton", x, W, b, bd, Wd, k, weights)
+    ref_grads, ref_indices = step_grads(None, x, W, b, bd, Wd, k, weights)
     assert torch.equal(indices, ref_indices)  # no near-ties at this seed
     # every primitive ran on the Triton backend (the encoder's and decoder's backward share one transpose)
     assert all(triton_calls[op] >= 1 for op in SAE_OPS), triton_calls
     # The autograd formulas (ops/) centre x in its own dtype before grad W_enc; the reference
     # differentiates through a float32 centring: a few 16-bit ulps of the largest entry apart.
-    for name, g, r in zip(("x", "W_enc", "b_enc", "b_dec", "W_dec"), grads, ref_grads):
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
         assert g.dtype == r.dtype, name
         close(g, r, dtype=dtype, scale=max(1.0, float(r.abs().max())))
     # The same formulas on the CPU backend: only the summation order differs.
     if not ssae_kernels.backends.BACKENDS["cpu"].not_supported_reasons("topk_encode", x.device):
-        with ssae_kernels.use_backend("cpu"):
-            cpu_grads, cpu_indices = _grads(x, W, b, bd, Wd, k, weights)
+        cpu_grads, cpu_indices = step_grads("cpu", x, W, b, bd, Wd, k, weights)
         assert torch.equal(indices, cpu_indices)
-        for name, g, c in zip(("x", "W_enc", "b_enc", "b_dec", "W_dec"), grads, cpu_grads):
+        for name, g, c in zip(GRAD_NAMES, grads, cpu_grads):
             close(g, c, dtype=dtype)
-
-
-def _reference_grads(x, W, b, bd, Wd, k, weights):
-    values, indices = reference.topk_encode(x, W, b, k, bd)
-    x_hat = reference.sparse_decode(values, indices, Wd, bd)
-    loss = ((x_hat.float() - x.detach().float()) ** 2).sum() + (values.float() * weights).sum()
-    return torch.autograd.grad(loss, [x, W, b, bd, Wd]), indices
 
 
 # ---- bad input -----------------------------------------------------------------------------
@@ -424,7 +394,7 @@ def _reference_grads(x, W, b, bd, Wd, k, weights):
 @interpreter
 def test_bad_input():
     with ssae_kernels.use_backend("triton"):
-        x, W, b, bd = make_inputs(5, 4, 10, torch.float64)
+        x, W, b, bd = make_encode_inputs(5, 4, 10, torch.float64)
         with pytest.raises(TypeError, match="triton backend supports float32, bfloat16 and float16"):
             ssae_kernels.topk_encode(x, W, b, 3, b_dec=bd)
         with pytest.raises(IndexError, match="indices must lie in"):
@@ -459,7 +429,7 @@ def test_gpu_compiled_mode():
 @pytest.mark.parametrize("N,d,M,k", [(1, 64, 128, 1), (257, 129, 1000, 32), (64, 768, 24576, 32),
                                      (33, 64, 300, 300), (100, 96, 5000, 200)])
 def test_gpu_encode(dtype, N, d, M, k):
-    x, W, b, bd = make_inputs(N, d, M, dtype, device="cuda")
+    x, W, b, bd = make_encode_inputs(N, d, M, dtype, device="cuda")
     with ssae_kernels.use_backend("triton"):
         values, indices = ssae_kernels.topk_encode(x, W, b, k, b_dec=bd)
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
@@ -485,21 +455,10 @@ def test_gpu_encode_exact_ties():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_training_step(dtype):
     N, d, M, k = 512, 256, 8192, 32
-    x, W, b, bd = make_inputs(N, d, M, dtype, requires_grad=True, device="cuda")
-    Wd = (torch.randn(M, d, device="cuda") / d**0.5).to(dtype).requires_grad_(True)
-    weights = torch.randn(N, k, device="cuda")
-    with ssae_kernels.use_backend("triton"):
-        grads, indices = _grads(x, W, b, bd, Wd, k, weights)
-    ref_grads, ref_indices = _reference_grads(x, W, b, bd, Wd, k, weights)
-    same = (indices == ref_indices).all(dim=1)
-    assert same.float().mean() > 0.95  # rows with a near-tie may select differently
-    scale = max(1.0, float(weights.abs().sum(0).max()), float(x.detach().float().abs().max()) * N)
-    tol = TOLERANCE[dtype]
-    for name, g, r in zip(("x", "W_enc", "b_enc", "b_dec", "W_dec"), grads, ref_grads):
-        if name == "x":
-            g, r = g[same], r[same]
-        if bool(same.all()) or name == "x":
-            torch.testing.assert_close(g, r, rtol=tol["rtol"], atol=tol["atol"] * scale)
+    x, W, b, bd, Wd, weights = make_step_inputs(N, d, M, k, dtype, device="cuda")
+    grads, indices = step_grads("triton", x, W, b, bd, Wd, k, weights)
+    ref_grads, ref_indices = step_grads(None, x, W, b, bd, Wd, k, weights)
+    assert_gpu_step_matches_reference(grads, indices, ref_grads, ref_indices, x, weights, dtype)
 
 
 @requires_cuda
@@ -510,15 +469,5 @@ def test_gpu_backward_primitives(N, k, M):
     indices = torch.randint(0, M, (N, k), device="cuda")
     weights, rows = torch.randn(N, k, device="cuda"), torch.randn(N, d, device="cuda")
     W = torch.randn(M, d, device="cuda")
-    with ssae_kernels.use_backend("triton"):
-        offsets, order = ops.latent_transpose(indices, M)
-        out, colsum = ops.sparse_transpose_matmul(weights, rows, offsets, order)
-        again = ops.sparse_transpose_matmul(weights, rows, offsets, order)
-        sd = ops.sampled_dot(rows, indices, W)
-    ref_offsets, ref_order = reference.latent_transpose(indices, M)
-    assert torch.equal(offsets, ref_offsets) and torch.equal(order, ref_order)
-    assert torch.equal(out, again[0]) and torch.equal(colsum, again[1])
-    ref_out, ref_colsum = reference.sparse_transpose_matmul(weights, rows, offsets, order)
-    close(out, ref_out, scale=N * k / M + 1)
-    close(colsum, ref_colsum, scale=N * k / M + 1)
-    close(sd, reference.sampled_dot(rows, indices, W), scale=d)
+    assert_transpose_and_matmul_match("triton", indices, weights, rows, M, scale=N * k / M + 1)
+    assert_op_matches_reference("triton", "sampled_dot", rows, indices, W, scale=d)

@@ -8,7 +8,8 @@ writing into G itself is safe: a program writes only columns it has finished rea
 
 Two-pass path (larger r, whose C would not fit in registers): C = U^T G goes to a
 float32 [r, n] scratch buffer, then a second kernel writes every output element
-from its own G element and C (also safe in place).
+from its own G element and C (also safe in place). Both paths share the U^T G loop,
+the U tile load and the epilogue (complement, bf16 rounding, store) as jit helpers.
 
 Both dots run in float32 (inputs upcast: products of bfloat16/float16 numbers are
 exact in float32; and the interpreter's bfloat16 dot is wrong) with the precision
@@ -44,15 +45,13 @@ INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_D=16, num_warps=4)
 INTERPRET_TWO_PASS = dict(BLOCK_N=16, BLOCK_D=16, BLOCK_R=16, num_warps=4)
 
 
+# Shared pieces of the fused and two-pass kernels (inlined by Triton).
+
+
 @triton.jit
-def _project_kernel(g_ptr, u_ptr, out_ptr, D, R, N, stride_g, stride_o,
-                    COMPLEMENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                    PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    rs = tl.arange(0, BLOCK_R)
-    r_ok = rs < R
-    c = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+def _utg(acc, g_ptr, u_ptr, D, R, stride_g, cols, col_ok, rs, r_ok, BLOCK_D: tl.constexpr,
+         PRECISION: tl.constexpr):
+    """acc + U[:, rs]^T G[:, cols] ([BLOCK_R, BLOCK_N] float32), walking G's D rows in BLOCK_D chunks."""
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < D
@@ -60,21 +59,47 @@ def _project_kernel(g_ptr, u_ptr, out_ptr, D, R, N, stride_g, stride_o,
                     mask=d_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         ut = tl.load(u_ptr + ds.to(tl.int64)[None, :] * R + rs[:, None],
                      mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        c = tl.dot(ut, g, c, input_precision=PRECISION)
+        acc = tl.dot(ut, g, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _u_rows(u_ptr, R, ds, d_ok, rs, r_ok):
+    """U[ds, rs] as float32 ([BLOCK_D, BLOCK_R], zero outside)."""
+    return tl.load(u_ptr + ds.to(tl.int64)[:, None] * R + rs[None, :],
+                   mask=d_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_projection(p, g_ptr, out_ptr, stride_g, stride_o, ds, d_ok, cols, col_ok,
+                      COMPLEMENT: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """out[ds, cols] = p (= U U^T G there, float32), or G - p with COMPLEMENT, in out's dtype."""
+    mask = d_ok[:, None] & col_ok[None, :]
+    if COMPLEMENT:
+        g = tl.load(g_ptr + ds.to(tl.int64)[:, None] * stride_g + cols[None, :], mask=mask, other=0.0)
+        p = g.to(tl.float32) - p
+    if ROUND_BF16:
+        p = rne_bf16(p)
+    tl.store(out_ptr + ds.to(tl.int64)[:, None] * stride_o + cols[None, :], p.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _project_kernel(g_ptr, u_ptr, out_ptr, D, R, N, stride_g, stride_o,
+                    COMPLEMENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                    PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """Fused: C = U^T G[:, cols] in registers, then out[:, cols] from U C (all of U's r columns)."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    rs = tl.arange(0, BLOCK_R)
+    r_ok = rs < R
+    c = _utg(tl.zeros([BLOCK_R, BLOCK_N], tl.float32), g_ptr, u_ptr, D, R, stride_g, cols, col_ok, rs, r_ok,
+             BLOCK_D, PRECISION)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < D
-        u = tl.load(u_ptr + ds.to(tl.int64)[:, None] * R + rs[None, :],
-                    mask=d_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-        p = tl.dot(u, c, input_precision=PRECISION)
-        mask = d_ok[:, None] & col_ok[None, :]
-        if COMPLEMENT:
-            g = tl.load(g_ptr + ds.to(tl.int64)[:, None] * stride_g + cols[None, :], mask=mask, other=0.0)
-            p = g.to(tl.float32) - p
-        if ROUND_BF16:
-            p = rne_bf16(p)
-        tl.store(out_ptr + ds.to(tl.int64)[:, None] * stride_o + cols[None, :], p.to(out_ptr.dtype.element_ty),
-                 mask=mask)
+        p = tl.dot(_u_rows(u_ptr, R, ds, d_ok, rs, r_ok), c, input_precision=PRECISION)
+        _store_projection(p, g_ptr, out_ptr, stride_g, stride_o, ds, d_ok, cols, col_ok, COMPLEMENT, ROUND_BF16)
 
 
 @triton.jit
@@ -85,15 +110,8 @@ def _utg_kernel(g_ptr, u_ptr, c_ptr, D, R, N, stride_g,
     col_ok = cols < N
     rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rs < R
-    acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        d_ok = ds < D
-        g = tl.load(g_ptr + ds.to(tl.int64)[:, None] * stride_g + cols[None, :],
-                    mask=d_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        ut = tl.load(u_ptr + ds.to(tl.int64)[None, :] * R + rs[:, None],
-                     mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(ut, g, acc, input_precision=PRECISION)
+    acc = _utg(tl.zeros([BLOCK_R, BLOCK_N], tl.float32), g_ptr, u_ptr, D, R, stride_g, cols, col_ok, rs, r_ok,
+               BLOCK_D, PRECISION)
     tl.store(c_ptr + rs.to(tl.int64)[:, None] * N + cols[None, :], acc, mask=r_ok[:, None] & col_ok[None, :])
 
 
@@ -110,19 +128,10 @@ def _apply_kernel(g_ptr, u_ptr, c_ptr, out_ptr, D, R, N, stride_g, stride_o,
     for r0 in range(0, R, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
         r_ok = rs < R
-        u = tl.load(u_ptr + ds.to(tl.int64)[:, None] * R + rs[None, :],
-                    mask=d_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
         c = tl.load(c_ptr + rs.to(tl.int64)[:, None] * N + cols[None, :], mask=r_ok[:, None] & col_ok[None, :],
                     other=0.0)
-        acc = tl.dot(u, c, acc, input_precision=PRECISION)
-    mask = d_ok[:, None] & col_ok[None, :]
-    if COMPLEMENT:
-        g = tl.load(g_ptr + ds.to(tl.int64)[:, None] * stride_g + cols[None, :], mask=mask, other=0.0)
-        acc = g.to(tl.float32) - acc
-    if ROUND_BF16:
-        acc = rne_bf16(acc)
-    tl.store(out_ptr + ds.to(tl.int64)[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mask)
+        acc = tl.dot(_u_rows(u_ptr, R, ds, d_ok, rs, r_ok), c, acc, input_precision=PRECISION)
+    _store_projection(acc, g_ptr, out_ptr, stride_g, stride_o, ds, d_ok, cols, col_ok, COMPLEMENT, ROUND_BF16)
 
 
 def _block_r(r: int) -> int:
