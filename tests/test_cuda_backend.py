@@ -182,6 +182,24 @@ def test_gpu_out_of_range_indices_never_read_outside():
     assert sorted(order[:4].tolist()) == [0, 1, 2, 5]
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_index_check_on_request(backend, monkeypatch):
+    # SSAE_CHECK_INDICES=1 makes every GPU backend raise as the CPU backend does (at a sync per call).
+    reasons = backends.availability("cuda", "sparse_decode")[backend]
+    if reasons:
+        pytest.skip(f"{backend} backend unavailable: {'; '.join(reasons)}")
+    W = torch.randn(10, 8, device="cuda")
+    values = torch.randn(2, 2, device="cuda")
+    indices = torch.tensor([[0, 1], [2, 10]], device="cuda")
+    monkeypatch.setenv("SSAE_CHECK_INDICES", "1")
+    with ssae_kernels.use_backend(backend), pytest.raises(IndexError, match=r"indices must lie in \[0, 10\), got 10"):
+        ssae_kernels.sparse_decode(values, indices, W)
+    with ssae_kernels.use_backend(backend), pytest.raises(IndexError, match="groups"):
+        ssae_kernels.tilted_loss(torch.rand(4, device="cuda"), 1.0,
+                                 groups=torch.tensor([0, 1, 2, 3], device="cuda"), num_groups=3)
+
+
 @requires_cuda_backend
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_training_step(dtype):

@@ -4,6 +4,8 @@ They use ``torch._check_*`` so that the same code raises ``ValueError`` /
 ``TypeError`` eagerly and records symbolic-shape guards under torch.compile.
 """
 
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -40,6 +42,24 @@ def same_size(actual, expected, what: str):
 def indices(t, name: str, ref, ref_name: str):
     torch._check_type(t.dtype == torch.int64, lambda: f"{name} must be int64, got {t.dtype}")
     torch._check_value(t.device == ref.device, lambda: f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def index_range(t, bound: int, name: str):
+    """IndexError for entries of a GPU tensor outside [0, bound), when ``SSAE_CHECK_INDICES=1``.
+
+    On CPU tensors every backend checks inside its kernel (no sync to pay). On GPU tensors the
+    check costs a reduction and a device-to-host sync per call, so it is opt-in: without it an
+    out-of-range entry reads nothing out of bounds, and its outputs are unspecified (NaN on the
+    cuda backend, masked on triton). Indices from ``topk_encode`` are always in range.
+    """
+    if (t.device.type == "cpu" or t.numel() == 0 or os.environ.get("SSAE_CHECK_INDICES") != "1"
+            or torch._subclasses.fake_tensor.is_fake(t)):
+        return
+    bad = (t < 0) | (t >= bound)
+    if bool(bad.any()):
+        position = int(bad.reshape(-1).nonzero()[0, 0])
+        raise IndexError(f"{name} must lie in [0, {bound}), got {int(t.reshape(-1)[position])} "
+                         f"at flat position {position}")
 
 
 def integer(v, name: str):

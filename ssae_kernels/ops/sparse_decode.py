@@ -22,7 +22,8 @@ def sparse_decode(values, indices, W_dec, b_dec=None):
 
     Differentiable in values (gather-dot), W_dec (a per-latent transpose touching only
     the selected rows) and b_dec; O(N * k * d) forward and backward. Out-of-range
-    indices raise ``IndexError`` on the CPU backend.
+    indices raise ``IndexError`` on CPU tensors; on GPU tensors only with
+    ``SSAE_CHECK_INDICES=1`` (a device sync per call; see ``ops.checks.index_range``).
     """
     return torch.ops.ssae.sparse_decode(values, indices, W_dec, b_dec)
 
@@ -34,6 +35,7 @@ def _check(values, indices, W_dec, b_dec=None):
     checks.tensor(b_dec, "b_dec", 1, "[d]", optional=True)
     checks.floating(values, "values")
     checks.indices(indices, "indices", values, "values")
+    checks.index_range(indices, W_dec.shape[0], "indices")
     checks.like(W_dec, values, "W_dec", "values")
     checks.like(b_dec, values, "b_dec", "values")
     checks.same_size(tuple(indices.shape), tuple(values.shape), "indices must have the shape of values")

@@ -90,6 +90,7 @@ def _check_losses(losses, t, groups, num_groups):
     else:
         checks.tensor(groups, "groups", 1, "[N]")
         checks.indices(groups, "groups", losses, "losses")
+        checks.index_range(groups, num_groups, "groups")
         checks.same_size(groups.shape[0], losses.shape[0], "groups must have one id per loss")
 
 

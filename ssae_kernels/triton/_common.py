@@ -27,16 +27,12 @@ def check_device(t: torch.Tensor, name: str):
 
 
 def check_index_range(t: torch.Tensor, bound: int, name: str):
-    """IndexError for entries outside [0, bound), as the CPU backend raises.
-
-    Always on CPU tensors (interpreter). On CUDA tensors the check costs a device
-    sync, so it runs only with SSAE_TRITON_CHECK_INDICES=1; without it, the kernels
-    mask out-of-range entries (they read nothing out of bounds) and the result for
-    such entries is unspecified.
+    """IndexError for entries outside [0, bound) of CPU tensors (the interpreter), as the CPU
+    backend raises. GPU tensors are checked by the op modules, and only on request
+    (``SSAE_CHECK_INDICES=1``, see ``ops.checks.index_range``): there the kernels mask
+    out-of-range entries (they read nothing out of bounds) and their results are unspecified.
     """
-    if t.numel() == 0:
-        return
-    if t.device.type != "cpu" and os.environ.get("SSAE_TRITON_CHECK_INDICES") != "1":
+    if t.numel() == 0 or t.device.type != "cpu":
         return
     bad = (t < 0) | (t >= bound)
     if bool(bad.any()):
