@@ -37,6 +37,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--log-to", nargs="*", default=[], choices=("tensorboard", "wandb"),
+                   help="also log metrics to TensorBoard (OUT/tensorboard) and/or wandb (installed separately)")
     p.add_argument("--ce-sequences", type=int, default=16, help="held-out sequences for the downstream loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (checkpoint, sae/, report.json, report.md, plots)")
@@ -91,7 +93,8 @@ def run_train(args) -> dict:
     eval_keep = outlier_mask(eval_data.acts, args.outlier_factor) if args.outlier_factor > 0 else torch.ones(len(eval_data), dtype=torch.bool)
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, tilt=args.tilt,
-                      streaming_term=args.streaming_term, checkpoint_every=args.checkpoint_every, seed=args.seed)
+                      streaming_term=args.streaming_term, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                      log_to=tuple(args.log_to))
     checkpoint = os.path.join(args.out, CHECKPOINT)
     if args.resume:
         if not os.path.exists(checkpoint):

@@ -35,10 +35,14 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 10
     seed: int = 0
+    log_to: tuple[str, ...] = ()  # metrics also to "tensorboard" and/or "wandb" (metrics.jsonl always)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        unknown = set(self.log_to) - set(METRIC_SINKS)
+        if unknown:
+            raise ValueError(f"log_to: unknown {sorted(unknown)}; choose from {sorted(METRIC_SINKS)}")
 
     def learning_rate(self, num_latents: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(num_latents / 2**14)
@@ -51,6 +55,34 @@ class TrainConfig:
         if step >= start:
             return max(0.0, (self.steps - step) / max(1, self.steps - start))
         return 1.0
+
+
+def _tensorboard_sink(out_dir: str, config: dict):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError("log_to=tensorboard needs the tensorboard package: pip install tensorboard") from e
+    writer = SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"))
+
+    def log(record: dict):
+        for key, value in record.items():
+            if key != "step":
+                writer.add_scalar(key, value, record["step"])
+
+    return log, writer.close
+
+
+def _wandb_sink(out_dir: str, config: dict):
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError("log_to=wandb needs the wandb package: pip install wandb") from e
+    run = wandb.init(dir=out_dir, config=config, project=os.environ.get("WANDB_PROJECT", "ssae-kernels"))
+    return (lambda record: run.log(record, step=record["step"])), run.finish
+
+
+# name -> factory(out_dir, config) -> (log(record), close()); the libraries load only when asked for.
+METRIC_SINKS = {"tensorboard": _tensorboard_sink, "wandb": _wandb_sink}
 
 
 class BatchSampler:
@@ -170,6 +202,15 @@ class Trainer:
         """Runs to ``cfg.steps``; ``on_step(trainer)`` is called after every step. Ctrl-C stops
         after the current step with a checkpoint; an exception leaves the last periodic checkpoint."""
         cfg, sae = self.cfg, self.sae
+        config = {**dataclasses.asdict(cfg), **dataclasses.asdict(sae.cfg)}
+        sinks = []
+        try:  # a missing logging library fails here, before any training
+            for name in cfg.log_to:
+                sinks.append(METRIC_SINKS[name](self.out_dir, config))
+        except BaseException:
+            for _, close in sinks:
+                close()
+            raise
         interrupted = []
         previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
@@ -185,6 +226,8 @@ class Trainer:
                     record = self._metrics(batch, out)
                     log.write(json.dumps(record) + "\n")
                     log.flush()
+                    for write, _ in sinks:
+                        write(record)
                     bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}",
                                     dead=f"{100 * record['dead_fraction']:.1f}%",
                                     tok_s=f"{self.tokens_per_s:,.0f}")
@@ -195,6 +238,8 @@ class Trainer:
         finally:
             bar.close()
             log.close()
+            for _, close in sinks:
+                close()
             signal.signal(signal.SIGINT, previous)
         self.save_checkpoint()
         if interrupted:

@@ -88,6 +88,58 @@ def test_short_training_lowers_fvu(tmp_path):
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(128))  # decoder rows stay unit-norm
 
 
+def test_metrics_go_to_the_requested_loggers(tmp_path, monkeypatch):
+    # Stand-ins for tensorboard's SummaryWriter and wandb record what the trainer sends them.
+    import sys
+    import types
+
+    scalars, logged, closed = [], [], []
+
+    class Writer:
+        def __init__(self, log_dir):
+            assert log_dir == os.path.join(str(tmp_path), "tensorboard")
+
+        def add_scalar(self, key, value, step):
+            scalars.append((key, value, step))
+
+        def close(self):
+            closed.append("tensorboard")
+
+    class Run:
+        def log(self, record, step):
+            logged.append((record, step))
+
+        def finish(self):
+            closed.append("wandb")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: Run()))
+    acts = _clustered(1000)
+    cfg = TrainConfig(steps=20, batch_size=128, log_every=10, log_to=("tensorboard", "wandb"))
+    Trainer(new_sae(acts, 64, 4), acts, cfg, str(tmp_path), progress=False).train()
+    with open(tmp_path / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [10, 20]
+    assert [(r, s) for r, s in logged] == [(r, r["step"]) for r in records]
+    assert ("fvu", records[-1]["fvu"], 20) in scalars and len(scalars) == 2 * (len(records[0]) - 1)
+    assert sorted(closed) == ["tensorboard", "wandb"]
+
+
+def test_missing_logger_library_fails_before_training(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    acts = _clustered(500)
+    sae = new_sae(acts, 64, 4)
+    before = sae.W_dec.detach().clone()
+    with pytest.raises(ImportError, match="pip install wandb"):
+        Trainer(sae, acts, TrainConfig(steps=5, batch_size=64, log_to=("wandb",)), str(tmp_path),
+                progress=False).train()
+    assert torch.equal(sae.W_dec, before)
+    with pytest.raises(ValueError, match="log_to"):
+        TrainConfig(log_to=("mlflow",))
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     acts = _clustered(3000)
     cfg = dict(steps=12, batch_size=200, lr=3e-3, checkpoint_every=5, tilt=2.0)
