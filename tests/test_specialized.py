@@ -277,6 +277,27 @@ def test_calibrated_tilt_gives_the_asked_effective_sample_size(tmp_path):
     assert sp.parse_tilt("auto") == "auto" and sp.parse_tilt("500") == 500.0
 
 
+def test_with_replay_appends_the_asked_share_of_distinct_general_rows():
+    sub, general = _clustered(300, seed=5), _clustered(1000, seed=6)
+    assert sp.with_replay(sub, None, 0.0) is sub
+    mixed = sp.with_replay(sub, general, 0.25, seed=3)
+    assert mixed.shape == (400, sub.shape[1]) and torch.equal(mixed[:300], sub)
+    # the replayed rows are 100 distinct rows of the general data
+    match = (mixed[300:, None, :] == general[None]).all(-1).nonzero()
+    assert match.shape[0] == 100 and len(set(match[:, 1].tolist())) == 100
+    assert torch.equal(sp.with_replay(sub, general, 0.25, seed=3), mixed)
+    assert not torch.equal(sp.with_replay(sub, general, 0.25, seed=4), mixed)
+    with pytest.warns(UserWarning, match="fraction"):
+        assert sp.with_replay(sub, general[:50], 0.5).shape[0] == 350  # too few general rows: all of them
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="replay fraction"):
+            sp.with_replay(sub, general, bad)
+    with pytest.raises(ValueError, match="general activations"):
+        sp.with_replay(sub, None, 0.25)
+    with pytest.raises(ValueError, match="width"):
+        sp.with_replay(sub, general[:, :3], 0.25)
+
+
 def test_match_scale_keeps_the_sae_function():
     torch.manual_seed(3)
     sae = TopKSAE(SAEConfig(d_in=12, num_latents=40, k=5))
@@ -389,6 +410,17 @@ def test_select_finetune_eval_commands(tmp_path, tiny):
         assert cli.main(["finetune", "--general", str(tmp_path / "general"), "--data", str(tmp_path / "sel"),
                          "--model", model_dir, "--layer", "1", "--context", "32", "--steps", "4", "--batch-size",
                          "64", "--tilt", tilt, "--out", str(tmp_path / name), "--quiet"]) == 0
+    # replay: as many general rows again as selected ones (fraction 0.5)
+    from ssae_kernels.activations import save_activations
+
+    save_activations(str(tmp_path / "general_acts"), harvest(model, tokenizer, TEXTS, 1, context=32, progress=False))
+    replay_args = ["finetune", "--general", str(tmp_path / "general"), "--data", str(tmp_path / "sel"), "--model",
+                   model_dir, "--layer", "1", "--context", "32", "--steps", "2", "--batch-size", "64", "--replay",
+                   "0.5", "--out", str(tmp_path / "replay"), "--quiet"]
+    assert cli.main(replay_args) == 2  # --replay without --replay-activations: a clear error
+    assert cli.main(replay_args + ["--replay-activations", str(tmp_path / "general_acts")]) == 0
+    erm_rows = json.loads((tmp_path / "erm" / "finetune.json").read_text())["training_tokens"]
+    assert json.loads((tmp_path / "replay" / "finetune.json").read_text())["training_tokens"] == 2 * erm_rows
     assert cli.main(["eval", "--sae", f"general={tmp_path / 'general'}", "--sae", f"ssae_erm={tmp_path / 'erm' / 'sae'}",
                      "--sae", f"ssae_term={tmp_path / 'term' / 'sae'}", "--eval-text", str(held),
                      "--frequency-text", str(corpus), "--model", model_dir, "--layer", "1", "--context", "32",

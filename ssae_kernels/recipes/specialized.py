@@ -8,7 +8,8 @@ Three subcommands of ``ssae``:
   through the fused ``topk_encode``), or rank them by BM25; writes ``selected.jsonl`` with scores and
   provenance.
 - ``ssae finetune``: start from a general SAE (ours, SAELens or sparsify), train on the selected
-  text's activations with ERM (``--tilt 0``) or TERM (``--tilt 500``).
+  text's activations with ERM (``--tilt 0``) or TERM (``--tilt 500``), optionally with a share of
+  general activations replayed (``--replay``) so that general constructs are not forgotten.
 - ``ssae eval``: several SAEs side by side on held-out subdomain text: FVU, per-token squared error by
   token-frequency third (head/torso/tail, frequency counted in the general corpus), max per-token
   error, tail coverage, latent activation counts, and the LM's cross-entropy with each SAE spliced in.
@@ -290,6 +291,33 @@ def calibrate_tilt(sae: TopKSAE, acts: torch.Tensor, batch_size: int, *, ess: fl
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if ess_fraction(10 ** mid) > ess else (lo, mid)
     return float(10 ** ((lo + hi) / 2))
+
+
+def with_replay(acts: torch.Tensor, general_acts: torch.Tensor | None, fraction: float, *,
+                seed: int = 0) -> torch.Tensor:
+    """``acts`` followed by random rows of ``general_acts`` that make up ``fraction`` of the result (replay).
+
+    Held-out subdomain text still holds general constructs (URLs, copyright lines, cross-references)
+    that retrieval's chunks may lack entirely; a finetune on the chunks alone forgets them, and those
+    tokens then carry the worst per-token errors. A share of the general SAE's training data keeps
+    them in every batch. Rows are drawn without replacement (seeded); with too few general rows all
+    are used and a warning says which fraction that gives."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"replay fraction must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return acts
+    if general_acts is None or general_acts.shape[0] == 0:
+        raise ValueError("replay needs general activations (the general SAE's training data)")
+    if general_acts.shape[1] != acts.shape[1]:
+        raise ValueError(f"general activations have width {general_acts.shape[1]}, not {acts.shape[1]}")
+    n = int(round(fraction / (1 - fraction) * acts.shape[0]))
+    if n > general_acts.shape[0]:
+        warnings.warn(f"replay: {general_acts.shape[0]} general rows give a fraction of "
+                      f"{general_acts.shape[0] / (general_acts.shape[0] + acts.shape[0]):.3f}, not {fraction}")
+        n = general_acts.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(general_acts.shape[0], generator=g)[:n].to(general_acts.device)
+    return torch.cat([acts, general_acts[rows].to(acts.device, acts.dtype)])
 
 
 def parse_tilt(value: str) -> float | str:
@@ -684,6 +712,11 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
                         "effective sample size of --tilt-ess x the batch on the general SAE's errors")
     p.add_argument("--tilt-ess", type=float, default=0.25, help="effective-sample-size fraction for --tilt auto")
     p.add_argument("--streaming-term", action="store_true", help="TERM's stochastic form with a running normalizer")
+    p.add_argument("--replay", type=float, default=0.0,
+                   help="fraction of the finetuning rows drawn from --replay-activations (general data), so the "
+                        "general constructs the selected text lacks are not forgotten (0: none)")
+    p.add_argument("--replay-activations", default=None,
+                   help="activation cache of general-corpus text for --replay (e.g. the general SAE's training data)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (checkpoint, sae/, metrics.jsonl, finetune.json)")
@@ -741,13 +774,21 @@ def run_finetune(args) -> dict:
     acts = data.acts[_keep(data.acts, args.outlier_factor)].to(args.device)
     if general.foreign_format and float(general.input_scale) == 1.0:
         match_scale(general, acts)
+    if args.replay > 0:
+        if not args.replay_activations:
+            raise ValueError("--replay needs --replay-activations (an activation cache of general text)")
+        from ..activations import load_activations
+
+        replay = load_activations(args.replay_activations).acts
+        acts = with_replay(acts, replay[_keep(replay, args.outlier_factor)], args.replay, seed=args.seed)
     tilt = calibrate_tilt(general, acts, args.batch_size, ess=args.tilt_ess, seed=args.seed) \
         if args.tilt == "auto" else args.tilt
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, tilt=tilt,
                       streaming_term=args.streaming_term, checkpoint_every=args.checkpoint_every, seed=args.seed)
     trainer = finetune(general, acts, cfg, args.out, progress=not args.quiet, resume=args.resume)
     info = {"general": args.general, "data": args.data, "tilt": tilt, "tilt_option": args.tilt, "steps": trainer.step,
-            "batch_size": args.batch_size, "training_tokens": int(acts.shape[0]), "tokens_per_s": trainer.tokens_per_s,
+            "batch_size": args.batch_size, "training_tokens": int(acts.shape[0]), "replay": args.replay,
+            "tokens_per_s": trainer.tokens_per_s,
             "seconds": time.perf_counter() - started, "model": args.model, "layer": args.layer}
     with open(os.path.join(args.out, "finetune.json"), "w") as f:
         json.dump(info, f, indent=2)
