@@ -24,7 +24,7 @@ SHAPES = [  # N, d, M, k
     (37, 29, 101, 8),
     (130, 65, 1000, 32),
     (5, 16, 3000, 100),
-    (1030, 8, 4500, 16),  # several row blocks and latent tiles on the CPU path (test_tiling_is_exercised)
+    (1030, 8, 4500, 16),  # several row blocks and latent tiles on the CPU path (test_work_split_is_exercised)
 ]
 
 
@@ -39,17 +39,24 @@ def test_matches_reference_float32(backend, N, d, M, k, with_b_dec):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_tiling_is_exercised(threads):
-    # The CPU encode works in row blocks x latent tiles; the big SHAPES entry must span several of
-    # each, at the thread counts tests run with, and agree with the reference there too.
+@pytest.mark.parametrize("N,d,M,k,splits", [
+    (1030, 8, 4500, 16, False),  # SHAPES' last entry: several row blocks and latent tiles
+    (3, 8, 1000, 40, True),      # fewer row blocks than work items: latent ranges selected apart, then merged
+])
+def test_work_split_is_exercised(threads, N, d, M, k, splits):
+    # The CPU encode works in row blocks x latent tiles, and splits the latents into ranges with
+    # selectors of their own when there are too few rows; both paths must agree with the reference.
     from ssae_kernels import _C
 
-    N, d, M, k = SHAPES[-1]
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        rows, cols = _C.topk_encode_tile_cpu(N, M, d, True)
-        assert N > rows and M > cols and M % cols != 0
+        rows, cols, ranges = _C.topk_encode_plan_cpu(N, M, d, True)
+        assert M > cols and M % cols != 0
+        if splits:
+            assert ranges > 1 and M > (ranges - 1) * cols
+        else:
+            assert N > rows and ranges == 1
         x, W, b, bd = make_inputs(N, d, M)
         with ssae_kernels.use_backend("cpu"):
             values, indices = ssae_kernels.topk_encode(x, W, b, k, b_dec=bd)

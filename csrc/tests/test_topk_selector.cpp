@@ -78,10 +78,10 @@ std::vector<int64_t> naive_ranking(const std::vector<A>& pre) {
 
 template <typename A, typename T>
 void run_case(int64_t rows, int64_t M, int64_t k, Fill fill, double nan_rate, double inf_rate, bool nan_bias,
-              int64_t max_tile, int64_t max_row_block) {
+              int64_t max_tile, int64_t max_row_block, int64_t latent_splits = 1) {
   ssae_test::context(ssae_test::str("A=", sizeof(A) * 8, "-bit T=", sizeof(T) * 8, "-bit rows=", rows, " M=", M,
                                     " k=", k, " fill=", int(fill), " nan=", nan_rate, " inf=", inf_rate,
-                                    " nan_bias=", nan_bias, " max_tile=", max_tile));
+                                    " nan_bias=", nan_bias, " max_tile=", max_tile, " splits=", latent_splits));
   const int64_t ld = M + uniform_int(0, 3);
   const auto scores = make_scores<A>(rows, ld, M, fill, nan_rate, inf_rate);
   std::vector<A> bias(static_cast<size_t>(M));
@@ -89,15 +89,29 @@ void run_case(int64_t rows, int64_t M, int64_t k, Fill fill, double nan_rate, do
   if (nan_bias) bias[size_t(uniform_int(0, M - 1))] = std::numeric_limits<A>::quiet_NaN();
 
   // Row blocks, each with its own column pieces; the blocks' tiles are
-  // interleaved (a row block may be fed after another one started).
-  ssae::cpu::TopKSelector<A> sel(rows, k);
+  // interleaved (a row block may be fed after another one started). With
+  // latent_splits > 1, each consecutive range of latents has its own selector
+  // (as the encode does for few rows), merged into the first at the end.
+  std::vector<ssae::cpu::TopKSelector<A>> sels;
+  for (int64_t s = 0; s < latent_splits; ++s) sels.emplace_back(rows, k);
+  auto& sel = sels[0];
   CHECK(sel.k() == k);
   CHECK(sel.capacity() >= k);
   const auto row_cuts = split(rows, max_row_block);
-  std::vector<std::vector<int64_t>> col_cuts;
+  std::vector<std::vector<int64_t>> col_cuts, col_sel;  // piece boundaries and each piece's selector
   std::vector<size_t> next;
   for (size_t b = 0; b + 1 < row_cuts.size(); ++b) {
-    col_cuts.push_back(split(M, max_tile));
+    std::vector<int64_t> cuts{0}, owner;
+    for (int64_t s = 0; s < latent_splits; ++s) {
+      const int64_t lo = M * s / latent_splits, hi = M * (s + 1) / latent_splits;
+      for (const int64_t c : split(hi - lo, max_tile))
+        if (c > 0) {
+          cuts.push_back(lo + c);
+          owner.push_back(s);
+        }
+    }
+    col_cuts.push_back(cuts);
+    col_sel.push_back(owner);
     next.push_back(0);
   }
   for (bool fed = true; fed;) {
@@ -106,7 +120,7 @@ void run_case(int64_t rows, int64_t M, int64_t k, Fill fill, double nan_rate, do
       if (next[b] + 1 >= col_cuts[b].size() || uniform_int(0, 3) == 0) continue;  // skip a turn sometimes
       const int64_t r0 = row_cuts[b], nr = row_cuts[b + 1] - r0;
       const int64_t c0 = col_cuts[b][next[b]], nc = col_cuts[b][next[b] + 1] - c0;
-      sel.consume(scores.data() + r0 * ld + c0, ld, r0, nr, c0, nc, bias.data() + c0);
+      sels[size_t(col_sel[b][next[b]])].consume(scores.data() + r0 * ld + c0, ld, r0, nr, c0, nc, bias.data() + c0);
       ++next[b];
       fed = true;
     }
@@ -114,6 +128,7 @@ void run_case(int64_t rows, int64_t M, int64_t k, Fill fill, double nan_rate, do
       for (size_t b = 0; b + 1 < row_cuts.size(); ++b) fed |= next[b] + 1 < col_cuts[b].size();
   }
 
+  for (int64_t s = 1; s < latent_splits; ++s) sel.merge(sels[size_t(s)]);
   std::vector<T> values(static_cast<size_t>(rows * k));
   std::vector<int64_t> indices(size_t(rows * k), -1);
   sel.template finish<T>(values.data(), indices.data());
@@ -185,6 +200,16 @@ int main() {
   for (int64_t k : {1, 12, 89}) {
     run_case<float, bf16>(8, 89, k, Fill::kNormal, 0.05, 0.02, false, 17, 3);
     run_case<float, f16>(8, 89, k, Fill::kNormal, 0.05, 0.02, false, 17, 3);
+  }
+
+  // Latent ranges selected separately and merged: ties, NaN, k up to M, ranges smaller than k.
+  for (int64_t splits : {2, 3, 7}) {
+    for (int64_t k : {1, 5, 33, 97})
+      run_case<float, float>(10, 97, k, Fill::kNormal, 0.05, 0.02, false, 13, 4, splits);
+    run_case<float, float>(9, 101, 20, Fill::kSmallInts, 0.0, 0.0, false, 9, 4, splits);
+    run_case<float, float>(7, 40, 8, Fill::kNegative, 0.0, 0.0, false, 11, 7, splits);
+    run_case<double, double>(5, 300, 16, Fill::kNormal, 0.01, 0.0, true, 50, 5, splits);
+    run_case<float, bf16>(6, 89, 12, Fill::kNormal, 0.05, 0.02, false, 17, 3, splits);
   }
 
   ssae_test::context("state_bytes");

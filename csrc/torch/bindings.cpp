@@ -47,7 +47,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("sampled_dot_cpu", &ssae::sampled_dot_cpu);
   m.def("latent_transpose_cpu", &ssae::latent_transpose_cpu);
   m.def("sparse_transpose_matmul_cpu", &ssae::sparse_transpose_matmul_cpu);
-  m.def("topk_encode_tile_cpu", &ssae::topk_encode_tile_cpu);
+  m.def("topk_encode_plan_cpu", &ssae::topk_encode_plan_cpu);
 #ifdef SSAE_WITH_CUDA
   m.def("topk_encode_cuda", &ssae::topk_encode_cuda);
   m.def("sparse_decode_cuda", &ssae::sparse_decode_cuda);

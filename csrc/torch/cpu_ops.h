@@ -35,8 +35,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_residual_cpu(const at::Tensor& 
                                                               const std::optional<at::Tensor>& b_dec,
                                                               const at::Tensor& x, const at::Tensor& scale);
 
-// Tile shape of the fused encode for a problem, exposed for tests and tuning.
-std::tuple<int64_t, int64_t> topk_encode_tile_cpu(int64_t rows, int64_t latents, int64_t d, bool exact_dtype);
+// Work split of the fused encode for a problem at the current thread count, exposed
+// for tests and tuning: (rows per block, latents per tile, latent ranges).
+std::tuple<int64_t, int64_t, int64_t> topk_encode_plan_cpu(int64_t rows, int64_t latents, int64_t d,
+                                                           bool exact_dtype);
 
 // U (U^T G) or G - U (U^T G); the second form writes the result into G.
 at::Tensor project_subspace_cpu(const at::Tensor& G, const at::Tensor& U, bool complement);

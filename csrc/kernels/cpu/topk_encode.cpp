@@ -168,6 +168,19 @@ void TopKSelector<A>::consume(const A* scores, int64_t ld, int64_t row0, int64_t
 }
 
 template <typename A>
+void TopKSelector<A>::merge(const TopKSelector& other) {
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < rows_; ++row) {
+    const Candidate* src = other.cand_.data() + row * cap_;
+    Candidate* c = cand_.data() + row * cap_;
+    for (int32_t i = 0; i < other.count_[row]; ++i) {
+      if (count_[row] == cap_) compact(row, k_);
+      c[count_[row]++] = src[i];
+    }
+  }
+}
+
+template <typename A>
 template <typename T>
 void TopKSelector<A>::finish(T* values, int64_t* indices) {
 #pragma omp parallel for schedule(static)

@@ -27,6 +27,11 @@ class TopKSelector {
   template <typename T>
   void finish(T* values, int64_t* indices);
 
+  // Takes in the candidates of `other` (same rows and k, fed a disjoint set of
+  // latents), so that finish() selects over both: latent ranges can be scanned
+  // by separate selectors in parallel. Call finish() (not consume()) afterwards.
+  void merge(const TopKSelector& other);
+
   int64_t k() const { return k_; }
   int64_t capacity() const { return cap_; }
   // Bytes of selection state held for `rows` rows: O(rows * k).
