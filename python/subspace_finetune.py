@@ -9,6 +9,13 @@ the subspace U (PCA to 80% variance, QR), and a LoRA whose output factor is U is
 layer's o_proj and down_proj. The same run trains the projected-gradient variant, plain LoRA of
 the same rank and full finetuning for comparison, and writes OUT/report.json. Every option of
 ``ssae subspace`` applies (``--help``); ``--sae DIR`` reuses a trained SAE.
+
+Hyperparameters are chosen on the behaviour's dev split, never on the eval prompts:
+
+    python python/subspace_finetune.py --tune --out runs/subspace_tune
+
+evaluates --tune-signs x --tune-lrs (and the projected-gradient lr) on the dev prompts only,
+prints the table and the flags its rule picks, and writes OUT/tune.json.
 """
 
 import sys

@@ -608,19 +608,20 @@ def perplexity(model, chunks: list[list[int]], *, batch_size: int = 8) -> float:
 
 
 def evaluate_behaviour(model, tokenizer, behaviour: BehaviourPair, ppl_chunks: list[list[int]], *,
-                       max_new_tokens: int = 16, examples: int = 3) -> dict:
-    """Target rate on held-out prompts, the same rate on control prompts, neutral perplexity."""
-    completions = generate(model, tokenizer, behaviour.eval_prompts, max_new_tokens=max_new_tokens)
+                       max_new_tokens: int = 16, examples: int = 3, split: str = "eval") -> dict:
+    """Target rate on the split's prompts, the same rate on its control prompts, neutral perplexity.
+    ``split="eval"`` (held out, reported) or ``"dev"`` (validation, for choosing hyperparameters)."""
+    prompts, control_prompts = behaviour.split_prompts(split)
+    completions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
     hits = [matches_markers(c, behaviour.markers) for c in completions]
     result = {"target_metric": sum(hits) / len(hits)}
-    if behaviour.control_prompts:
-        control = generate(model, tokenizer, behaviour.control_prompts, max_new_tokens=max_new_tokens)
+    if control_prompts:
+        control = generate(model, tokenizer, control_prompts, max_new_tokens=max_new_tokens)
         result["control_target_rate"] = sum(matches_markers(c, behaviour.markers) for c in control) / len(control)
         result["control_examples"] = [{"prompt": p, "completion": c}
-                                      for p, c in zip(behaviour.control_prompts[:examples], control)]
+                                      for p, c in zip(control_prompts[:examples], control)]
     result["ppl"] = perplexity(model, ppl_chunks)
-    result["examples"] = [{"prompt": p, "completion": c}
-                          for p, c in zip(behaviour.eval_prompts[:examples], completions)]
+    result["examples"] = [{"prompt": p, "completion": c} for p, c in zip(prompts[:examples], completions)]
     return result
 
 
@@ -647,8 +648,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--neutral-text", default=text.BUILTIN,
                    help="neutral text for SAE training and perplexity (documents are split between the two)")
     p.add_argument("--features-per-layer", type=int, default=32, help="top latents kept per layer")
-    # "both" measured on the default demo (same SAE, lr 1e-2): target metric 0.83 at +2.0% neutral
-    # perplexity, against 0.75 at +4.9% with target-side latents only.
+    # PROVISIONAL: --signs, --lr and --projected-lr were picked by looking at the held-out eval prompts
+    # (selection on evaluation data), so the demo's eval numbers are optimistic. They are to be replaced
+    # by what `--tune` picks on the dev split (rule in pick_setting). Dev so far (SmolLM2, layer 15; dev
+    # base: target 0.133, over-refusal 0.000), target / over-refusal / ppl rise: signs=target lr=1e-3
+    # 0.267 / 0.000 / -0.1%; target 3e-3 0.333 / 0.000 / +1.4%; target 1e-2 0.933 / 0.400 / +4.9%;
+    # both 1e-3 0.333 / 0.067 / +0.4%. Both 3e-3 and 1e-2 and the projected lrs did not finish on the
+    # shared machine, so no dev choice yet.
     p.add_argument("--signs", choices=("target", "both"), default="both",
                    help="latents more active on target responses only (SAILS' selection), or the largest |score| "
                         "of either behaviour (default: the adapter can also lower contrast latents)")
@@ -675,6 +681,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (report.json, features.json, subspace, adapters)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--tune", action="store_true",
+                   help="instead of the run: evaluate --tune-signs x --tune-lrs (subspace adapter; projected "
+                        "gradients over --tune-lrs) on the behaviour's dev split only, print the table and the "
+                        "chosen flags, write OUT/tune.json")
+    p.add_argument("--tune-lrs", default="1e-3,3e-3,1e-2", help="learning rates tried by --tune")
+    p.add_argument("--tune-signs", default="target,both", help="--signs values tried by --tune")
+    p.add_argument("--tune-max-ppl-rise", type=float, default=0.05,
+                   help="--tune only picks settings whose dev neutral perplexity rises by less than this")
 
 
 def _layers(spec: str) -> list[int]:
@@ -712,8 +726,22 @@ def train_layer_sae(model, tokenizer, layer: int, texts: list[str], out_dir: str
                  "latents": latents, "k": k, "steps": steps}
 
 
-def run(args) -> dict:
-    """Selection -> subspace -> finetuning -> evaluation; writes ``args.out``/report.json and returns it."""
+@dataclass
+class _Setup:
+    model: object
+    tokenizer: object
+    behaviour: BehaviourPair
+    saes: dict
+    sae_stats: dict
+    neutral_chunks: list  # token chunks of neutral documents the SAE never saw (perplexity)
+    layers: list
+    methods: list
+    total_params: int
+
+
+def _setup(args, lap) -> _Setup:
+    """Model, behaviour pair, neutral text and one SAE per layer (loaded or trained here): what both
+    :func:`run` and :func:`tune` start from."""
     from . import models, text
     from .activations import token_chunks
     from .formats import load_sae
@@ -732,16 +760,6 @@ def run(args) -> dict:
     progress = not args.quiet
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
-    times: dict[str, float] = {}
-    started = clock = time.perf_counter()
-
-    def lap(name):
-        nonlocal clock
-        now = time.perf_counter()
-        times[name] = round(now - clock, 2)
-        clock = now
-        print(f"[subspace] {name}: {times[name]:.1f} s", flush=True)
-
     model, tokenizer = models.load_model(args.model, device=args.device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -752,7 +770,7 @@ def run(args) -> dict:
     if len(docs) < 2:
         raise ValueError(f"--neutral-text {args.neutral_text!r} needs at least two documents")
     sae_docs, ppl_docs = docs[0::2], docs[1::2]  # disjoint: perplexity is measured on unseen documents
-    ppl_chunks = token_chunks(tokenizer, ppl_docs, args.context)[: args.ppl_sequences]
+    neutral_chunks = token_chunks(tokenizer, ppl_docs, args.context)
     total_params = count_parameters(model)
     lap("load")
 
@@ -773,11 +791,43 @@ def run(args) -> dict:
             raise ValueError(f"the SAE of layer {layer} has d_in = {saes[layer].cfg.d_in}, the model's width is "
                              f"{model.config.hidden_size}")
     lap("sae")
+    return _Setup(model, tokenizer, behaviour, saes, sae_stats, neutral_chunks, layers, methods, total_params)
 
-    target_pairs = [(e.prompt, e.target) for e in behaviour.train]
-    contrast_pairs = [(e.prompt, e.contrast) for e in behaviour.train]
-    mean_t = mean_feature_activations(model, tokenizer, saes, target_pairs, progress=progress)
-    mean_c = mean_feature_activations(model, tokenizer, saes, contrast_pairs, progress=progress)
+
+def _stopwatch():
+    """(times dict, lap(name)) printing each stage's seconds."""
+    times: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(name):
+        now = time.perf_counter()
+        times[name] = round(now - clock[0], 2)
+        clock[0] = now
+        print(f"[subspace] {name}: {times[name]:.1f} s", flush=True)
+    return times, lap
+
+
+def _feature_means(ctx: _Setup, progress: bool):
+    target_pairs = [(e.prompt, e.target) for e in ctx.behaviour.train]
+    contrast_pairs = [(e.prompt, e.contrast) for e in ctx.behaviour.train]
+    return (mean_feature_activations(ctx.model, ctx.tokenizer, ctx.saes, target_pairs, progress=progress),
+            mean_feature_activations(ctx.model, ctx.tokenizer, ctx.saes, contrast_pairs, progress=progress))
+
+
+def run(args) -> dict:
+    """Selection -> subspace -> finetuning -> evaluation; writes ``args.out``/report.json and returns it.
+    With ``args.tune``, :func:`tune` instead (hyperparameters chosen on the dev split)."""
+    if getattr(args, "tune", False):
+        return tune(args)
+    started = time.perf_counter()
+    times, lap = _stopwatch()
+    progress = not args.quiet
+    ctx = _setup(args, lap)
+    model, tokenizer, behaviour, saes, sae_stats = ctx.model, ctx.tokenizer, ctx.behaviour, ctx.saes, ctx.sae_stats
+    layers, methods, total_params, headline = ctx.layers, ctx.methods, ctx.total_params, args.adapter
+    ppl_chunks = ctx.neutral_chunks[: args.ppl_sequences]
+
+    mean_t, mean_c = _feature_means(ctx, progress)
     selections = select_features(mean_t, mean_c, per_layer=args.features_per_layer, signs=args.signs)
     save_features(os.path.join(args.out, "features.json"), selections)
     lap("selection")
@@ -805,6 +855,11 @@ def run(args) -> dict:
         cleanup(args.out)
         lap(f"eval_{method}")
         result["trainable_fraction"] = result["trainable_params"] / total_params
+        over = (base.get("control_target_rate", 0.0), result.get("control_target_rate", 0.0))
+        print(f"[subspace] {method}: target {base['target_metric']:.3f} -> {result['target_metric']:.3f}, "
+              f"over-refusal {over[0]:.3f} -> {over[1]:.3f}, "
+              f"ppl {result['ppl'] / base['ppl'] - 1:+.2%}, trainable {result['trainable_fraction']:.3%}, "
+              f"max out-of-span {result['max_out_of_span']:.1e}", flush=True)
         if "effective_params" in result:
             result["effective_fraction"] = result["effective_params"] / total_params
         results[method] = result
@@ -869,7 +924,8 @@ def _train_method(method, model, tokenizer, subspaces, encoded, cfg, progress):
                   "out_of_span": spans}
 
         def cleanup(out_dir):
-            save_file(adapters.state_dict(), os.path.join(out_dir, f"adapter_{method}.safetensors"))
+            if out_dir:
+                save_file(adapters.state_dict(), os.path.join(out_dir, f"adapter_{method}.safetensors"))
             adapters.remove()
         return result, cleanup
     if method == "projected":
@@ -881,8 +937,9 @@ def _train_method(method, model, tokenizer, subspaces, encoded, cfg, progress):
                   "max_out_of_span": max(spans.values()), "out_of_span": spans}
 
         def cleanup(out_dir):
-            save_file({k: v.float().contiguous() for k, v in pg.delta_weights().items()},
-                      os.path.join(out_dir, "update_projected.safetensors"))
+            if out_dir:
+                save_file({k: v.float().contiguous() for k, v in pg.delta_weights().items()},
+                          os.path.join(out_dir, "update_projected.safetensors"))
             pg.restore()
         return result, cleanup
     if method == "full":
@@ -909,12 +966,147 @@ def _train_method(method, model, tokenizer, subspaces, encoded, cfg, progress):
     raise ValueError(f"unknown method {method!r}")
 
 
+# ---- choosing hyperparameters on the dev split (ssae subspace --tune) ------------------------------
+
+
+def pick_setting(rows: list[dict], *, max_ppl_rise: float = 0.05) -> dict | None:
+    """The rule by which :func:`tune` picks a setting from dev results: among rows whose neutral
+    perplexity rises by less than ``max_ppl_rise``, the highest dev target rate minus dev
+    over-refusal (``control_target_rate``, 0 without control prompts); ties go to the smaller
+    perplexity rise, then to the earlier row. None when no row keeps perplexity within bounds."""
+    ok = [(i, r) for i, r in enumerate(rows) if r["ppl_rise"] < max_ppl_rise]
+    if not ok:
+        return None
+
+    def key(item):
+        i, r = item
+        return (-(r["target_metric"] - r.get("control_target_rate", 0.0)), r["ppl_rise"], i)
+    return min(ok, key=key)[1]
+
+
+def _floats(spec: str, flag: str) -> list[float]:
+    try:
+        values = [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {spec!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"{flag} needs positive values, got {spec!r}")
+    return values
+
+
+def tune(args) -> dict:
+    """Evaluates the subspace adapter for every (--tune-signs, --tune-lrs) and, when projected gradients
+    are among the methods, the projected variant for every lr at the chosen signs, on the behaviour's
+    **dev** split only (dev prompts, dev control prompts, and neutral chunks after the ones
+    :func:`run` reports on). One SAE and one feature ranking serve every setting. Picks by
+    :func:`pick_setting`, prints the table and writes ``args.out``/tune.json."""
+    started = time.perf_counter()
+    times, lap = _stopwatch()
+    progress = not args.quiet
+    lrs = _floats(args.tune_lrs, "--tune-lrs")
+    signs_grid = [x.strip() for x in args.tune_signs.split(",") if x.strip()]
+    for sg in signs_grid:
+        if sg not in ("target", "both"):
+            raise ValueError(f"--tune-signs: unknown value {sg!r} (target, both)")
+    if not signs_grid:
+        raise ValueError("--tune-signs is empty")
+    ctx = _setup(args, lap)
+    behaviour, model, tokenizer = ctx.behaviour, ctx.model, ctx.tokenizer
+    behaviour.split_prompts("dev")  # fails early without a dev split
+    # neutral chunks disjoint from the ones run() reports perplexity on
+    dev_chunks = ctx.neutral_chunks[args.ppl_sequences: 2 * args.ppl_sequences]
+    if not dev_chunks:
+        raise ValueError(f"--neutral-text has {len(ctx.neutral_chunks)} chunks of {args.context} tokens: none left "
+                         f"for dev perplexity after the {args.ppl_sequences} reported ones")
+    base = evaluate_behaviour(model, tokenizer, behaviour, dev_chunks, max_new_tokens=args.max_new_tokens, split="dev")
+    lap("dev_base")
+    base_summary = {"target_metric": base["target_metric"], "control_target_rate": base.get("control_target_rate"),
+                    "ppl": base["ppl"]}
+    print(f"[subspace] dev base: {base_summary}", flush=True)
+    mean_t, mean_c = _feature_means(ctx, progress)
+    encoded = training_examples(tokenizer, behaviour)
+    subspaces, rows = {}, []
+
+    def trial(method, signs, lr):
+        cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, lr=lr)
+        torch.manual_seed(args.seed)
+        result, cleanup = _train_method(method, model, tokenizer, subspaces[signs], encoded, cfg, progress)
+        dev = evaluate_behaviour(model, tokenizer, behaviour, dev_chunks, max_new_tokens=args.max_new_tokens,
+                                 split="dev")
+        cleanup(None)
+        row = {"method": method, "signs": signs, "lr": lr,
+               "rank": {str(k): s.rank for k, s in subspaces[signs].items()},
+               "target_metric": dev["target_metric"], "control_target_rate": dev.get("control_target_rate", 0.0),
+               "ppl": dev["ppl"], "ppl_rise": dev["ppl"] / base["ppl"] - 1,
+               "max_out_of_span": result["max_out_of_span"], "loss_last_epoch": result["loss_last_epoch"],
+               "examples": dev["examples"]}
+        rows.append(row)
+        lap(f"{method} signs={signs} lr={lr:g}")
+        print(f"[subspace] dev: target {row['target_metric']:.3f}, over-refusal {row['control_target_rate']:.3f}, "
+              f"ppl {row['ppl_rise']:+.2%}", flush=True)
+        with open(os.path.join(args.out, "tune_rows.json"), "w") as f:  # partial results of a long search
+            json.dump({"base": base_summary, "rows": rows}, f, indent=2)
+        return row
+
+    for signs in signs_grid:
+        selections = select_features(mean_t, mean_c, per_layer=args.features_per_layer, signs=signs)
+        subspaces[signs] = subspaces_from_features(ctx.saes, selections, args.variance)
+        for lr in lrs:
+            trial("subspace", signs, lr)
+    best = pick_setting([r for r in rows if r["method"] == "subspace"], max_ppl_rise=args.tune_max_ppl_rise)
+    best_projected = None
+    if "projected" in ctx.methods and best is not None:
+        for lr in lrs:
+            trial("projected", best["signs"], lr)
+        best_projected = pick_setting([r for r in rows if r["method"] == "projected"],
+                                      max_ppl_rise=args.tune_max_ppl_rise)
+    flags = {}
+    if best is not None:
+        flags.update({"--signs": best["signs"], "--lr": best["lr"]})
+    if best_projected is not None:
+        flags["--projected-lr"] = best_projected["lr"]
+    report = {
+        "split": "dev", "dev_prompts": len(behaviour.dev_prompts),
+        "dev_control_prompts": len(behaviour.dev_control_prompts),
+        "ppl_text": f"{args.neutral_text}: {len(dev_chunks)} sequences x {args.context} tokens after the "
+                    f"{args.ppl_sequences} reported on",
+        "rule": f"among settings with dev ppl rise < {args.tune_max_ppl_rise:.0%}: max dev target rate - dev "
+                "over-refusal; ties: smaller ppl rise, then the earlier setting",
+        "base": base_summary,
+        "rows": rows, "chosen": flags, "model": args.model, "layers": ctx.layers, "epochs": args.epochs,
+        "seconds": times, "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    with open(os.path.join(args.out, "tune.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(format_tune_table(report))
+    return report
+
+
+def format_tune_table(report: dict) -> str:
+    b = report["base"]
+    lines = [f"dev split: {report['dev_prompts']} target prompts, {report['dev_control_prompts']} control prompts; "
+             f"base: target {b['target_metric']:.3f}, over-refusal {b['control_target_rate'] or 0:.3f}, "
+             f"ppl {b['ppl']:.2f}",
+             f"{'method':<10} {'signs':<7} {'lr':>7} {'rank':>5} {'target':>7} {'over-ref':>8} {'ppl rise':>9} "
+             f"{'out-of-span':>12}"]
+    for r in report["rows"]:
+        lines.append(f"{r['method']:<10} {r['signs']:<7} {r['lr']:>7g} {','.join(map(str, r['rank'].values())):>5} "
+                     f"{r['target_metric']:>7.3f} {r['control_target_rate']:>8.3f} {r['ppl_rise']:>+9.2%} "
+                     f"{r['max_out_of_span']:>12.1e}")
+    lines.append(f"rule: {report['rule']}")
+    lines.append("chosen: " + (" ".join(f"{k} {v}" for k, v in report["chosen"].items()) or "none within bounds"))
+    return "\n".join(lines)
+
+
 SUMMARY_KEYS = ("trainable_fraction", "target_metric_base", "target_metric_tuned", "ppl_base", "ppl_tuned",
                 "max_out_of_span", "control_target_rate_base", "control_target_rate_tuned", "total_seconds")
 
 
 def _run_cli(args) -> dict:
     report = run(args)
+    if getattr(args, "tune", False):
+        print(f"tuning report: {os.path.join(args.out, 'tune.json')}")
+        return report
     print(json.dumps({k: report[k] for k in SUMMARY_KEYS}, indent=2))
     print(f"report: {os.path.join(args.out, 'report.json')}")
     return report

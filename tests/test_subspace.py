@@ -247,6 +247,35 @@ def test_builtin_behaviour_is_split_and_marked():
     assert "i cannot" in REFUSAL_MARKERS
 
 
+def test_builtin_dev_split_is_disjoint():
+    pair = builtin_refusal()
+    dev, dev_control = pair.split_prompts("dev")
+    assert len(dev) >= 12 and len(dev_control) >= 12
+    assert len(set(dev)) == len(dev) and len(set(dev_control)) == len(dev_control)
+    used = {e.prompt for e in pair.train + pair.keep} | set(pair.eval_prompts) | set(pair.control_prompts)
+    assert not (set(dev) | set(dev_control)) & used
+    assert not set(dev) & set(dev_control)
+    assert pair.split_prompts("eval") == (pair.eval_prompts, pair.control_prompts)
+    assert not any(matches_markers(p) for p in dev_control)  # a prompt must not count as a refusal itself
+    with pytest.raises(ValueError, match="split must be"):
+        pair.split_prompts("test")
+    with pytest.raises(ValueError, match="dev prompts also in"):
+        BehaviourPair("leak", pair.train, pair.keep, pair.eval_prompts, pair.control_prompts, REFUSAL_MARKERS,
+                      dev + [pair.eval_prompts[0]], dev_control)
+    with pytest.raises(ValueError, match="no dev prompts"):
+        tiny_pair().split_prompts("dev")
+
+
+def test_pick_setting_rule():
+    rows = [{"lr": 1, "target_metric": 1.0, "control_target_rate": 0.0, "ppl_rise": 0.08},  # ppl too high
+            {"lr": 2, "target_metric": 0.9, "control_target_rate": 0.4, "ppl_rise": 0.01},  # net 0.5
+            {"lr": 3, "target_metric": 0.7, "control_target_rate": 0.0, "ppl_rise": 0.04},  # net 0.7
+            {"lr": 4, "target_metric": 0.8, "control_target_rate": 0.1, "ppl_rise": 0.02}]  # net 0.7, lower ppl
+    assert S.pick_setting(rows)["lr"] == 4
+    assert S.pick_setting(rows, max_ppl_rise=0.1)["lr"] == 1
+    assert S.pick_setting(rows, max_ppl_rise=0.005) is None
+
+
 def test_load_behaviour_from_jsonl(tmp_path):
     path = tmp_path / "pair.jsonl"
     rows = [{"prompt": "a?", "target": "yes", "contrast": "no"}, {"prompt": "b?", "split": "eval"},
@@ -256,6 +285,13 @@ def test_load_behaviour_from_jsonl(tmp_path):
     pair = load_behaviour(str(path))
     assert pair.train[0].contrast == "no" and pair.eval_prompts == ["b?"] and pair.control_prompts == ["c?"]
     assert pair.keep[0].target == "ok" and pair.markers == ("yes",)
+    assert pair.dev_prompts == [] and pair.dev_control_prompts == []  # optional: older files still load
+    rows[1:1] = [{"prompt": "e?", "split": "dev"}, {"prompt": "f?", "split": "dev_control"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    assert load_behaviour(str(path)).split_prompts("dev") == (["e?"], ["f?"])
+    path.write_text(json.dumps({"prompt": "b?", "split": "dev"}) + "\n" + "\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match="dev prompts also in"):  # "b?" is an eval prompt too
+        load_behaviour(str(path))
     path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]))
     with pytest.raises(ValueError, match="markers"):
         load_behaviour(str(path))
@@ -283,6 +319,33 @@ def test_cli_end_to_end(tmp_path):
     assert set(report["comparisons"]) == {"lora"} and report["comparisons"]["lora"]["max_out_of_span"] > 0.3
     assert os.path.exists(out / "features.json") and os.path.exists(out / "subspace.safetensors")
     assert os.path.exists(out / "adapter_subspace.safetensors")
+
+
+def test_cli_tune_uses_the_dev_split_only(tmp_path):
+    model_dir = save_tiny(str(tmp_path / "tiny"))
+    corpus = write_corpus(str(tmp_path))
+    data = tmp_path / "pair.jsonl"
+    dev = ["What is a tuple?", "How do loops end?"]
+    rows = [{"prompt": q, "target": "values", "contrast": "No"} for q in QUESTIONS]
+    rows += [{"prompt": q, "split": "eval"} for q in HELD_OUT] + [{"prompt": q, "split": "dev"} for q in dev]
+    rows += [{"prompt": "What is a set?", "split": "dev_control"}, {"markers": ["values"]}]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "tune"
+    code = cli.main(["subspace", "--tune", "--tune-lrs", "1e-4,0.1", "--tune-signs", "target", "--model", model_dir,
+                     "--layers", "1", "--behaviour", str(data), "--neutral-text", corpus, "--sae-tokens", "600",
+                     "--sae-latents", "64", "--sae-k", "4", "--sae-steps", "5", "--sae-batch-size", "128",
+                     "--epochs", "4", "--batch-size", "4", "--compare", "projected", "--ppl-sequences", "1",
+                     "--context", "16", "--max-new-tokens", "4", "--out", str(out), "--quiet"])
+    assert code == 0
+    report = json.loads((out / "tune.json").read_text())
+    assert [(r["method"], r["lr"]) for r in report["rows"]] == [("subspace", 1e-4), ("subspace", 0.1),
+                                                                ("projected", 1e-4), ("projected", 0.1)]
+    for r in report["rows"]:
+        assert [e["prompt"] for e in r["examples"]] == dev  # dev prompts, never the eval ones
+        assert r["max_out_of_span"] < 1e-5
+    assert report["dev_prompts"] == 2 and report["dev_control_prompts"] == 1
+    assert report["chosen"]["--signs"] == "target" and report["chosen"]["--lr"] in (1e-4, 0.1)
+    assert not os.path.exists(out / "report.json")  # tuning writes no eval report
 
 
 def test_cli_rejects_bad_arguments(tmp_path):
