@@ -52,25 +52,29 @@ def splice(model, layer: int, replace):
 
 
 @torch.no_grad()
-def downstream_loss(model, sae: TopKSAE, chunks: list[list[int]], layer: int, *, batch_size: int = 8,
-                    progress: bool = True) -> dict:
-    """Next-token CE of the model as is, with the SAE's reconstruction spliced in after ``layer``,
-    and with that layer's output zero-ablated (positions after the first, as in training).
-    ``ce_loss_recovered`` = (CE_zero - CE_sae) / (CE_zero - CE_clean)."""
-    def sae_replace(h):
-        out = h.clone()
-        flat = h[:, 1:].reshape(-1, h.shape[-1]).float()
-        out[:, 1:] = sae(flat).reshape(h.shape[0], h.shape[1] - 1, h.shape[-1]).to(h.dtype)
-        return out
+def downstream_losses(model, saes: dict[str, TopKSAE], chunks: list[list[int]], layer: int, *,
+                      batch_size: int = 8, progress: bool = True) -> dict:
+    """Next-token cross-entropy on ``chunks`` with the model as is (``clean``), with decoder layer
+    ``layer``'s output replaced by each SAE's reconstruction, and zero-ablated (positions after the
+    first, as in training). One forward pass per variant: {name: ce} plus ``clean``, ``zero`` and
+    ``tokens`` (the number of predicted tokens)."""
+    def sae_replace(sae):
+        def replace(h):
+            out = h.clone()
+            flat = h[:, 1:].reshape(-1, h.shape[-1]).float()
+            out[:, 1:] = sae(flat).reshape(h.shape[0], h.shape[1] - 1, h.shape[-1]).to(h.dtype)
+            return out
+        return replace
 
     def zero_replace(h):
         out = h.clone()
         out[:, 1:] = 0
         return out
 
-    device = next(model.parameters()).device
-    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+    variants = {"clean": None, "zero": zero_replace, **{n: sae_replace(s) for n, s in saes.items()}}
+    totals = dict.fromkeys(variants, 0.0)
     count = 0
+    device = next(model.parameters()).device
     bar = tqdm(total=len(chunks), desc="downstream loss", unit="seq", disable=not progress)
     for start in range(0, len(chunks), batch_size):
         batch = [c for c in chunks[start:start + batch_size] if len(c) >= 3]
@@ -78,9 +82,8 @@ def downstream_loss(model, sae: TopKSAE, chunks: list[list[int]], layer: int, *,
             continue
         width = min(len(c) for c in batch)  # equal lengths: no padding in the loss
         ids = torch.tensor([c[:width] for c in batch], device=device)
-        for name, ctx in (("clean", contextlib.nullcontext()), ("sae", splice(model, layer, sae_replace)),
-                          ("zero", splice(model, layer, zero_replace))):
-            with ctx:
+        for name, replace in variants.items():
+            with splice(model, layer, replace) if replace is not None else contextlib.nullcontext():
                 logits = model(input_ids=ids, use_cache=False).logits[:, 1:-1].float()
             # positions 1.. predict their next token (position 0 is left untouched everywhere)
             totals[name] += float(torch.nn.functional.cross_entropy(
@@ -89,11 +92,19 @@ def downstream_loss(model, sae: TopKSAE, chunks: list[list[int]], layer: int, *,
         bar.update(len(batch))
     bar.close()
     ce = {k: v / max(count, 1) for k, v in totals.items()}
+    ce["tokens"] = count
+    return ce
+
+
+def downstream_loss(model, sae: TopKSAE, chunks: list[list[int]], layer: int, *, batch_size: int = 8,
+                    progress: bool = True) -> dict:
+    """:func:`downstream_losses` of one SAE, with ``ce_loss_recovered`` = (CE_zero - CE_sae) / (CE_zero - CE_clean)."""
+    ce = downstream_losses(model, {"sae": sae}, chunks, layer, batch_size=batch_size, progress=progress)
     gap = ce["zero"] - ce["clean"]
     return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"],
             # undefined (None) when zero-ablating the layer does not hurt the model
             "ce_loss_recovered": (ce["zero"] - ce["sae"]) / gap if gap > 0 else None,
-            "ce_tokens": count}
+            "ce_tokens": ce["tokens"]}
 
 
 def write_report(out_dir: str, report: dict, *, metrics_file: str | None = None,

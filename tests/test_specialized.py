@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ssae_kernels import cli, retrieval
-from ssae_kernels.evaluate import downstream_loss
+from ssae_kernels.evaluate import downstream_loss, downstream_losses
 from ssae_kernels.recipes import specialized as sp
 from ssae_kernels.sae import SAEConfig, TopKSAE
 from ssae_kernels.trainer import TrainConfig, Trainer, new_sae
@@ -371,18 +371,23 @@ def tiny():
     return build_model(len(tokenizer)), tokenizer
 
 
-def test_downstream_losses_match_the_single_sae_evaluation(tiny):
+def test_downstream_losses_of_several_saes_match_one_at_a_time(tiny):
+    # One pass over the chunks for every variant gives each SAE the CE it gets evaluated alone.
     from ssae_kernels.activations import harvest, token_chunks
 
     model, tokenizer = tiny
     acts = harvest(model, tokenizer, TEXTS, 1, context=32, progress=False).acts
-    sae = new_sae(acts, 64, 4)
+    saes = {"a": new_sae(acts, 64, 4, seed=0), "b": new_sae(acts, 32, 2, seed=1)}
     chunks = token_chunks(tokenizer, TEXTS[:8], 24)
-    ours = sp.downstream_losses(model, {"a": sae}, chunks, 1, batch_size=3, progress=False)
-    ref = downstream_loss(model, sae, chunks, 1, batch_size=3, progress=False)
-    assert ours["a"] == pytest.approx(ref["ce_sae"], rel=1e-6)
-    assert ours["clean"] == pytest.approx(ref["ce_clean"], rel=1e-6)
-    assert ours["zero"] == pytest.approx(ref["ce_zero"], rel=1e-6)
+    both = downstream_losses(model, saes, chunks, 1, batch_size=3, progress=False)
+    assert both["a"] != both["b"]
+    for name, sae in saes.items():
+        alone = downstream_loss(model, sae, chunks, 1, batch_size=3, progress=False)
+        assert both[name] == pytest.approx(alone["ce_sae"], rel=1e-6)
+        assert both["clean"] == pytest.approx(alone["ce_clean"], rel=1e-6)
+        assert both["zero"] == pytest.approx(alone["ce_zero"], rel=1e-6)
+        assert both["tokens"] == alone["ce_tokens"] > 0
+        assert alone["ce_clean"] < alone["ce_zero"]
 
 
 # ---- commands on a tiny model -------------------------------------------------------------

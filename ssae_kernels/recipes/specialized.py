@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import models, retrieval, text
+from ..evaluate import downstream_losses
 from ..sae import TopKSAE
 
 BUILTIN_CORPUS = "builtin:python-docs+docstrings"
@@ -471,57 +472,6 @@ def tail_metrics(sae: TopKSAE, acts: torch.Tensor, tokens: torch.Tensor, counts:
         "tail_token_ids": int(len(torch.unique(tokens[keep][tail]))),
     })
     return TailEval(summary, e.float(), ranks, bins, latent_counts)
-
-
-@torch.no_grad()
-def downstream_losses(model, saes: dict[str, TopKSAE], chunks: list[list[int]], layer: int, *,
-                      batch_size: int = 8, progress: bool = True) -> dict:
-    """Next-token cross-entropy on ``chunks`` with the model as is (``clean``), with decoder layer
-    ``layer``'s output replaced by each SAE's reconstruction, and zero-ablated (positions after the
-    first, as in training). One forward pass per variant: {name: ce} plus ``clean`` and ``zero``."""
-    from tqdm.auto import tqdm
-
-    from ..evaluate import splice
-
-    def sae_replace(sae):
-        def replace(h):
-            out = h.clone()
-            flat = h[:, 1:].reshape(-1, h.shape[-1]).float()
-            out[:, 1:] = sae(flat).reshape(h.shape[0], h.shape[1] - 1, h.shape[-1]).to(h.dtype)
-            return out
-        return replace
-
-    def zero_replace(h):
-        out = h.clone()
-        out[:, 1:] = 0
-        return out
-
-    variants = {"clean": None, "zero": zero_replace, **{n: sae_replace(s) for n, s in saes.items()}}
-    totals = dict.fromkeys(variants, 0.0)
-    count = 0
-    device = next(model.parameters()).device
-    bar = tqdm(total=len(chunks), desc="downstream loss", unit="seq", disable=not progress)
-    for start in range(0, len(chunks), batch_size):
-        batch = [c for c in chunks[start:start + batch_size] if len(c) >= 3]
-        if not batch:
-            continue
-        width = min(len(c) for c in batch)  # equal lengths: no padding in the loss
-        ids = torch.tensor([c[:width] for c in batch], device=device)
-        for name, replace in variants.items():
-            if replace is None:
-                logits = model(input_ids=ids, use_cache=False).logits
-            else:
-                with splice(model, layer, replace):
-                    logits = model(input_ids=ids, use_cache=False).logits
-            logits = logits[:, 1:-1].float()
-            totals[name] += float(torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 2:].reshape(-1), reduction="sum"))
-        count += ids[:, 2:].numel()
-        bar.update(len(batch))
-    bar.close()
-    ce = {k: v / max(count, 1) for k, v in totals.items()}
-    ce["tokens"] = count
-    return ce
 
 
 def evaluate_saes(saes: dict[str, TopKSAE], acts: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, *,
