@@ -178,9 +178,16 @@ def test_gradients_match_reference(backend, dtype, N, d, M, k):
             return ssae_kernels.topk_encode(*args[:4], b_dec=args[4])
 
     grads, indices = _loss_grads(ours, x, W, b, bd, k, weights)
-    ref_grads, ref_indices = _loss_grads(reference.topk_encode, x, W, b, bd, k, weights)
-    # same selection (no near-ties at this seed), so the gradients must agree
-    assert torch.equal(indices, ref_indices)
+    with ssae_kernels.use_backend(backend):
+        values, _ = ssae_kernels.topk_encode(x.detach(), W.detach(), b.detach(), k, b_dec=bd.detach())
+    assert_valid_topk(values, indices, x.detach(), W.detach(), b.detach(), k, bd.detach())
+
+    def reference_at_our_selection(x, W, b, k, bd):
+        # Near-ties may come out in either order (e.g. bfloat16, d = 8: two scores 3e-8 apart),
+        # so the reference gradient is taken at the selection made, which is checked above.
+        return torch.relu(reference.pre_activations(x, W, b, bd).gather(1, indices)).to(x.dtype), indices
+
+    ref_grads, _ = _loss_grads(reference_at_our_selection, x, W, b, bd, k, weights)
     scale = max(1.0, float(weights.abs().sum(0).max()))
     for name, g, r in zip(("x", "W_enc", "b_enc", "b_dec"), grads, ref_grads):
         assert g.dtype == r.dtype, name
