@@ -58,6 +58,8 @@ def parse_args(argv=None):
     # selection
     p.add_argument("--strategy", choices=("dense", "bm25"), default="dense")
     p.add_argument("--aggregate", choices=retrieval.AGGREGATES, default="max")
+    p.add_argument("--search", choices=retrieval.SEARCHES, default="exact",
+                   help="exact (fused topk_encode) or faiss (approximate, for corpora too large to scan)")
     p.add_argument("--select-top", type=int, default=200, help="chunks to select")
     p.add_argument("--chunk-chars", type=int, default=1000)
     p.add_argument("--embedder", default=None, help="sentence-embedding model directory (default all-MiniLM-L6-v2)")
@@ -177,7 +179,8 @@ def main(argv=None) -> dict:
         selection = sp.select(general_docs, seeds, top=args.select_top, strategy=args.strategy,
                               aggregate=args.aggregate, exclude_docs=eval_docs, chunk_chars=args.chunk_chars,
                               allowed_docs=train_docs, embedder=args.embedder,
-                              embedding_cache=cache("chunk_embeddings.safetensors"), progress=progress)
+                              embedding_cache=cache("chunk_embeddings.safetensors"), search=args.search,
+                              progress=progress)
         sp.write_selection(os.path.join(args.out, "select"), selection, seeds=seeds)
 
     with phase("harvest_selected"):

