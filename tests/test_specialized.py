@@ -189,6 +189,17 @@ def test_selection_is_deterministic_and_respects_exclusions(tmp_path):
     assert sp.read_selection(str(tmp_path / "sel")) == first.texts and os.path.isfile(path)
 
 
+@pytest.mark.skipif(not HAVE_FAISS, reason="faiss is not installed")
+def test_faiss_selection_of_a_small_corpus_equals_the_exact_one():
+    # a corpus this small gets faiss's flat index; duplicated documents tie, so texts are compared
+    kw = dict(top=6, chunk_chars=120, embedder=_HashedBagOfWords())
+    exact = sp.select(CORPUS, ["coroutine event loop task await"], **kw)
+    approx = sp.select(CORPUS, ["coroutine event loop task await"], **kw, search="faiss")
+    assert (exact.meta["search"], approx.meta["search"]) == ("exact", "faiss")
+    assert approx.texts == exact.texts
+    assert [r["score"] for r in approx.records] == pytest.approx([r["score"] for r in exact.records], abs=1e-6)
+
+
 @pytest.mark.skipif(not HAVE_BM25, reason="bm25s is not installed")
 def test_bm25_selection_is_deterministic():
     a = sp.select(CORPUS, ["coroutine event loop"], top=5, strategy="bm25", chunk_chars=120)
