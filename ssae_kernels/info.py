@@ -20,8 +20,9 @@ def report() -> str:
         if "cpu_avx512f" in info:
             isa = "AVX-512" if info["cpu_avx512f"] else "AVX2" if info["cpu_avx2"] else "baseline x86-64"
             lines.append(f"  this CPU runs the {isa} kernels")
-            gemm = "dot_tile (AVX-512)" if info["cpu_avx512f"] else "BLAS (torch.mm)"
-            lines.append(f"  topk_encode score tiles: {gemm} with float32 accumulation, BLAS for float64")
+            gemm = ("dot_tile (AVX-512) up to width 2560 or 64-row blocks, else BLAS" if info["cpu_avx512f"]
+                    else "BLAS (torch.mm)")
+            lines.append(f"  topk_encode score tiles with float32 accumulation: {gemm}; float64: BLAS")
     try:
         import triton
         lines.append(f"triton {triton.__version__}")

@@ -65,6 +65,27 @@ def test_work_split_is_exercised(threads, N, d, M, k, splits):
     assert_valid_topk(values, indices, x, W, b, k, bd)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_rows_in_large_row_blocks(threads, dtype):
+    # Blocks of more than 64 rows wider than 2560 are scored by BLAS tiles, the rest by dot_tile
+    # (csrc/torch/cpu_ops.cpp, score_tile); this shape takes the BLAS tiles.
+    from ssae_kernels import _C
+
+    N, d, M, k = 300, 2600, 150, 5
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        rows, _, _ = _C.topk_encode_plan_cpu(N, M, d, dtype == torch.float32)
+        assert rows > 64
+        x, W, b, bd = make_inputs(N, d, M, dtype)
+        with ssae_kernels.use_backend("cpu"):
+            values, indices = ssae_kernels.topk_encode(x, W, b, k, b_dec=bd)
+    finally:
+        torch.set_num_threads(old)
+    assert_valid_topk(values, indices, x, W, b, k, bd)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,d,M,k", [(37, 29, 101, 8), (1030, 8, 1100, 16), (2, 3, 5, 5)])
