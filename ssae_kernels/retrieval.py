@@ -234,6 +234,14 @@ def embed_cached(embedder: Embedder, texts: list[str], cache_file: str | None, *
 # ---------------------------------------------------------------------------------------------- search
 
 
+def _check_search_args(queries: torch.Tensor, corpus: torch.Tensor, k: int) -> None:
+    if queries.dim() != 2 or corpus.dim() != 2 or queries.shape[1] != corpus.shape[1]:
+        raise ValueError(f"queries must be [S, d] and corpus [C, d] with the same d, got "
+                         f"{tuple(queries.shape)} and {tuple(corpus.shape)}")
+    if not 1 <= k <= corpus.shape[0]:
+        raise ValueError(f"k must be in [1, {corpus.shape[0]}] (corpus rows), got {k}")
+
+
 def dense_search(queries: torch.Tensor, corpus: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact inner-product top-k: (scores [S, k], indices [S, k]) of the corpus rows most similar to each
     query row, in descending order (ties to the lower index), through the fused ``topk_encode``.
@@ -241,11 +249,7 @@ def dense_search(queries: torch.Tensor, corpus: torch.Tensor, k: int) -> tuple[t
     queries [S, d] and corpus [C, d] share dtype and device; with L2-normalised rows the scores are
     cosine similarities. topk_encode returns ReLU'd values, so the exact (possibly negative) scores of
     the selected rows are recomputed by a gathered dot product."""
-    if queries.dim() != 2 or corpus.dim() != 2 or queries.shape[1] != corpus.shape[1]:
-        raise ValueError(f"queries must be [S, d] and corpus [C, d] with the same d, got "
-                         f"{tuple(queries.shape)} and {tuple(corpus.shape)}")
-    if not 1 <= k <= corpus.shape[0]:
-        raise ValueError(f"k must be in [1, {corpus.shape[0]}] (corpus rows), got {k}")
+    _check_search_args(queries, corpus, k)
     bias = torch.zeros(corpus.shape[0], dtype=corpus.dtype, device=corpus.device)
     _, indices = topk_encode(queries, corpus, bias, k)
     scores = torch.ops.ssae.sampled_dot(queries, indices, corpus)
@@ -266,12 +270,8 @@ def faiss_search(queries: torch.Tensor, corpus: torch.Tensor, k: int, *, nlist: 
         import faiss
     except ImportError:
         raise RuntimeError("the faiss search needs `pip install faiss-cpu` (or faiss-gpu)") from None
-    if queries.dim() != 2 or corpus.dim() != 2 or queries.shape[1] != corpus.shape[1]:
-        raise ValueError(f"queries must be [S, d] and corpus [C, d] with the same d, got "
-                         f"{tuple(queries.shape)} and {tuple(corpus.shape)}")
+    _check_search_args(queries, corpus, k)
     C, d = corpus.shape
-    if not 1 <= k <= C:
-        raise ValueError(f"k must be in [1, {C}] (corpus rows), got {k}")
     nlist = nlist or max(1, round(4 * C**0.5))
     if nlist < 1 or (nprobe is not None and nprobe < 1):
         raise ValueError(f"nlist and nprobe must be >= 1, got {nlist} and {nprobe}")
