@@ -1,10 +1,28 @@
-"""``python -m ssae_kernels.info``: what was built, and which backends can serve calls here (and why not)."""
+"""``python -m ssae_kernels.info``: what was built, which backends can serve calls here (and why not),
+and the op x backend x dtype table of the op declarations."""
 
 import platform
 
 import torch
 
 from . import __version__, backends
+from .ops.registry import OPS
+
+_SHORT = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def op_table() -> list[str]:
+    """One line per op: for each backend with a kernel, the dtypes it serves ("any": not dtype-bound)."""
+    lines = ["op x backend x dtype (what each backend serves; reference: every op and dtype):"]
+    width = max(map(len, OPS))
+    for name, op in OPS.items():
+        if op.composite:
+            cells = ["built from the ops above, on whichever backend serves them"]
+        else:
+            cells = [f"{backend}: " + ("any" if dtypes is None else " ".join(_SHORT[d] for d in dtypes))
+                     for backend, dtypes in op.dtypes.items()]
+        lines.append(f"{name:<{width}}  " + " | ".join(cells))
+    return lines
 
 
 def report() -> str:
@@ -22,7 +40,8 @@ def report() -> str:
             lines.append(f"  this CPU runs the {isa} kernels")
             gemm = ("dot_tile (AVX-512) up to width 2560 or 64-row blocks, else BLAS" if info["cpu_avx512f"]
                     else "BLAS (torch.mm)")
-            lines.append(f"  topk_encode score tiles with float32 accumulation: {gemm}; float64: BLAS")
+            lines.append(f"  topk_encode score tiles with float32 accumulation: {gemm}; calls too small "
+                         "for threads: dot_tile; float64: BLAS")
     try:
         import triton
         lines.append(f"triton {triton.__version__}")
@@ -36,6 +55,7 @@ def report() -> str:
     requested = backends.requested_backend()
     if requested:
         lines.append(f"{backends.ENV_VAR}={requested} overrides the default order")
+    lines += op_table()
     return "\n".join(lines)
 
 

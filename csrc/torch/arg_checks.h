@@ -45,22 +45,25 @@ inline void optional_bias(const std::optional<at::Tensor>& b, int64_t d, const a
   same_dtype(*b, ref, "b_dec", ref_arg);
 }
 
-// topk_encode(x [N, d], W_enc [M, d], b_enc [M], k, b_dec [d]?)
-inline void encode_args(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, int64_t k,
-                        const std::optional<at::Tensor>& b_dec, c10::DeviceType type) {
+// topk_encode(x [N, d], W_enc [M, d], b_enc [M]?, k, b_dec [d]?)
+inline void encode_args(const at::Tensor& x, const at::Tensor& W_enc, const std::optional<at::Tensor>& b_enc,
+                        int64_t k, const std::optional<at::Tensor>& b_dec, c10::DeviceType type) {
   on_device(x, type, "x");
   same_device(W_enc, x, "W_enc", "x");
-  same_device(b_enc, x, "b_enc", "x");
   dim(x, 2, "x", "[N, d]");
   dim(W_enc, 2, "W_enc", "[M, d]");
-  dim(b_enc, 1, "b_enc", "[M]");
   const int64_t N = x.size(0), d = x.size(1), M = W_enc.size(0);
   TORCH_CHECK(N > 0, "x must have at least one row, got shape ", x.sizes());
   TORCH_CHECK(W_enc.size(1) == d, "W_enc must be [M, d] with d = x.size(1) = ", d, ", got shape ", W_enc.sizes());
-  TORCH_CHECK(b_enc.size(0) == M, "b_enc must be [M] with M = W_enc.size(0) = ", M, ", got shape ", b_enc.sizes());
   TORCH_CHECK(k >= 1 && k <= M, "k must be in [1, M = ", M, "], got ", k);
   same_dtype(W_enc, x, "W_enc", "x");
-  same_dtype(b_enc, x, "b_enc", "x");
+  if (b_enc) {
+    same_device(*b_enc, x, "b_enc", "x");
+    dim(*b_enc, 1, "b_enc", "[M]");
+    TORCH_CHECK(b_enc->size(0) == M, "b_enc must be [M] with M = W_enc.size(0) = ", M, ", got shape ",
+                b_enc->sizes());
+    same_dtype(*b_enc, x, "b_enc", "x");
+  }
   optional_bias(b_dec, d, x, "x");
 }
 

@@ -1,15 +1,53 @@
-// ssae_kernels._C: the compiled backends, called by ssae_kernels/backends.py.
-// The public op schemas live in ssae_kernels/ops/library.py; these functions
-// are the kernels the CPU backend plugs into them.
+// ssae_kernels._C: plugs the compiled backends into the ssae ops.
+//
+// The op schemas are declared in Python, one per op module (ssae_kernels/ops);
+// this file registers the CPU backend's kernels under the CPU dispatch key and,
+// when built with CUDA, the CUDA backend's under the CUDA key, each behind the
+// routing decision of route.h. The Python module only carries what the package
+// needs to drive that routing, and build facts for `python -m ssae_kernels.info`.
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #include "cpu_ops.h"
+#include "route.h"
 #ifdef SSAE_WITH_CUDA
 #include "cuda_ops.h"
+#endif
+
+TORCH_LIBRARY_IMPL(ssae, CPU, m) {
+  using ssae::route::cpu_serves;
+  SSAE_ROUTED_IMPL(m, topk_encode, "cpu", cpu_serves, ssae::topk_encode_cpu);
+  SSAE_ROUTED_IMPL(m, sparse_decode, "cpu", cpu_serves, ssae::sparse_decode_cpu);
+  SSAE_ROUTED_IMPL(m, sampled_dot, "cpu", cpu_serves, ssae::sampled_dot_cpu);
+  SSAE_ROUTED_IMPL(m, latent_transpose, "cpu", cpu_serves, ssae::latent_transpose_cpu);
+  SSAE_ROUTED_IMPL(m, sparse_transpose_matmul, "cpu", cpu_serves, ssae::sparse_transpose_matmul_cpu);
+  SSAE_ROUTED_IMPL(m, tilted_group_stats, "cpu", cpu_serves, ssae::tilted_group_stats_cpu);
+  SSAE_ROUTED_IMPL(m, row_sq_error, "cpu", cpu_serves, ssae::row_sq_error_cpu);
+  SSAE_ROUTED_IMPL(m, sparse_decode_sq_error, "cpu", cpu_serves, ssae::sparse_decode_sq_error_cpu);
+  SSAE_ROUTED_IMPL(m, sparse_decode_residual, "cpu", cpu_serves, ssae::sparse_decode_residual_cpu);
+  SSAE_ROUTED_IMPL(m, project_subspace, "cpu", cpu_serves, ssae::project_subspace_cpu);
+  SSAE_ROUTED_IMPL(m, project_subspace_, "cpu", cpu_serves, ssae::project_subspace__cpu);
+}
+
+#ifdef SSAE_WITH_CUDA
+TORCH_LIBRARY_IMPL(ssae, CUDA, m) {
+  using ssae::route::cuda_serves;
+  SSAE_ROUTED_IMPL(m, topk_encode, "cuda", cuda_serves, ssae::topk_encode_cuda);
+  SSAE_ROUTED_IMPL(m, sparse_decode, "cuda", cuda_serves, ssae::sparse_decode_cuda);
+  SSAE_ROUTED_IMPL(m, sampled_dot, "cuda", cuda_serves, ssae::sampled_dot_cuda);
+  SSAE_ROUTED_IMPL(m, latent_transpose, "cuda", cuda_serves, ssae::latent_transpose_cuda);
+  SSAE_ROUTED_IMPL(m, sparse_transpose_matmul, "cuda", cuda_serves, ssae::sparse_transpose_matmul_cuda);
+  SSAE_ROUTED_IMPL(m, tilted_group_stats, "cuda", cuda_serves, ssae::tilted_group_stats_cuda);
+  SSAE_ROUTED_IMPL(m, row_sq_error, "cuda", cuda_serves, ssae::row_sq_error_cuda);
+  SSAE_ROUTED_IMPL(m, sparse_decode_sq_error, "cuda", cuda_serves, ssae::sparse_decode_sq_error_cuda);
+  SSAE_ROUTED_IMPL(m, sparse_decode_residual, "cuda", cuda_serves, ssae::sparse_decode_residual_cuda);
+  SSAE_ROUTED_IMPL(m, project_subspace, "cuda", cuda_serves, ssae::project_subspace_cuda);
+  SSAE_ROUTED_IMPL(m, project_subspace_, "cuda", cuda_serves, ssae::project_subspace__cuda);
+}
 #endif
 
 namespace {
@@ -37,34 +75,19 @@ py::dict build_info() {
   return info;
 }
 
+void set_router(py::object fn) {
+  PyObject*& slot = ssae::route::router();
+  Py_XDECREF(slot);
+  slot = fn.release().ptr();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "ssae_kernels compiled backends";
+  m.doc() = "ssae_kernels compiled backends (kernels registered with the dispatcher at load)";
   m.def("build_info", &build_info);
-  m.def("topk_encode_cpu", &ssae::topk_encode_cpu);
-  m.def("sparse_decode_cpu", &ssae::sparse_decode_cpu);
-  m.def("sampled_dot_cpu", &ssae::sampled_dot_cpu);
-  m.def("latent_transpose_cpu", &ssae::latent_transpose_cpu);
-  m.def("sparse_transpose_matmul_cpu", &ssae::sparse_transpose_matmul_cpu);
+  m.def("set_router", &set_router, "router(op, native_backend, *args): serves calls the C++ backends hand over");
+  m.def("set_override", [](int request) { ssae::route::override_request().store(request); },
+        "the backend of the innermost use_backend() block: -1 none, 0 default, 1 cpu, 2 cuda, 3 another");
   m.def("topk_encode_plan_cpu", &ssae::topk_encode_plan_cpu);
-#ifdef SSAE_WITH_CUDA
-  m.def("topk_encode_cuda", &ssae::topk_encode_cuda);
-  m.def("sparse_decode_cuda", &ssae::sparse_decode_cuda);
-  m.def("sampled_dot_cuda", &ssae::sampled_dot_cuda);
-  m.def("latent_transpose_cuda", &ssae::latent_transpose_cuda);
-  m.def("sparse_transpose_matmul_cuda", &ssae::sparse_transpose_matmul_cuda);
-  m.def("tilted_group_stats_cuda", &ssae::tilted_group_stats_cuda);
-  m.def("row_sq_error_cuda", &ssae::row_sq_error_cuda);
-  m.def("sparse_decode_sq_error_cuda", &ssae::sparse_decode_sq_error_cuda);
-  m.def("sparse_decode_residual_cuda", &ssae::sparse_decode_residual_cuda);
-  m.def("project_subspace_cuda", &ssae::project_subspace_cuda);
-  m.def("project_subspace__cuda", &ssae::project_subspace__cuda);
-#endif
-  m.def("tilted_group_stats_cpu", &ssae::tilted_group_stats_cpu);
-  m.def("row_sq_error_cpu", &ssae::row_sq_error_cpu);
-  m.def("sparse_decode_sq_error_cpu", &ssae::sparse_decode_sq_error_cpu);
-  m.def("sparse_decode_residual_cpu", &ssae::sparse_decode_residual_cpu);
-  m.def("project_subspace_cpu", &ssae::project_subspace_cpu);
-  m.def("project_subspace__cpu", &ssae::project_subspace__cpu);
 }

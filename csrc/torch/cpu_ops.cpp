@@ -41,17 +41,20 @@ constexpr auto kCPU = c10::DeviceType::CPU;
 
 void check_cpu(const at::Tensor& t, const char* arg) { checks::on_device(t, kCPU, arg); }
 
-// Index ranges are checked on the CPU path (a scan of N*k values, no sync to pay).
-void check_index_range(const at::Tensor& indices, int64_t num_latents, const char* arg) {
-  const int64_t bad = cpu::find_invalid_index(indices.data_ptr<int64_t>(), indices.numel(), num_latents);
-  TORCH_CHECK_INDEX(bad < 0, arg, " must lie in [0, ", num_latents, "), got ",
-                    bad < 0 ? 0 : indices.data_ptr<int64_t>()[bad], " at flat position ", bad);
-}
-
-void check_indices(const at::Tensor& indices, int64_t num_latents, const char* arg) {
+// Index and group tensors in the layout the kernels read: a contiguous copy of
+// any other view (an expanded or strided view read as if contiguous would see
+// other memory), with every entry checked against [0, bound) (a scan of N*k
+// values; on the CPU path there is no sync to pay). The flat position is the
+// position in the view's logical (row-major) order.
+at::Tensor contiguous_indices(const at::Tensor& indices, int64_t bound, const char* arg) {
   check_cpu(indices, arg);
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, arg, " must be int64, got ", indices.scalar_type());
-  check_index_range(indices, num_latents, arg);
+  auto dense = indices.contiguous();
+  const int64_t* p = dense.data_ptr<int64_t>();
+  const int64_t bad = cpu::find_invalid_index(p, dense.numel(), bound);
+  TORCH_CHECK_INDEX(bad < 0, arg, " must lie in [0, ", bound, "), got ", bad < 0 ? 0 : p[bad],
+                    " at flat position ", bad);
+  return dense;
 }
 
 // Work split of the fused encode. One OpenMP region per call: each thread takes
@@ -99,10 +102,14 @@ void gemm_abt(int64_t rows, int64_t cols, int64_t d, const A* a, const A* b, A* 
 constexpr int64_t kDotTileMaxWidth = 2560;
 constexpr int64_t kDotTileAnyWidthRows = 64;
 
+// A call too small for threads (serial) runs every tile through dot_tile, even
+// without AVX-512: BLAS costs microseconds per call and, called outside a
+// parallel region, starts threads of its own (tiny encodes measured 1.7 ms a
+// tile at 2 threads while the other core was busy, against 10 us at 1).
 template <typename A>
-void score_tile(int64_t rows, int64_t cols, int64_t d, const A* a, const A* b, A* c, int64_t ldc) {
+void score_tile(int64_t rows, int64_t cols, int64_t d, const A* a, const A* b, A* c, int64_t ldc, bool serial) {
   if constexpr (std::is_same_v<A, float>) {
-    if (cpu::dot_tile_fast() && (rows <= kDotTileAnyWidthRows || d <= kDotTileMaxWidth))
+    if (serial || (cpu::dot_tile_fast() && (rows <= kDotTileAnyWidthRows || d <= kDotTileMaxWidth)))
       return cpu::dot_tile(rows, cols, d, a, b, c, ldc);
   }
   gemm_abt<A>(rows, cols, d, a, b, c, ldc);
@@ -110,9 +117,20 @@ void score_tile(int64_t rows, int64_t cols, int64_t d, const A* a, const A* b, A
 
 }  // namespace
 
+namespace {
+
+// Whether an encode is too small to be worth a parallel region: dense
+// multiply-adds are cheap next to starting one.
+bool serial_encode(int64_t rows, int64_t latents, int64_t d) {
+  return !cpu::parallel_worth(rows * latents * d / 16);
+}
+
+}  // namespace
+
 std::tuple<int64_t, int64_t, int64_t> topk_encode_plan_cpu(int64_t rows, int64_t latents, int64_t d,
                                                              bool exact_dtype) {
-  const int64_t items = kItemsPerThread * std::max(1, at::get_num_threads());
+  // A serial call is one work item: splits only pay for themselves across threads.
+  const int64_t items = serial_encode(rows, latents, d) ? 1 : kItemsPerThread * std::max(1, at::get_num_threads());
   const int64_t nb = std::max<int64_t>(1, std::min({rows, kRowBlock, std::max(kMinRowBlock, (rows + items - 1) / items)}));
   // A converted W tile (bfloat16/float16 inputs) takes as much room as its scores.
   const int64_t per_latent = exact_dtype ? nb : std::max(nb, d);
@@ -128,7 +146,7 @@ std::tuple<int64_t, int64_t, int64_t> topk_encode_plan_cpu(int64_t rows, int64_t
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
-                                                   const at::Tensor& b_enc, int64_t k,
+                                                   const std::optional<at::Tensor>& b_enc, int64_t k,
                                                    const std::optional<at::Tensor>& b_dec) {
   checks::encode_args(x, W_enc, b_enc, k, b_dec, kCPU);
   const int64_t N = x.size(0), d = x.size(1), M = W_enc.size(0);
@@ -141,7 +159,8 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
   auto values = at::empty({N, k}, x.options());
   auto indices = at::empty({N, k}, x.options().dtype(at::kLong));
   const auto xc = x.contiguous(), W = W_enc.contiguous();
-  const auto bias = b_enc.to(acc).contiguous();
+  // Without b_enc the selector adds a zero bias: O(M) floats, next to the O(M d) weights.
+  const auto bias = b_enc ? b_enc->to(acc).contiguous() : at::zeros({M}, x.options().dtype(acc));
   const auto shift = b_dec ? b_dec->to(acc).contiguous() : at::Tensor();
   const auto [nb, mt, splits] = topk_encode_plan_cpu(N, M, d, exact);
   const int64_t blocks = (N + nb - 1) / nb, tiles = (M + mt - 1) / mt;
@@ -158,7 +177,8 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
     const A* sp = shift.defined() ? shift.data_ptr<A>() : nullptr;
     // Rows are copied (and centred) only when needed: float32/float64 without b_dec GEMM x in place.
     const bool copy_rows = !exact || sp != nullptr;
-#pragma omp parallel
+    const bool serial = serial_encode(N, M, d);
+#pragma omp parallel if (!serial)
     {
       std::vector<A> scores(nb * mt), rows_buf(copy_rows ? nb * d : 0), w_buf(exact ? 0 : mt * d);
 #pragma omp for schedule(dynamic, 1)
@@ -182,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
             for (int64_t i = 0; i < cols * d; ++i) w_buf[i] = cpu::load<A>(wp[m0 * d + i]);
             wb = w_buf.data();
           }
-          score_tile<A>(rows, cols, d, xb, wb, scores.data(), mt);
+          score_tile<A>(rows, cols, d, xb, wb, scores.data(), mt, serial);
           selectors[split].consume(scores.data(), mt, n0, rows, m0, cols, bp + m0);
         }
       }
@@ -195,20 +215,21 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
 
 namespace {
 
-void check_decode_args(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
-                       const std::optional<at::Tensor>& b_dec) {
+// The decode ops' checks; returns their indices, contiguous and range-checked.
+at::Tensor decode_indices(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
+                          const std::optional<at::Tensor>& b_dec) {
   checks::decode_args(values, indices, W_dec, b_dec, kCPU);
-  check_index_range(indices, W_dec.size(0), "indices");
+  return contiguous_indices(indices, W_dec.size(0), "indices");
 }
 
 }  // namespace
 
 at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices,
                              const at::Tensor& W_dec, const std::optional<at::Tensor>& b_dec) {
-  check_decode_args(values, indices, W_dec, b_dec);
+  const auto ix = decode_indices(values, indices, W_dec, b_dec);
   const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1);
   auto out = at::empty({N, d}, values.options());
-  const auto v = values.contiguous(), ix = indices.contiguous(), W = W_dec.contiguous();
+  const auto v = values.contiguous(), W = W_dec.contiguous();
   const auto b = b_dec ? b_dec->contiguous() : at::Tensor();
   dispatch_dtype(values.scalar_type(), "values", [&](auto tag) {
     using T = decltype(tag);
@@ -220,12 +241,12 @@ at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices
 
 at::Tensor sparse_decode_sq_error_cpu(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
                                       const std::optional<at::Tensor>& b_dec, const at::Tensor& x) {
-  check_decode_args(values, indices, W_dec, b_dec);
+  const auto ix = decode_indices(values, indices, W_dec, b_dec);
   checks::decode_target(x, values, W_dec);
   const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1);
   const auto acc = values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = at::empty({N}, values.options().dtype(acc));
-  const auto v = values.contiguous(), ix = indices.contiguous(), W = W_dec.contiguous(), xc = x.contiguous();
+  const auto v = values.contiguous(), W = W_dec.contiguous(), xc = x.contiguous();
   const auto b = b_dec ? b_dec->contiguous() : at::Tensor();
   dispatch_dtype(values.scalar_type(), "values", [&](auto tag) {
     using T = decltype(tag);
@@ -240,13 +261,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_residual_cpu(const at::Tensor& 
                                                               const at::Tensor& W_dec,
                                                               const std::optional<at::Tensor>& b_dec,
                                                               const at::Tensor& x, const at::Tensor& scale) {
-  check_decode_args(values, indices, W_dec, b_dec);
+  const auto ix = decode_indices(values, indices, W_dec, b_dec);
   checks::decode_target(x, values, W_dec);
   checks::row_scale(scale, values, values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1);
   auto residual = at::empty({N, d}, values.options());
   auto grad_values = at::empty({N, k}, values.options());
-  const auto v = values.contiguous(), ix = indices.contiguous(), W = W_dec.contiguous(), xc = x.contiguous();
+  const auto v = values.contiguous(), W = W_dec.contiguous(), xc = x.contiguous();
   const auto s = scale.contiguous();
   const auto b = b_dec ? b_dec->contiguous() : at::Tensor();
   dispatch_dtype(values.scalar_type(), "values", [&](auto tag) {
@@ -282,8 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tilted_group_stats_cpu(const at::
   if (groups) {
     checks::dim(*groups, 1, "groups", "[N]");
     TORCH_CHECK(groups->size(0) == n, "groups must have N = ", n, " elements, got ", groups->size(0));
-    check_indices(*groups, num_groups, "groups");
-    g = groups->contiguous();
+    g = contiguous_indices(*groups, num_groups, "groups");
   } else {
     TORCH_CHECK(num_groups == 1, "num_groups must be 1 without groups, got ", num_groups);
   }
@@ -301,10 +321,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tilted_group_stats_cpu(const at::
 
 at::Tensor sampled_dot_cpu(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& W) {
   checks::sampled_dot_args(grad, indices, W, kCPU);
-  check_index_range(indices, W.size(0), "indices");
+  const auto ix = contiguous_indices(indices, W.size(0), "indices");
   const int64_t N = grad.size(0), k = indices.size(1), d = grad.size(1);
   auto out = at::empty({N, k}, grad.options());
-  const auto g = grad.contiguous(), ix = indices.contiguous(), Wc = W.contiguous();
+  const auto g = grad.contiguous(), Wc = W.contiguous();
   dispatch_dtype(grad.scalar_type(), "grad", [&](auto tag) {
     using T = decltype(tag);
     cpu::sampled_dot<T>(ptr<T>(g), ix.data_ptr<int64_t>(), ptr<T>(Wc), N, k, d, ptr<T>(out));
@@ -314,8 +334,7 @@ at::Tensor sampled_dot_cpu(const at::Tensor& grad, const at::Tensor& indices, co
 
 std::tuple<at::Tensor, at::Tensor> latent_transpose_cpu(const at::Tensor& indices, int64_t num_latents) {
   TORCH_CHECK(num_latents >= 1, "num_latents must be >= 1, got ", num_latents);
-  check_indices(indices, num_latents, "indices");
-  const auto ix = indices.contiguous();
+  const auto ix = contiguous_indices(indices, num_latents, "indices");
   auto offsets = at::empty({num_latents + 1}, ix.options());
   auto order = at::empty({ix.numel()}, ix.options());
   cpu::latent_transpose(ix.data_ptr<int64_t>(), ix.numel(), num_latents, offsets.data_ptr<int64_t>(),
@@ -332,10 +351,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cpu(const at::Tensor&
   const auto off = offsets.contiguous();
   const int64_t* o = off.data_ptr<int64_t>();
   TORCH_CHECK(o[0] == 0 && o[M] == N * k, "offsets must run from 0 to N * k = ", N * k, " (from latent_transpose)");
-  check_index_range(order, N * k, "order");
+  // Non-decreasing, so every latent's entries lie inside order.
+  TORCH_CHECK(std::is_sorted(o, o + M + 1), "offsets must be non-decreasing (from latent_transpose)");
+  const auto ord = contiguous_indices(order, N * k, "order");
   auto out = at::empty({M, d}, rows.options());
   auto colsum = at::empty({M}, rows.options());
-  const auto w = weights.contiguous(), X = rows.contiguous(), ord = order.contiguous();
+  const auto w = weights.contiguous(), X = rows.contiguous();
   dispatch_dtype(weights.scalar_type(), "weights", [&](auto tag) {
     using T = decltype(tag);
     cpu::sparse_transpose_matmul<T>(ptr<T>(w), ptr<T>(X), k, d, o, ord.data_ptr<int64_t>(), M, ptr<T>(out),

@@ -1,5 +1,7 @@
-// ATen entry points of the CPU backend. Each validates its arguments with
-// TORCH_CHECK (naming the argument) before handing raw pointers to the
+// ATen entry points of the CPU backend, registered under the CPU dispatch key
+// (bindings.cpp). Each validates its arguments with TORCH_CHECK (naming the
+// argument), takes any strides (index and group tensors are made contiguous
+// before they are read or range-checked) and hands raw pointers to the
 // torch-free kernels in csrc/kernels/cpu.
 #pragma once
 
@@ -11,7 +13,7 @@
 namespace ssae {
 
 std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
-                                                   const at::Tensor& b_enc, int64_t k,
+                                                   const std::optional<at::Tensor>& b_enc, int64_t k,
                                                    const std::optional<at::Tensor>& b_dec);
 at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices,
                              const at::Tensor& W_dec, const std::optional<at::Tensor>& b_dec);

@@ -52,7 +52,7 @@ void check_cuda(const at::Tensor& t, const char* arg) { checks::on_device(t, kCU
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const at::Tensor& W_enc,
-                                                    const at::Tensor& b_enc, int64_t k,
+                                                    const std::optional<at::Tensor>& b_enc, int64_t k,
                                                     const std::optional<at::Tensor>& b_dec) {
   checks::encode_args(x, W_enc, b_enc, k, b_dec, kCUDA);
   const int64_t N = x.size(0), d = x.size(1), M = W_enc.size(0);
@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const a
   auto values = at::empty({N, k}, x.options());
   auto indices = at::empty({N, k}, x.options().dtype(at::kLong));
   const auto W = W_enc.contiguous();
-  const auto bias = b_enc.to(at::kFloat).contiguous();
+  const auto bias = b_enc ? b_enc->to(at::kFloat).contiguous() : at::zeros({M}, x.options().dtype(at::kFloat));
   const auto f32 = x.options().dtype(at::kFloat);
   auto scores = at::empty({plan.score_rows * plan.latent_chunk}, f32);
   auto cand = at::empty({plan.row_block * plan.latent_chunk}, x.options().dtype(at::kInt));

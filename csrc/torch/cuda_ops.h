@@ -13,7 +13,7 @@
 namespace ssae {
 
 std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const at::Tensor& W_enc,
-                                                    const at::Tensor& b_enc, int64_t k,
+                                                    const std::optional<at::Tensor>& b_enc, int64_t k,
                                                     const std::optional<at::Tensor>& b_dec);
 at::Tensor sparse_decode_cuda(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
                               const std::optional<at::Tensor>& b_dec);

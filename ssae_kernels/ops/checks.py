@@ -1,14 +1,17 @@
-"""Argument checks shared by the op kernels and their fake (meta) kernels.
+"""Argument checks shared by the op modules and their fake (meta) kernels, and the dtype facts they use.
 
 They use ``torch._check_*`` so that the same code raises ``ValueError`` /
 ``TypeError`` eagerly and records symbolic-shape guards under torch.compile.
 """
 
+import numbers
 import os
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# What the GPU kernels serve (float64 goes to the reference backend there).
+GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def tensor(t, name: str, dim: int, shape: str, *, optional: bool = False):
@@ -16,6 +19,19 @@ def tensor(t, name: str, dim: int, shape: str, *, optional: bool = False):
         return
     torch._check_type(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}")
     torch._check_value(t.dim() == dim, lambda: f"{name} must be {dim}-D {shape}, got shape {tuple(t.shape)}")
+
+
+def tensors(*named):
+    """TypeError unless each (name, value) is a tensor, or each (name, value, None) a tensor or None.
+
+    Run by the public functions before the dispatcher, whose own message for a
+    non-tensor is a RuntimeError.
+    """
+    for entry in named:
+        value = entry[1]
+        if not isinstance(value, torch.Tensor) and not (len(entry) == 3 and value is None):
+            optional = " or None" if len(entry) == 3 else ""
+            raise TypeError(f"{entry[0]} must be a torch.Tensor{optional}, got {type(value).__name__}")
 
 
 def floating(t, name: str):
@@ -45,15 +61,17 @@ def indices(t, name: str, ref, ref_name: str):
 
 
 def index_range(t, bound: int, name: str):
-    """IndexError for entries of a GPU tensor outside [0, bound), when ``SSAE_CHECK_INDICES=1``.
+    """IndexError for entries of ``t`` outside [0, bound): always on CPU tensors, on GPU tensors
+    when ``SSAE_CHECK_INDICES=1``.
 
-    On CPU tensors every backend checks inside its kernel (no sync to pay). On GPU tensors the
+    The entries checked are those the view shows, in its logical order. On GPU tensors the
     check costs a reduction and a device-to-host sync per call, so it is opt-in: without it an
     out-of-range entry reads nothing out of bounds, and its outputs are unspecified (NaN on the
-    cuda backend, masked on triton). Indices from ``topk_encode`` are always in range.
+    cuda backend, masked on triton). Indices from ``topk_encode`` are always in range. (The cpu
+    backend's C++ kernels check their own indices.)
     """
-    if (t.device.type == "cpu" or t.numel() == 0 or os.environ.get("SSAE_CHECK_INDICES") != "1"
-            or torch._subclasses.fake_tensor.is_fake(t)):
+    if (t.numel() == 0 or torch._subclasses.fake_tensor.is_fake(t)
+            or (t.device.type != "cpu" and os.environ.get("SSAE_CHECK_INDICES") != "1")):
         return
     bad = (t < 0) | (t >= bound)
     if bool(bad.any()):
@@ -63,7 +81,18 @@ def index_range(t, bound: int, name: str):
 
 
 def integer(v, name: str):
-    torch._check_type(
-        isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool),
-        lambda: f"{name} must be an int, got {type(v).__name__}",
-    )
+    """A Python int (or a symbolic one while tracing); bool is not a count."""
+    if not isinstance(v, (int, torch.SymInt)) or isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+
+
+def real(v, name: str) -> float:
+    """A real number (int, float, numpy float, ...; not bool) as a float."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__} {v!r}")
+    return float(v)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every backend accumulates in: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

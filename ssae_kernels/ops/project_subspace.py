@@ -11,7 +11,10 @@ Triton's path for larger r keep U^T G in a float32 [r, n] scratch buffer instead
 import torch
 
 from . import checks
-from .library import register_routed_kernel
+from .checks import FLOAT_DTYPES, GPU_DTYPES, accumulation_dtype
+from .registry import define
+
+MODULE = __name__.rsplit(".", 1)[-1]
 
 
 def project_subspace(G, U, complement=False, *, check=False):
@@ -35,10 +38,10 @@ def project_subspace(G, U, complement=False, *, check=False):
     and in U. Projection and complement sum to G, the projection is idempotent, and
     the complement is orthogonal to span(U), up to rounding.
     """
-    _check_types(G, U)
+    checks.tensors(("G", G), ("U", U))
     if check is not False:
         check_orthonormal(U, None if check is True else float(check))
-    return torch.ops.ssae.project_subspace(G, U, bool(complement))
+    return _project(G, U, bool(complement))
 
 
 def project_subspace_(G, U, complement=False, *, check=False):
@@ -50,13 +53,13 @@ def project_subspace_(G, U, complement=False, *, check=False):
     not require grad while autograd records (call it under ``torch.no_grad()``).
     G must not have overlapping elements (an ``expand``-ed view).
     """
-    _check_types(G, U)
+    checks.tensors(("G", G), ("U", U))
     if G.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("project_subspace_ overwrites G and is not differentiable: G requires grad here; "
                            "use project_subspace (out of place) or call it under torch.no_grad()")
     if check is not False:
         check_orthonormal(U, None if check is True else float(check))
-    torch.ops.ssae.project_subspace_(G, U, bool(complement))
+    _project_(G, U, bool(complement))
     return G
 
 
@@ -87,11 +90,21 @@ def check_orthonormal(U, atol=None):
                          "(orthonormalise it first, e.g. torch.linalg.qr(U).Q)")
 
 
-def _check_types(G, U):
-    # before the dispatcher, whose own message for a non-tensor is a RuntimeError
-    for t, name in ((G, "G"), (U, "U")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+def reference(G, U, complement=False):
+    """U (U^T G), or G - U (U^T G) with complement, in the accumulation dtype. [d, n].
+
+    The projection onto span(U) when U [d, r] has orthonormal columns; the formula is
+    evaluated as written for any U.
+    """
+    acc = accumulation_dtype(G.dtype)
+    g, u = G.to(acc), U.to(acc)
+    p = u @ (u.T @ g)
+    return (g - p if complement else p).to(G.dtype)
+
+
+def reference_(G, U, complement=False):
+    """project_subspace written into G."""
+    G.copy_(reference(G, U, complement))
 
 
 def _check(G, U, complement=False):
@@ -114,23 +127,8 @@ def _check_inplace(G, U, complement=False):
                        lambda: "G has overlapping elements (an expanded view); project_subspace_ cannot write it")
 
 
-register_routed_kernel("project_subspace", _check)
-register_routed_kernel("project_subspace_", _check_inplace)
-
-
-@torch.library.register_fake("ssae::project_subspace")
-def _(G, U, complement=False):
-    _check(G, U, complement)
-    return G.new_empty(G.shape)
-
-
-@torch.library.register_fake("ssae::project_subspace_")
-def _(G, U, complement=False):
-    _check_inplace(G, U, complement)
-
-
 def _setup_context(ctx, inputs, output):
-    G, U, complement = inputs
+    G, U, complement = (*inputs, False)[:3]  # complement may be omitted (a trailing default)
     ctx.complement = complement
     ctx.save_for_backward(G if ctx.needs_input_grad[1] else None, U)
 
@@ -139,15 +137,24 @@ def _backward(ctx, grad):
     G, U = ctx.saved_tensors
     need_G, need_U = ctx.needs_input_grad[:2]
     # P = U U^T is symmetric, so the gradient in G is the same projection of grad.
-    grad_G = torch.ops.ssae.project_subspace(grad, U, ctx.complement) if need_G else None
+    grad_G = _project(grad, U, ctx.complement) if need_G else None
     grad_U = None
     if need_U:
         # d <grad, U U^T G> / dU = grad (G^T U) + G (grad^T U); the complement negates it.
-        acc = torch.float64 if G.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(G.dtype)
         g, u, x = grad.to(acc), U.to(acc), G.to(acc)
         grad_U = g @ (x.T @ u) + x @ (g.T @ u)
         grad_U = (-grad_U if ctx.complement else grad_U).to(U.dtype)
     return grad_G, grad_U, None
 
 
-torch.library.register_autograd("ssae::project_subspace", _backward, setup_context=_setup_context)
+define("project_subspace", "(Tensor G, Tensor U, bool complement=False) -> Tensor",
+       module=MODULE, check=_check, fake=lambda G, U, complement=False: G.new_empty(G.shape), reference=reference,
+       dtypes={"cpu": FLOAT_DTYPES, "triton": GPU_DTYPES, "cuda": GPU_DTYPES},
+       backward=_backward, setup_context=_setup_context)
+# The in-place form overwrites G (not differentiable).
+define("project_subspace_", "(Tensor(a!) G, Tensor U, bool complement=False) -> ()",
+       module=MODULE, check=_check_inplace, fake=lambda G, U, complement=False: None, reference=reference_,
+       dtypes={"cpu": FLOAT_DTYPES, "triton": GPU_DTYPES, "cuda": GPU_DTYPES})
+_project = torch.ops.ssae.project_subspace.default
+_project_ = torch.ops.ssae.project_subspace_.default

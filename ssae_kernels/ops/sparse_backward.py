@@ -17,7 +17,19 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import checks
-from .library import register_routed_kernel
+from .checks import FLOAT_DTYPES, GPU_DTYPES, accumulation_dtype
+from .registry import define
+
+MODULE = __name__.rsplit(".", 1)[-1]
+
+
+# ---- sampled_dot ---------------------------------------------------------------------------
+
+
+def sampled_dot_reference(grad, indices, W):
+    """out[n, j] = grad[n] . W[indices[n, j]]. [N, k]."""
+    acc = accumulation_dtype(grad.dtype)
+    return torch.einsum("nd,nkd->nk", grad.to(acc), W.to(acc)[indices]).to(grad.dtype)
 
 
 def _check_sampled_dot(grad, indices, W):
@@ -29,6 +41,24 @@ def _check_sampled_dot(grad, indices, W):
     checks.indices(indices, "indices", grad, "grad")
     checks.same_size(indices.shape[0], grad.shape[0], "indices.shape[0] (rows) must equal grad.shape[0]")
     checks.same_size(W.shape[1], grad.shape[1], "W.shape[1] (d) must equal grad.shape[1]")
+    checks.index_range(indices, W.shape[0], "indices")
+
+
+define("sampled_dot", "(Tensor grad, Tensor indices, Tensor W) -> Tensor",
+       module=MODULE, check=_check_sampled_dot, reference=sampled_dot_reference,
+       fake=lambda grad, indices, W: grad.new_empty(indices.shape),
+       dtypes={"cpu": FLOAT_DTYPES, "triton": GPU_DTYPES, "cuda": GPU_DTYPES})
+
+
+# ---- latent_transpose ----------------------------------------------------------------------
+
+
+def latent_transpose_reference(indices, num_latents):
+    """(offsets [M + 1], order [N * k]): entries p = n * k + j grouped by latent, ascending within a latent."""
+    flat = indices.reshape(-1)
+    counts = torch.bincount(flat, minlength=num_latents)
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    return offsets, torch.argsort(flat, stable=True)
 
 
 def _check_latent_transpose(indices, num_latents):
@@ -36,6 +66,34 @@ def _check_latent_transpose(indices, num_latents):
     checks.integer(num_latents, "num_latents")
     torch._check_type(indices.dtype == torch.int64, lambda: f"indices must be int64, got {indices.dtype}")
     torch._check_value(num_latents >= 1, lambda: f"num_latents must be >= 1, got {num_latents}")
+    checks.index_range(indices, num_latents, "indices")
+
+
+def _triton_transpose_limit(indices, num_latents):
+    if indices.numel() >= 2**31 or num_latents >= 2**31:
+        return f"the triton latent_transpose takes fewer than 2^31 entries and latents, got {indices.numel()} and {num_latents}"
+    return None
+
+
+define("latent_transpose", "(Tensor indices, int num_latents) -> (Tensor offsets, Tensor order)",
+       module=MODULE, check=_check_latent_transpose, reference=latent_transpose_reference,
+       fake=lambda indices, num_latents: (indices.new_empty(num_latents + 1), indices.new_empty(indices.numel())),
+       dtypes={"cpu": None, "triton": None, "cuda": None}, limits={"triton": _triton_transpose_limit})
+
+
+# ---- sparse_transpose_matmul -----------------------------------------------------------------
+
+
+def sparse_transpose_matmul_reference(weights, rows, offsets, order):
+    """(out [M, d], colsum [M]): S^T rows and the column sums of S, S[n, latent] = weights[n, j]."""
+    acc = accumulation_dtype(weights.dtype)
+    num_latents, k = offsets.numel() - 1, weights.shape[1]
+    latent = torch.repeat_interleave(torch.arange(num_latents, device=offsets.device), torch.diff(offsets))
+    w = weights.reshape(-1)[order].to(acc)
+    out = torch.zeros(num_latents, rows.shape[1], dtype=acc, device=rows.device)
+    out.index_add_(0, latent, w[:, None] * rows.to(acc)[order // k])
+    colsum = torch.zeros(num_latents, dtype=acc, device=rows.device).index_add_(0, latent, w)
+    return out.to(rows.dtype), colsum.to(weights.dtype)
 
 
 def _check_sparse_transpose_matmul(weights, rows, offsets, order):
@@ -50,42 +108,34 @@ def _check_sparse_transpose_matmul(weights, rows, offsets, order):
     checks.same_size(rows.shape[0], weights.shape[0], "rows.shape[0] (N) must equal weights.shape[0]")
     checks.same_size(order.shape[0], weights.shape[0] * weights.shape[1], "order must have N * k elements")
     torch._check_value(offsets.shape[0] >= 2, lambda: f"offsets must have M + 1 >= 2 elements, got {offsets.shape[0]}")
+    checks.index_range(order, order.shape[0], "order")
 
 
-register_routed_kernel("sampled_dot", _check_sampled_dot)
-register_routed_kernel("latent_transpose", _check_latent_transpose)
-register_routed_kernel("sparse_transpose_matmul", _check_sparse_transpose_matmul)
-
-
-@torch.library.register_fake("ssae::sampled_dot")
-def _(grad, indices, W):
-    _check_sampled_dot(grad, indices, W)
-    return grad.new_empty(indices.shape)
-
-
-@torch.library.register_fake("ssae::latent_transpose")
-def _(indices, num_latents):
-    _check_latent_transpose(indices, num_latents)
-    return indices.new_empty(num_latents + 1), indices.new_empty(indices.numel())
-
-
-@torch.library.register_fake("ssae::sparse_transpose_matmul")
-def _(weights, rows, offsets, order):
-    _check_sparse_transpose_matmul(weights, rows, offsets, order)
+def _fake_sparse_transpose_matmul(weights, rows, offsets, order):
     num_latents = offsets.shape[0] - 1
     return rows.new_empty(num_latents, rows.shape[1]), rows.new_empty(num_latents)
 
 
+define("sparse_transpose_matmul",
+       "(Tensor weights, Tensor rows, Tensor offsets, Tensor order) -> (Tensor out, Tensor colsum)",
+       module=MODULE, check=_check_sparse_transpose_matmul, reference=sparse_transpose_matmul_reference,
+       fake=_fake_sparse_transpose_matmul,
+       dtypes={"cpu": FLOAT_DTYPES, "triton": GPU_DTYPES, "cuda": GPU_DTYPES})
+
+
+# ---- the transpose, once per indices tensor -----------------------------------------------------
+
 _transposes = WeakIdKeyDictionary()
+_latent_transpose = torch.ops.ssae.latent_transpose.default
 
 
 def latent_index(indices: torch.Tensor, num_latents: int):
     """(offsets, order) of ``latent_transpose(indices, num_latents)``, computed once per indices tensor."""
     if type(indices) is not torch.Tensor:  # fake/functional tensors while tracing: no caching
-        return torch.ops.ssae.latent_transpose(indices, num_latents)
+        return _latent_transpose(indices, num_latents)
     cached = _transposes.get(indices)
     if cached is not None and cached[0] == (indices._version, num_latents):
         return cached[1]
-    result = torch.ops.ssae.latent_transpose(indices, num_latents)
+    result = _latent_transpose(indices, num_latents)
     _transposes[indices] = ((indices._version, num_latents), result)
     return result

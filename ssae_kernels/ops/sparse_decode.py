@@ -3,7 +3,8 @@
 import torch
 
 from . import checks
-from .library import register_routed_kernel
+from .checks import FLOAT_DTYPES, GPU_DTYPES, accumulation_dtype
+from .registry import call, define
 from .sparse_backward import latent_index
 
 
@@ -16,6 +17,9 @@ def sparse_decode(values, indices, W_dec, b_dec=None):
         W_dec: [M, d] decoder weights (row m is latent m's direction); dtype of values.
         b_dec: optional [d] decoder bias.
 
+    Every tensor may have any strides (an expanded or sliced ``indices`` view reads
+    exactly the entries it shows).
+
     Returns:
         x_hat: [N, d], dtype of values, ``b_dec + sum_j values[n, j] * W_dec[indices[n, j]]``
         accumulated in float32 (float64 for float64).
@@ -25,36 +29,41 @@ def sparse_decode(values, indices, W_dec, b_dec=None):
     indices raise ``IndexError`` on CPU tensors; on GPU tensors only with
     ``SSAE_CHECK_INDICES=1`` (a device sync per call; see ``ops.checks.index_range``).
     """
-    return torch.ops.ssae.sparse_decode(values, indices, W_dec, b_dec)
+    checks.tensors(("values", values), ("indices", indices), ("W_dec", W_dec), ("b_dec", b_dec, None))
+    return call(_op, (values, indices, W_dec, b_dec), differentiable=(values, W_dec, b_dec))
 
 
-def _check(values, indices, W_dec, b_dec=None):
+def reference(values, indices, W_dec, b_dec=None):
+    """x_hat[n] = b_dec + sum_j values[n, j] * W_dec[indices[n, j]]. [N, d]."""
+    acc = accumulation_dtype(values.dtype)
+    out = torch.einsum("nk,nkd->nd", values.to(acc), W_dec.to(acc)[indices])
+    if b_dec is not None:
+        out = out + b_dec.to(acc)
+    return out.to(values.dtype)
+
+
+def check(values, indices, W_dec, b_dec=None):
     checks.tensor(values, "values", 2, "[N, k]")
     checks.tensor(indices, "indices", 2, "[N, k]")
     checks.tensor(W_dec, "W_dec", 2, "[M, d]")
     checks.tensor(b_dec, "b_dec", 1, "[d]", optional=True)
     checks.floating(values, "values")
     checks.indices(indices, "indices", values, "values")
-    checks.index_range(indices, W_dec.shape[0], "indices")
     checks.like(W_dec, values, "W_dec", "values")
     checks.like(b_dec, values, "b_dec", "values")
     checks.same_size(tuple(indices.shape), tuple(values.shape), "indices must have the shape of values")
     torch._check_value(values.shape[0] >= 1, lambda: f"values must have at least one row, got shape {tuple(values.shape)}")
     if b_dec is not None:
         checks.same_size(b_dec.shape[0], W_dec.shape[1], "b_dec.shape[0] must equal W_dec.shape[1] (d)")
+    checks.index_range(indices, W_dec.shape[0], "indices")
 
 
-register_routed_kernel("sparse_decode", _check)
-
-
-@torch.library.register_fake("ssae::sparse_decode")
-def _(values, indices, W_dec, b_dec=None):
-    _check(values, indices, W_dec, b_dec)
+def _fake(values, indices, W_dec, b_dec=None):
     return values.new_empty(values.shape[0], W_dec.shape[1])
 
 
 def _setup_context(ctx, inputs, output):
-    values, indices, W_dec, b_dec = inputs
+    values, indices, W_dec = inputs[:3]
     ctx.save_for_backward(values, indices, W_dec)
 
 
@@ -63,13 +72,20 @@ def _backward(ctx, grad_out):
     need_values, _, need_W, need_b = (*ctx.needs_input_grad, False)[:4]  # b_dec may be omitted
     grad_values = grad_W = grad_b = None
     if need_values:
-        grad_values = torch.ops.ssae.sampled_dot(grad_out, indices, W_dec)
+        grad_values = torch.ops.ssae.sampled_dot.default(grad_out, indices, W_dec)
     if need_W:
         offsets, order = latent_index(indices, W_dec.shape[0])
-        grad_W, _ = torch.ops.ssae.sparse_transpose_matmul(values, grad_out, offsets, order)
+        grad_W, _ = torch.ops.ssae.sparse_transpose_matmul.default(values, grad_out, offsets, order)
     if need_b:
         grad_b = grad_out.sum(0)
     return (grad_values, None, grad_W, grad_b)[: len(ctx.needs_input_grad)]
 
 
-torch.library.register_autograd("ssae::sparse_decode", _backward, setup_context=_setup_context)
+OP = define(
+    "sparse_decode",
+    "(Tensor values, Tensor indices, Tensor W_dec, Tensor? b_dec=None) -> Tensor",
+    module=__name__.rsplit(".", 1)[-1], check=check, fake=_fake, reference=reference,
+    dtypes={"cpu": FLOAT_DTYPES, "triton": GPU_DTYPES, "cuda": GPU_DTYPES},
+    backward=_backward, setup_context=_setup_context,
+)
+_op = torch.ops.ssae.sparse_decode.default

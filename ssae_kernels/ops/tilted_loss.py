@@ -12,8 +12,12 @@ import math
 import torch
 
 from . import checks
-from ..reference import accumulation_dtype
-from .library import LIBRARY, register_routed_kernel
+from .checks import FLOAT_DTYPES, GPU_DTYPES, accumulation_dtype
+from .registry import define
+from .sparse_backward import latent_index
+from .sparse_decode import check as _check_decode
+
+MODULE = __name__.rsplit(".", 1)[-1]
 
 
 def tilted_loss(losses, t, *, groups=None, t_group=None, num_groups=None):
@@ -32,7 +36,8 @@ def tilted_loss(losses, t, *, groups=None, t_group=None, num_groups=None):
     Returns a scalar of the dtype of losses, computed in float64. Differentiable;
     the backward pass is O(N) (softmax weights), with no N x N or N x groups temporaries.
     """
-    return torch.ops.ssae.tilted_loss(losses, float(t), groups, *_group_args(groups, t_group, num_groups))
+    checks.tensors(("losses", losses))
+    return _tilted_loss(losses, checks.real(t, "t"), groups, *_group_args(groups, t_group, num_groups))
 
 
 def tilted_mse(x_hat, x, t=0.0, *, groups=None, t_group=None, num_groups=None):
@@ -41,8 +46,10 @@ def tilted_mse(x_hat, x, t=0.0, *, groups=None, t_group=None, num_groups=None):
     x_hat and x are [N, d] of one dtype; errors are accumulated in float32 (float64).
     Differentiable in x_hat and x. Returns a float32 (float64) scalar.
     """
-    errors = torch.ops.ssae.row_sq_error(x_hat, x)
-    return torch.ops.ssae.tilted_loss(errors, float(t), groups, *_group_args(groups, t_group, num_groups))
+    t = checks.real(t, "t")
+    checks.tensors(("x_hat", x_hat), ("x", x))
+    errors = torch.ops.ssae.row_sq_error.default(x_hat, x)
+    return _tilted_loss(errors, t, groups, *_group_args(groups, t_group, num_groups))
 
 
 def sparse_decode_mse(values, indices, W_dec, b_dec, x, *, t=0.0, groups=None, t_group=None, num_groups=None):
@@ -52,13 +59,18 @@ def sparse_decode_mse(values, indices, W_dec, b_dec, x, *, t=0.0, groups=None, t
     squared error (no [N, d] tensor); the backward pass recomputes the residual.
     Differentiable in values, W_dec, b_dec and x. Returns a float32 (float64) scalar.
     """
-    errors = torch.ops.ssae.sparse_decode_sq_error(values, indices, W_dec, b_dec, x)
-    return torch.ops.ssae.tilted_loss(errors, float(t), groups, *_group_args(groups, t_group, num_groups))
+    t = checks.real(t, "t")
+    checks.tensors(("values", values), ("indices", indices), ("W_dec", W_dec), ("b_dec", b_dec, None), ("x", x))
+    errors = torch.ops.ssae.sparse_decode_sq_error.default(values, indices, W_dec, b_dec, x)
+    return _tilted_loss(errors, t, groups, *_group_args(groups, t_group, num_groups))
 
 
 def _group_args(groups, t_group, num_groups):
+    t_group = 0.0 if t_group is None else checks.real(t_group, "t_group")
+    if num_groups is not None:
+        checks.integer(num_groups, "num_groups")
     if groups is None:
-        if t_group is not None and t_group != 0:
+        if t_group != 0:
             raise ValueError("t_group needs groups")
         if num_groups not in (None, 1):
             raise ValueError(f"num_groups needs groups (got num_groups={num_groups})")
@@ -71,10 +83,53 @@ def _group_args(groups, t_group, num_groups):
         if int(groups.min()) < 0:
             raise ValueError(f"groups must be >= 0, got {int(groups.min())}")
         num_groups = int(groups.max()) + 1
-    return num_groups, float(t_group or 0.0)
+    return num_groups, t_group
 
 
 # ---- the reduction op --------------------------------------------------------------
+
+
+def _segment_sum(values, groups, num_groups):
+    return torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(0, groups, values)
+
+
+def tilted_group_stats_reference(losses, t, groups, num_groups):
+    """(anchor, log_mean, count) per group, float64: R_g = anchor + log_mean / t (anchor = mean if t == 0).
+
+    anchor is the group's loss maximising t * loss and
+    log_mean = log1p(mean(expm1(t * (loss - anchor)))), exact for tiny and huge |t| alike;
+    empty groups get zeros. Differentiable in losses (through log_mean, or the mean at t == 0).
+    """
+    l = losses.double()
+    g = torch.zeros_like(l, dtype=torch.int64) if groups is None else groups
+    count = torch.bincount(g, minlength=num_groups)
+    n = count.clamp_min(1)
+    if t == 0:
+        return _segment_sum(l, g, num_groups) / n, torch.zeros(num_groups, dtype=torch.float64, device=l.device), count
+    top = torch.full((num_groups,), float("-inf"), dtype=torch.float64, device=l.device)
+    top = top.scatter_reduce(0, g, (t * l).detach(), reduce="amax")
+    anchor = torch.where(count > 0, top / t, 0.0)
+    log_mean = torch.log1p(_segment_sum(torch.expm1(t * (l - anchor[g])), g, num_groups) / n)
+    return anchor, torch.where(count > 0, log_mean, 0.0), count
+
+
+def tilted_loss_reference(losses, t, groups=None, num_groups=1, t_group=0.0):
+    """TERM: (1/t) log mean exp(t * losses); the mean at t == 0.
+
+    With groups (int64 ids in [0, num_groups)), t tilts inside each group and
+    t_group across the group risks, weighted by group size (empty groups drop
+    out). Computed in float64, returned in the dtype of losses.
+    """
+    anchor, log_mean, count = tilted_group_stats_reference(losses, t, groups, num_groups)
+    risk = anchor if t == 0 else anchor + log_mean / t
+    present = count > 0
+    risk, weight = risk[present], count[present].double() / count.sum()
+    if t_group == 0:
+        total = (weight * risk).sum()
+    else:
+        top = risk[torch.argmax(t_group * risk.detach())].detach()
+        total = top + torch.log1p((weight * torch.expm1(t_group * (risk - top))).sum()) / t_group
+    return total.to(losses.dtype)
 
 
 def _check_losses(losses, t, groups, num_groups):
@@ -90,8 +145,8 @@ def _check_losses(losses, t, groups, num_groups):
     else:
         checks.tensor(groups, "groups", 1, "[N]")
         checks.indices(groups, "groups", losses, "losses")
-        checks.index_range(groups, num_groups, "groups")
         checks.same_size(groups.shape[0], losses.shape[0], "groups must have one id per loss")
+        checks.index_range(groups, num_groups, "groups")
 
 
 def _check_tilted_loss(losses, t, groups, num_groups, t_group):
@@ -99,19 +154,22 @@ def _check_tilted_loss(losses, t, groups, num_groups, t_group):
     torch._check_value(math.isfinite(t_group), lambda: f"t_group must be finite, got {t_group}")
 
 
-register_routed_kernel("tilted_group_stats", _check_losses)
-
-
-@torch.library.register_fake("ssae::tilted_group_stats")
-def _(losses, t, groups, num_groups):
-    _check_losses(losses, t, groups, num_groups)
+def _fake_group_stats(losses, t, groups, num_groups):
     stat = losses.new_empty(num_groups, dtype=torch.float64)
     return stat, stat.new_empty(num_groups), stat.new_empty(num_groups, dtype=torch.int64)
 
 
+define("tilted_group_stats",
+       "(Tensor losses, float t, Tensor? groups, int num_groups) -> (Tensor anchor, Tensor log_mean, Tensor count)",
+       module=MODULE, check=_check_losses, fake=_fake_group_stats, reference=tilted_group_stats_reference,
+       dtypes={"cpu": FLOAT_DTYPES, "triton": FLOAT_DTYPES, "cuda": GPU_DTYPES},  # triton's kernel works in float64
+       limits={"cuda": lambda losses, t, groups, num_groups:
+               f"num_groups must be < 2^31 on the cuda backend, got {num_groups}" if num_groups >= 2**31 else None})
+
+
 def _risks(losses, t, groups, num_groups, t_group):
     """Per-group stats, the total risk, and each group's log gradient weight t_group (R_g - R), float64."""
-    anchor, log_mean, count = torch.ops.ssae.tilted_group_stats(losses, t, groups, num_groups)
+    anchor, log_mean, count = torch.ops.ssae.tilted_group_stats.default(losses, t, groups, num_groups)
     risk = anchor if t == 0 else anchor + log_mean / t
     weight = count.double() / losses.shape[0]  # empty groups weigh 0
     if t_group == 0:
@@ -127,16 +185,6 @@ def _risks(losses, t, groups, num_groups, t_group):
 def _tilted_loss_kernel(losses, t, groups=None, num_groups=1, t_group=0.0):
     _check_tilted_loss(losses, t, groups, num_groups, t_group)
     return _risks(losses, t, groups, num_groups, t_group)[2].to(losses.dtype)
-
-
-# A composite kernel: the backend-specific work is the tilted_group_stats it calls.
-torch.library.register_kernel("ssae::tilted_loss", ("cpu", "cuda"), _tilted_loss_kernel, lib=LIBRARY)
-
-
-@torch.library.register_fake("ssae::tilted_loss")
-def _(losses, t, groups=None, num_groups=1, t_group=0.0):
-    _check_tilted_loss(losses, t, groups, num_groups, t_group)
-    return losses.new_empty(())
 
 
 def _setup_tilted(ctx, inputs, output):
@@ -157,10 +205,21 @@ def _backward_tilted(ctx, grad):
     return (grad.double() * weights).to(losses.dtype), None, None, None, None
 
 
-torch.library.register_autograd("ssae::tilted_loss", _backward_tilted, setup_context=_setup_tilted)
+# A composite: the backend-specific work is the tilted_group_stats it calls.
+define("tilted_loss", "(Tensor losses, float t, Tensor? groups, int num_groups, float t_group) -> Tensor",
+       module=MODULE, check=_check_tilted_loss, fake=lambda losses, *rest: losses.new_empty(()),
+       reference=tilted_loss_reference, dtypes={}, composite=_tilted_loss_kernel,
+       backward=_backward_tilted, setup_context=_setup_tilted)
+_tilted_loss = torch.ops.ssae.tilted_loss.default
 
 
 # ---- per-row squared errors ----------------------------------------------------------
+
+
+def row_sq_error_reference(x_hat, x):
+    """sum_d (x_hat - x)^2 per row, in the accumulation dtype. [N]."""
+    acc = accumulation_dtype(x_hat.dtype)
+    return ((x_hat.to(acc) - x.to(acc)) ** 2).sum(1)
 
 
 def _check_row_sq_error(x_hat, x):
@@ -169,15 +228,6 @@ def _check_row_sq_error(x_hat, x):
     checks.floating(x_hat, "x_hat")
     checks.like(x, x_hat, "x", "x_hat")
     checks.same_size(tuple(x.shape), tuple(x_hat.shape), "x must have the shape of x_hat")
-
-
-register_routed_kernel("row_sq_error", _check_row_sq_error)
-
-
-@torch.library.register_fake("ssae::row_sq_error")
-def _(x_hat, x):
-    _check_row_sq_error(x_hat, x)
-    return x_hat.new_empty(x_hat.shape[0], dtype=accumulation_dtype(x_hat.dtype))
 
 
 def _setup_row_sq_error(ctx, inputs, output):
@@ -191,25 +241,32 @@ def _backward_row_sq_error(ctx, grad):
     return g if need_x_hat else None, -g if need_x else None
 
 
-torch.library.register_autograd("ssae::row_sq_error", _backward_row_sq_error, setup_context=_setup_row_sq_error)
+define("row_sq_error", "(Tensor x_hat, Tensor x) -> Tensor",
+       module=MODULE, check=_check_row_sq_error, reference=row_sq_error_reference,
+       fake=lambda x_hat, x: x_hat.new_empty(x_hat.shape[0], dtype=accumulation_dtype(x_hat.dtype)),
+       dtypes={"cpu": FLOAT_DTYPES, "triton": GPU_DTYPES, "cuda": GPU_DTYPES},
+       backward=_backward_row_sq_error, setup_context=_setup_row_sq_error)
+
+
+def _decode_rows(values, indices, W_dec, b_dec):
+    """(x_hat, gathered W_dec rows) in the accumulation dtype."""
+    acc = accumulation_dtype(values.dtype)
+    rows = W_dec.to(acc)[indices]
+    x_hat = torch.einsum("nk,nkd->nd", values.to(acc), rows)
+    return (x_hat if b_dec is None else x_hat + b_dec.to(acc)), rows
+
+
+def sparse_decode_sq_error_reference(values, indices, W_dec, b_dec, x):
+    """Per-row squared error of the decode (not rounded to the storage dtype first). [N]."""
+    x_hat, _ = _decode_rows(values, indices, W_dec, b_dec)
+    return ((x_hat - x.to(x_hat.dtype)) ** 2).sum(1)
 
 
 def _check_sparse_decode_sq_error(values, indices, W_dec, b_dec, x):
-    from .sparse_decode import _check as check_decode
-
-    check_decode(values, indices, W_dec, b_dec)
+    _check_decode(values, indices, W_dec, b_dec)
     checks.tensor(x, "x", 2, "[N, d]")
     checks.like(x, values, "x", "values")
     checks.same_size(tuple(x.shape), (values.shape[0], W_dec.shape[1]), "x must be [N, d]")
-
-
-register_routed_kernel("sparse_decode_sq_error", _check_sparse_decode_sq_error)
-
-
-@torch.library.register_fake("ssae::sparse_decode_sq_error")
-def _(values, indices, W_dec, b_dec, x):
-    _check_sparse_decode_sq_error(values, indices, W_dec, b_dec, x)
-    return values.new_empty(values.shape[0], dtype=accumulation_dtype(values.dtype))
 
 
 def _setup_decode_sq_error(ctx, inputs, output):
@@ -218,23 +275,36 @@ def _setup_decode_sq_error(ctx, inputs, output):
 
 
 def _backward_decode_sq_error(ctx, grad):
-    from .sparse_backward import latent_index
-
     values, indices, W_dec, b_dec, x = ctx.saved_tensors
     need_values, _, need_W, need_b, need_x = ctx.needs_input_grad
     # d error_n / d x_hat_n = 2 (x_hat_n - x_n): one pass over each row's W_dec rows
     # re-decodes it and dots the scaled residual with the same (cached) rows.
-    residual, grad_values = torch.ops.ssae.sparse_decode_residual(values, indices, W_dec, b_dec, x, 2 * grad)
+    residual, grad_values = torch.ops.ssae.sparse_decode_residual.default(values, indices, W_dec, b_dec, x, 2 * grad)
     grad_W = None
     if need_W:
         offsets, order = latent_index(indices, W_dec.shape[0])
-        grad_W = torch.ops.ssae.sparse_transpose_matmul(values, residual, offsets, order)[0]
+        grad_W = torch.ops.ssae.sparse_transpose_matmul.default(values, residual, offsets, order)[0]
     grad_b = residual.sum(0) if need_b else None
     return grad_values if need_values else None, None, grad_W, grad_b, -residual if need_x else None
 
 
-torch.library.register_autograd("ssae::sparse_decode_sq_error", _backward_decode_sq_error,
-                                setup_context=_setup_decode_sq_error)
+define("sparse_decode_sq_error", "(Tensor values, Tensor indices, Tensor W_dec, Tensor? b_dec, Tensor x) -> Tensor",
+       module=MODULE, check=_check_sparse_decode_sq_error, reference=sparse_decode_sq_error_reference,
+       fake=lambda values, *rest: values.new_empty(values.shape[0], dtype=accumulation_dtype(values.dtype)),
+       dtypes={"cpu": FLOAT_DTYPES, "triton": GPU_DTYPES, "cuda": GPU_DTYPES},
+       backward=_backward_decode_sq_error, setup_context=_setup_decode_sq_error)
+
+
+def sparse_decode_residual_reference(values, indices, W_dec, b_dec, x, scale):
+    """(residual [N, d], grad_values [N, k]), both of the dtype of values.
+
+    residual[n] = scale[n] * (x_hat[n] - x[n]) with x_hat the decode; grad_values[n, j] =
+    residual[n] . W_dec[indices[n, j]], dotted with the residual before it is rounded.
+    """
+    x_hat, rows = _decode_rows(values, indices, W_dec, b_dec)
+    residual = scale.to(x_hat.dtype)[:, None] * (x_hat - x.to(x_hat.dtype))
+    grad_values = torch.einsum("nd,nkd->nk", residual, rows)
+    return residual.to(values.dtype), grad_values.to(values.dtype)
 
 
 def _check_sparse_decode_residual(values, indices, W_dec, b_dec, x, scale):
@@ -251,13 +321,13 @@ def _check_sparse_decode_residual(values, indices, W_dec, b_dec, x, scale):
 # The backward primitive of sparse_decode_sq_error: (residual, grad_values) with
 # residual[n] = scale[n] (x_hat[n] - x[n]) and grad_values[n, j] = residual[n] . W_dec[indices[n, j]],
 # both from one gather of each row's k W_dec rows (the unrounded residual is dotted).
-register_routed_kernel("sparse_decode_residual", _check_sparse_decode_residual)
-
-
-@torch.library.register_fake("ssae::sparse_decode_residual")
-def _(values, indices, W_dec, b_dec, x, scale):
-    _check_sparse_decode_residual(values, indices, W_dec, b_dec, x, scale)
-    return values.new_empty(values.shape[0], W_dec.shape[1]), values.new_empty(values.shape)
+define("sparse_decode_residual",
+       "(Tensor values, Tensor indices, Tensor W_dec, Tensor? b_dec, Tensor x, Tensor scale) "
+       "-> (Tensor residual, Tensor grad_values)",
+       module=MODULE, check=_check_sparse_decode_residual, reference=sparse_decode_residual_reference,
+       fake=lambda values, indices, W_dec, *rest: (values.new_empty(values.shape[0], W_dec.shape[1]),
+                                                   values.new_empty(values.shape)),
+       dtypes={"cpu": FLOAT_DTYPES, "triton": GPU_DTYPES, "cuda": GPU_DTYPES})
 
 
 # ---- streaming TERM -------------------------------------------------------------------

@@ -3,7 +3,8 @@
 import torch
 
 from . import checks
-from .library import register_routed_kernel
+from .checks import FLOAT_DTYPES, GPU_DTYPES, accumulation_dtype
+from .registry import call, define
 from .sparse_backward import latent_index
 
 
@@ -17,11 +18,12 @@ def topk_encode(x, W_enc, b_enc, k, *, b_dec=None):
     Args:
         x: [N, d] inputs (N >= 1); float32, bfloat16, float16 or float64.
         W_enc: [M, d] encoder weights (row m belongs to latent m, as ``nn.Linear``).
-        b_enc: [M] encoder bias.
-        k: number of latents kept per row, 1 <= k <= M.
+        b_enc: [M] encoder bias, or None for none (e.g. nearest-neighbour search).
+        k: number of latents kept per row, a Python int with 1 <= k <= M.
         b_dec: optional [d] decoder bias, subtracted from x first.
 
-    All tensors share x's dtype and device; accumulation is float32 (float64 for float64).
+    All tensors share x's dtype and device and may have any strides; accumulation
+    is float32 (float64 for float64).
 
     Returns:
         values: [N, k], dtype of x: ``ReLU(pre[n, indices[n, j]])``.
@@ -36,13 +38,31 @@ def topk_encode(x, W_enc, b_enc, k, *, b_dec=None):
 
         values, indices = ssae_kernels.topk_encode(x, sae.W_enc, sae.b_enc, 32, b_dec=sae.b_dec)
     """
-    return torch.ops.ssae.topk_encode(x, W_enc, b_enc, k, b_dec)
+    checks.tensors(("x", x), ("W_enc", W_enc), ("b_enc", b_enc, None), ("b_dec", b_dec, None))
+    checks.integer(k, "k")
+    return call(_op, (x, W_enc, b_enc, k, b_dec), differentiable=(x, W_enc, b_enc, b_dec))
+
+
+def pre_activations(x, W_enc, b_enc=None, b_dec=None):
+    """pre[n, m] = (x[n] - b_dec) . W_enc[m] + b_enc[m], in the accumulation dtype. [N, M]."""
+    acc = accumulation_dtype(x.dtype)
+    xc = x.to(acc) if b_dec is None else x.to(acc) - b_dec.to(acc)
+    pre = xc @ W_enc.to(acc).T
+    return pre if b_enc is None else pre + b_enc.to(acc)
+
+
+def reference(x, W_enc, b_enc, k, b_dec=None):
+    """(values, indices): the k largest pre-activations of each row, descending, ties to the lower index."""
+    pre = pre_activations(x, W_enc, b_enc, b_dec)
+    # A stable descending sort keeps equal scores in index order; NaN sorts first.
+    ranked = torch.sort(pre, dim=1, descending=True, stable=True)
+    return torch.relu(ranked.values[:, :k]).to(x.dtype).contiguous(), ranked.indices[:, :k].contiguous()
 
 
 def _check(x, W_enc, b_enc, k, b_dec=None):
     checks.tensor(x, "x", 2, "[N, d]")
     checks.tensor(W_enc, "W_enc", 2, "[M, d]")
-    checks.tensor(b_enc, "b_enc", 1, "[M]")
+    checks.tensor(b_enc, "b_enc", 1, "[M]", optional=True)
     checks.tensor(b_dec, "b_dec", 1, "[d]", optional=True)
     checks.integer(k, "k")
     checks.floating(x, "x")
@@ -52,23 +72,19 @@ def _check(x, W_enc, b_enc, k, b_dec=None):
     M = W_enc.shape[0]
     torch._check_value(N >= 1, lambda: f"x must have at least one row, got shape {tuple(x.shape)}")
     checks.same_size(W_enc.shape[1], d, "W_enc.shape[1] must equal x.shape[1] (d)")
-    checks.same_size(b_enc.shape[0], M, "b_enc.shape[0] must equal W_enc.shape[0] (M)")
+    if b_enc is not None:
+        checks.same_size(b_enc.shape[0], M, "b_enc.shape[0] must equal W_enc.shape[0] (M)")
     if b_dec is not None:
         checks.same_size(b_dec.shape[0], d, "b_dec.shape[0] must equal x.shape[1] (d)")
     torch._check_value(1 <= k <= M, lambda: f"k must be in [1, M] with M = W_enc.shape[0] = {M}, got {k}")
 
 
-register_routed_kernel("topk_encode", _check)
-
-
-@torch.library.register_fake("ssae::topk_encode")
-def _(x, W_enc, b_enc, k, b_dec=None):
-    _check(x, W_enc, b_enc, k, b_dec)
+def _fake(x, W_enc, b_enc, k, b_dec=None):
     return x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, dtype=torch.int64)
 
 
 def _setup_context(ctx, inputs, output):
-    x, W_enc, b_enc, k, b_dec = inputs
+    x, W_enc, b_enc, k, b_dec = (*inputs, None)[:5]  # b_dec may be omitted (a trailing default)
     values, indices = output
     ctx.save_for_backward(x, W_enc, b_dec, values, indices)
     ctx.mark_non_differentiable(indices)
@@ -76,17 +92,16 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_values, grad_indices):
     x, W_enc, b_dec, values, indices = ctx.saved_tensors
-    # b_dec may have been omitted (the dispatcher drops a trailing default)
     need_x, need_W, need_b_enc, _, need_b_dec = (*ctx.needs_input_grad, False)[:5]
     # d ReLU: only selected latents with a positive pre-activation pass gradient
     grad_pre = torch.where(values > 0, grad_values, torch.zeros((), dtype=grad_values.dtype))
     grad_x = grad_W = grad_b_enc = grad_b_dec = None
     if need_x:
-        grad_x = torch.ops.ssae.sparse_decode(grad_pre, indices, W_enc, None)
+        grad_x = torch.ops.ssae.sparse_decode.default(grad_pre, indices, W_enc, None)
     if need_W or need_b_enc or (need_b_dec and not need_x):
         offsets, order = latent_index(indices, W_enc.shape[0])
         rows = x if b_dec is None else x - b_dec
-        grad_W, grad_b_enc = torch.ops.ssae.sparse_transpose_matmul(grad_pre, rows, offsets, order)
+        grad_W, grad_b_enc = torch.ops.ssae.sparse_transpose_matmul.default(grad_pre, rows, offsets, order)
     if need_b_dec:
         # -sum_n grad_x[n]; without grad_x, the same sum grouped by latent is
         # grad_b_enc @ W_enc: one [M] x [M, d] product instead of an N x k gather.
@@ -95,4 +110,27 @@ def _backward(ctx, grad_values, grad_indices):
     return grads[: len(ctx.needs_input_grad)]
 
 
-torch.library.register_autograd("ssae::topk_encode", _backward, setup_context=_setup_context)
+def _int32_latents(backend):
+    def limit(x, W_enc, *args):  # the selection state holds latents as int32
+        if W_enc.shape[0] >= 2**31 - 1:
+            return f"W_enc has {W_enc.shape[0]} latents; the {backend} backend takes at most 2^31 - 2"
+        return None
+    return limit
+
+
+def _cuda_limit(x, W_enc, *args):
+    # Latents are packed into 32 bits of the selection keys.
+    if W_enc.shape[0] >= 2**32:
+        return f"W_enc has {W_enc.shape[0]} latents; the cuda backend takes at most 2^32 - 1"
+    return None
+
+
+OP = define(
+    "topk_encode",
+    "(Tensor x, Tensor W_enc, Tensor? b_enc, int k, Tensor? b_dec=None) -> (Tensor values, Tensor indices)",
+    module=__name__.rsplit(".", 1)[-1], check=_check, fake=_fake, reference=reference,
+    dtypes={"cpu": FLOAT_DTYPES, "triton": GPU_DTYPES, "cuda": GPU_DTYPES},
+    limits={"cpu": _int32_latents("cpu"), "triton": _int32_latents("triton"), "cuda": _cuda_limit},
+    backward=_backward, setup_context=_setup_context,
+)
+_op = torch.ops.ssae.topk_encode.default

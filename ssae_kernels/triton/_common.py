@@ -26,21 +26,6 @@ def check_device(t: torch.Tensor, name: str):
         raise RuntimeError(f"{name} is a CPU tensor: the triton backend runs CPU tensors only under TRITON_INTERPRET=1")
 
 
-def check_index_range(t: torch.Tensor, bound: int, name: str):
-    """IndexError for entries outside [0, bound) of CPU tensors (the interpreter), as the CPU
-    backend raises. GPU tensors are checked by the op modules, and only on request
-    (``SSAE_CHECK_INDICES=1``, see ``ops.checks.index_range``): there the kernels mask
-    out-of-range entries (they read nothing out of bounds) and their results are unspecified.
-    """
-    if t.numel() == 0 or t.device.type != "cpu":
-        return
-    bad = (t < 0) | (t >= bound)
-    if bool(bad.any()):
-        position = int(bad.reshape(-1).nonzero()[0, 0])
-        raise IndexError(f"{name} must lie in [0, {bound}), got {int(t.reshape(-1)[position])} "
-                         f"at flat position {position}")
-
-
 def round_bf16_in_kernel(dtype: torch.dtype) -> bool:
     """The interpreter truncates float32 -> bfloat16; kernels round explicitly there."""
     return interpreting() and dtype == torch.bfloat16

@@ -260,6 +260,8 @@ def topk_encode(x, W_enc, b_enc, k, b_dec=None, *, config: EncodeConfig | None =
     M = W_enc.shape[0]
     if M >= 2**31 - 1:
         raise ValueError(f"W_enc has {M} latents; the triton backend supports at most 2^31 - 2")
+    if b_enc is None:  # no bias: O(M) zeros, next to the O(M d) weights
+        b_enc = torch.zeros(W_enc.shape[0], dtype=x.dtype, device=x.device)
     x, W_enc, b_enc = x.contiguous(), W_enc.contiguous(), b_enc.contiguous()
     device = x.device
     plan = encode_plan(N, M, k, x.dtype, device, config=config, splits=splits)

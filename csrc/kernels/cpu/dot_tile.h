@@ -12,7 +12,8 @@
 namespace ssae::cpu {
 
 // True when dot_tile runs its AVX-512F kernel on this CPU; otherwise it is a
-// plain loop, correct but slower than BLAS.
+// portable loop, slower than BLAS on large tiles but free of BLAS's per-call
+// cost (and of its threads) on small ones.
 bool dot_tile_fast();
 
 // c[r * ldc + j] = sum_t a[r * d + t] * b[j * d + t] for r < rows, j < cols,

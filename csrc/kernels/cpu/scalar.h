@@ -19,6 +19,13 @@
 
 namespace ssae::cpu {
 
+// Calls with less work than this (multiply-adds, or element visits) run on the
+// calling thread: an OpenMP region costs microseconds to start, and waits for
+// a thread whose core another process holds. Small calls are what the
+// per-call overhead of the ops is measured on (benchmarks/bench_overhead.py).
+constexpr int64_t kParallelWork = int64_t(1) << 16;
+inline bool parallel_worth(int64_t work) { return work >= kParallelWork; }
+
 struct bf16 { uint16_t bits; };
 struct f16 { uint16_t bits; };
 

@@ -57,7 +57,7 @@ SSAE_SPARSE_ROWS(f16)
 template <typename T>
 void sampled_dot(const T* grad, const int64_t* indices, const T* W, int64_t rows, int64_t k,
                  int64_t d, T* out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(rows * k * d))
   for (int64_t n = 0; n < rows; ++n)
     sampled_dot_mv(grad + n * d, indices + n * k, W, k, d, out + n * k);
 }
@@ -77,7 +77,7 @@ template <typename T>
 void sparse_transpose_matmul(const T* weights, const T* rows, int64_t k, int64_t d,
                              const int64_t* offsets, const int64_t* order, int64_t num_latents,
                              T* out, T* colsum) {
-#pragma omp parallel
+#pragma omp parallel if (parallel_worth(offsets[num_latents] * d + num_latents))
   {
     std::vector<acc_t<T>> acc(d);
     // Dynamic: latents fire very unevenly (dead ones own no entries at all).

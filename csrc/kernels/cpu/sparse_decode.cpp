@@ -96,7 +96,7 @@ SSAE_DECODE_ROW(f16)
 template <typename T>
 void sparse_decode(const T* values, const int64_t* indices, const T* W, const T* bias,
                    int64_t rows, int64_t k, int64_t d, T* out) {
-#pragma omp parallel
+#pragma omp parallel if (parallel_worth(rows * k * d))
   {
     std::vector<acc_t<T>> acc(d);
 #pragma omp for schedule(static)
@@ -108,7 +108,7 @@ void sparse_decode(const T* values, const int64_t* indices, const T* W, const T*
 template <typename T>
 void sparse_decode_sq_error(const T* values, const int64_t* indices, const T* W, const T* bias,
                             const T* x, int64_t rows, int64_t k, int64_t d, acc_t<T>* out) {
-#pragma omp parallel
+#pragma omp parallel if (parallel_worth(rows * k * d))
   {
     std::vector<acc_t<T>> acc(d);
 #pragma omp for schedule(static)
@@ -121,7 +121,7 @@ template <typename T>
 void sparse_decode_residual(const T* values, const int64_t* indices, const T* W, const T* bias, const T* x,
                             const acc_t<T>* scale, int64_t rows, int64_t k, int64_t d, T* residual,
                             T* grad_values) {
-#pragma omp parallel
+#pragma omp parallel if (parallel_worth(rows * k * d))
   {
     std::vector<acc_t<T>> acc(d);
 #pragma omp for schedule(static)
@@ -133,7 +133,7 @@ void sparse_decode_residual(const T* values, const int64_t* indices, const T* W,
 
 int64_t find_invalid_index(const int64_t* indices, int64_t count, int64_t num_latents) {
   int64_t first = count;
-#pragma omp parallel for reduction(min : first) schedule(static)
+#pragma omp parallel for reduction(min : first) schedule(static) if (parallel_worth(count))
   for (int64_t p = 0; p < count; ++p)
     if (indices[p] < 0 || indices[p] >= num_latents) first = std::min(first, p);
   return first == count ? -1 : first;

@@ -113,7 +113,7 @@ SSAE_SQ_ERROR_ROW(f16)
 
 template <typename T>
 void row_sq_error(const T* a, const T* b, int64_t rows, int64_t d, acc_t<T>* out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(rows * d))
   for (int64_t i = 0; i < rows; ++i) out[i] = sq_error_row_mv(a + i * d, b + i * d, d);
 }
 

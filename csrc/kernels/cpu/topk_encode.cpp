@@ -134,7 +134,7 @@ void TopKSelector<A>::compact(int64_t row, int64_t keep) {
 template <typename A>
 void TopKSelector<A>::consume(const A* scores, int64_t ld, int64_t row0, int64_t nrows,
                               int64_t col0, int64_t ncols, const A* bias) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(nrows * ncols))
   for (int64_t r = 0; r < nrows; ++r) {
     const int64_t row = row0 + r;
     const A* s = scores + r * ld;
@@ -169,7 +169,7 @@ void TopKSelector<A>::consume(const A* scores, int64_t ld, int64_t row0, int64_t
 
 template <typename A>
 void TopKSelector<A>::merge(const TopKSelector& other) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(rows_ * cap_))
   for (int64_t row = 0; row < rows_; ++row) {
     const Candidate* src = other.cand_.data() + row * cap_;
     Candidate* c = cand_.data() + row * cap_;
@@ -183,7 +183,7 @@ void TopKSelector<A>::merge(const TopKSelector& other) {
 template <typename A>
 template <typename T>
 void TopKSelector<A>::finish(T* values, int64_t* indices) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(rows_ * cap_ * 8))
   for (int64_t row = 0; row < rows_; ++row) {
     compact(row, k_);
     Candidate* c = cand_.data() + row * cap_;
