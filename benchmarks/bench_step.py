@@ -157,7 +157,8 @@ def _build(method, N, d, M, k, dtype, seed):
 def _backend_name():
     from ssae_kernels import backends
 
-    return backends.select("topk_encode", (torch.empty(1, 1),)).name
+    x, W = torch.zeros(1, 1), torch.zeros(1, 1)
+    return backends.select("topk_encode", (x, W, None, 1, None)).name
 
 
 # ---------------------------------------------------------------------------------------------- workers

@@ -250,8 +250,7 @@ def dense_search(queries: torch.Tensor, corpus: torch.Tensor, k: int) -> tuple[t
     cosine similarities. topk_encode returns ReLU'd values, so the exact (possibly negative) scores of
     the selected rows are recomputed by a gathered dot product."""
     _check_search_args(queries, corpus, k)
-    bias = torch.zeros(corpus.shape[0], dtype=corpus.dtype, device=corpus.device)
-    _, indices = topk_encode(queries, corpus, bias, k)
+    _, indices = topk_encode(queries, corpus, None, k)
     scores = torch.ops.ssae.sampled_dot(queries, indices, corpus)
     return scores, indices
 
