@@ -15,7 +15,7 @@ resident memory that ``import ssae_kernels`` and the first ``topk_encode`` on CP
 and whether they imported triton or torch._dynamo. The bars (issue "ops layer v2"): small calls
 <= 1.5x torch, first call <= 0.3 s and <= 20 MB, neither module imported.
 
-    python benchmarks/bench_overhead.py [--threads 2] [--repeats 9] [--out benchmarks/results]
+    python benchmarks/bench_overhead.py [--threads 1 2] [--repeats 9] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ def measure_cold(runs: int, threads: int) -> list[dict]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="thread counts to measure the small calls at, one table each")
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds (>= 5)")
     parser.add_argument("--calls", type=int, default=200, help="calls per timed sample")
     parser.add_argument("--cold-runs", type=int, default=5)
@@ -137,20 +138,21 @@ def main(argv=None):
     if args.repeats < harness.MIN_REPEATS:
         parser.error(f"--repeats must be >= {harness.MIN_REPEATS}")
 
-    threads = harness.set_threads(args.threads)
-    env = harness.environment(threads)
+    env = harness.environment(harness.set_threads(args.threads[-1]))
     run_id = harness.new_run_id()
-    print(f"threads={threads}  load={env['loadavg_1min']}  shape={SHAPE}")
-    calls = measure_calls(args.calls, args.repeats, threads)
-    cold = measure_cold(args.cold_runs, threads)
+    print(f"threads={args.threads}  load={env['loadavg_1min']}  shape={SHAPE}")
+    calls = {threads: measure_calls(args.calls, args.repeats, threads) for threads in args.threads}
+    cold = measure_cold(args.cold_runs, args.threads[-1])
 
     records = []
-    for row in calls:
-        for provider in ("ours", "torch"):
-            records.append(harness.make_record(
-                benchmark="overhead", op=row["case"], provider=provider, shape=SHAPE, dtype="float32",
-                device="cpu", versions=env, samples_s=[s / args.calls for s in row[f"samples_{provider}"]],
-                run_id=run_id, extra={"ratio_to_torch": row["ratio"]} if provider == "ours" else None))
+    for threads, rows in calls.items():
+        for row in rows:
+            for provider in ("ours", "torch"):
+                records.append(harness.make_record(
+                    benchmark="overhead", op=row["case"], provider=provider, shape=SHAPE, dtype="float32",
+                    device="cpu", versions={**env, "threads": threads},
+                    samples_s=[s / args.calls for s in row[f"samples_{provider}"]], run_id=run_id,
+                    extra={"ratio_to_torch": row["ratio"]} if provider == "ours" else None))
     first_s = sorted(c["first_call_s"] for c in cold)[len(cold) // 2]
     first_mb = sorted(c["first_call_mb"] for c in cold)[len(cold) // 2]
     import_s = sorted(c["import_s"] for c in cold)[len(cold) // 2]
@@ -164,14 +166,15 @@ def main(argv=None):
     def verdict(ok):
         return "PASS" if ok else "FAIL"
 
-    lines = [f"# Per-call overhead and cold start ({env['cpu']}, {threads} threads, load {env['loadavg_1min']})",
+    lines = [f"# Per-call overhead and cold start ({env['cpu']}, load {env['loadavg_1min']} at the start)",
              "", f"`python benchmarks/bench_overhead.py` — small calls at N={SHAPE['N']}, d={SHAPE['d']}, "
              f"M={SHAPE['M']}, k={SHAPE['k']}, float32; medians of {args.repeats} rounds of {args.calls} calls, "
              "ours and torch interleaved.", "",
-             "| case | ours µs/call | torch µs/call | ours ÷ torch | bar ≤ 1.5 |", "|---|---|---|---|---|"]
-    for row in calls:
-        lines.append(f"| {row['case']} | {row['ours_us']:.1f} | {row['torch_us']:.1f} | {row['ratio']:.2f} | "
-                     f"{verdict(row['ratio'] <= CALL_BAR)} |")
+             "| threads | case | ours µs/call | torch µs/call | ours ÷ torch | bar ≤ 1.5 |", "|---|---|---|---|---|---|"]
+    for threads, rows in calls.items():
+        for row in rows:
+            lines.append(f"| {threads} | {row['case']} | {row['ours_us']:.1f} | {row['torch_us']:.1f} | "
+                         f"{row['ratio']:.2f} | {verdict(row['ratio'] <= CALL_BAR)} |")
     lines += ["", f"Cold start after `import torch` (median of {len(cold)} fresh processes):", "",
               "| | seconds | MB | bar |", "|---|---|---|---|",
               f"| `import ssae_kernels` | {import_s:.3f} | {import_mb:.1f} | |",

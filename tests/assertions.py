@@ -30,7 +30,8 @@ def assert_valid_topk(values, indices, x, W_enc, b_enc, k, b_dec=None, score_err
     rounding error of each other may legitimately come out in either order; the
     check allows exactly that slack and nothing more. ``score_error``: a backend's
     documented extra score error, relative to max_m sum |x_c w_m| of the row
-    (e.g. the CUDA encode's hi + lo split of 16-bit x - b_dec, test_cuda_backend.py).
+    (e.g. the CUDA encode's hi + lo split of 16-bit x - b_dec, see tests/ops/test_topk_encode.py).
+    ``b_enc`` and ``b_dec`` may be None.
     """
     N, M = x.shape[0], W_enc.shape[0]
     assert values.shape == (N, k) and indices.shape == (N, k)
@@ -39,11 +40,15 @@ def assert_valid_topk(values, indices, x, W_enc, b_enc, k, b_dec=None, score_err
     assert int(indices.min()) >= 0 and int(indices.max()) < M
     assert all(len(set(row.tolist())) == k for row in indices.cpu()), "a latent selected twice in one row"
 
-    pre = reference.pre_activations(x.double(), W_enc.double(), b_enc.double(),
-                                    None if b_dec is None else b_dec.double())
+    def f64(t):
+        return None if t is None else t.double()
+
+    pre = reference.pre_activations(x.double(), W_enc.double(), f64(b_enc), f64(b_dec))
     # float32 scores of a length-d dot product: error <~ d * eps * sum |x_i w_i|
     xc = x.double() if b_dec is None else x.double() - b_dec.double()
-    magnitude = xc.abs() @ W_enc.double().abs().T + b_enc.double().abs()
+    magnitude = xc.abs() @ W_enc.double().abs().T
+    if b_enc is not None:
+        magnitude = magnitude + b_enc.double().abs()
     eps = 1e-13 if x.dtype == torch.float64 else 2e-7
     slack = ((x.shape[1] + 1) * eps + score_error) * magnitude.max(dim=1, keepdim=True).values + 1e-30
     selected = pre.gather(1, indices)
@@ -56,7 +61,7 @@ def assert_valid_topk(values, indices, x, W_enc, b_enc, k, b_dec=None, score_err
           scale=float(magnitude.max()) if x.dtype in (torch.float32, torch.float64) else 1.0)
 
 
-# ---- backend-vs-reference scaffolding shared by the backend test files (test_triton.py, test_cuda_backend.py) ----
+# ---- backend-vs-reference scaffolding shared by the op tests (tests/ops) ----
 
 GRAD_NAMES = ("x", "W_enc", "b_enc", "b_dec", "W_dec")
 

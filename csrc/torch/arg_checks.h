@@ -1,8 +1,10 @@
 // Argument checks and layout helpers shared by the ATen bindings of every backend
 // (cpu_ops.cpp, cuda_ops.cu). A binding names its device; the op's leading tensor
 // must be on it and every other tensor on the same device. Messages name the
-// argument and what was expected. Backend-specific limits (index ranges, latent
-// counts, dtypes) stay in the bindings.
+// argument and say what was expected, in the words of the op modules' Python
+// checks (ssae_kernels/ops), so every backend reports bad input alike: ValueError
+// (TORCH_CHECK_VALUE) for values and shapes, TypeError for dtypes. Backend-specific
+// limits (index ranges, latent counts, dtypes) stay in the bindings.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,16 +16,28 @@
 namespace ssae::checks {
 
 inline void on_device(const at::Tensor& t, c10::DeviceType type, const char* arg) {
-  TORCH_CHECK(t.device().type() == type, arg, " must be a ", c10::DeviceTypeName(type), " tensor, got device ",
+  TORCH_CHECK_VALUE(t.device().type() == type, arg, " must be a ", c10::DeviceTypeName(type), " tensor, got device ",
               t.device());
 }
 
 inline void same_device(const at::Tensor& t, const at::Tensor& ref, const char* arg, const char* ref_arg) {
-  TORCH_CHECK(t.device() == ref.device(), arg, " is on ", t.device(), " but ", ref_arg, " is on ", ref.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), arg, " is on ", t.device(), " but ", ref_arg, " is on ", ref.device());
 }
 
 inline void dim(const at::Tensor& t, int64_t d, const char* arg, const char* shape) {
-  TORCH_CHECK(t.dim() == d, arg, " must be ", d, "-D ", shape, ", got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == d, arg, " must be ", d, "-D ", shape, ", got shape ", t.sizes());
+}
+
+// The leading tensor's dtype, before the others are compared with it.
+inline void floating(const at::Tensor& t, const char* arg) {
+  const auto d = t.scalar_type();
+  TORCH_CHECK_TYPE(d == at::kFloat || d == at::kDouble || d == at::kBFloat16 || d == at::kHalf, arg,
+                   " must be float32, float64, bfloat16 or float16, got ", d);
+}
+
+// A size that must equal another, as the Python checks say it: "<what>: expected E, got A".
+inline void same_size(int64_t actual, int64_t expected, const char* what) {
+  TORCH_CHECK_VALUE(actual == expected, what, ": expected ", expected, ", got ", actual);
 }
 
 inline void same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* arg, const char* ref_arg) {
@@ -37,11 +51,12 @@ inline void int64_indices(const at::Tensor& indices, const at::Tensor& ref, cons
 }
 
 // b_dec: optional [d] of ref's dtype and device.
-inline void optional_bias(const std::optional<at::Tensor>& b, int64_t d, const at::Tensor& ref, const char* ref_arg) {
+inline void optional_bias(const std::optional<at::Tensor>& b, int64_t d, const at::Tensor& ref, const char* ref_arg,
+                          const char* d_what) {
   if (!b) return;
   same_device(*b, ref, "b_dec", ref_arg);
   dim(*b, 1, "b_dec", "[d]");
-  TORCH_CHECK(b->size(0) == d, "b_dec must be [d] with d = ", d, ", got shape ", b->sizes());
+  same_size(b->size(0), d, d_what);
   same_dtype(*b, ref, "b_dec", ref_arg);
 }
 
@@ -52,19 +67,19 @@ inline void encode_args(const at::Tensor& x, const at::Tensor& W_enc, const std:
   same_device(W_enc, x, "W_enc", "x");
   dim(x, 2, "x", "[N, d]");
   dim(W_enc, 2, "W_enc", "[M, d]");
+  floating(x, "x");
   const int64_t N = x.size(0), d = x.size(1), M = W_enc.size(0);
-  TORCH_CHECK(N > 0, "x must have at least one row, got shape ", x.sizes());
-  TORCH_CHECK(W_enc.size(1) == d, "W_enc must be [M, d] with d = x.size(1) = ", d, ", got shape ", W_enc.sizes());
-  TORCH_CHECK(k >= 1 && k <= M, "k must be in [1, M = ", M, "], got ", k);
+  TORCH_CHECK_VALUE(N > 0, "x must have at least one row, got shape ", x.sizes());
+  same_size(W_enc.size(1), d, "W_enc.shape[1] must equal x.shape[1] (d)");
+  TORCH_CHECK_VALUE(k >= 1 && k <= M, "k must be in [1, M] with M = W_enc.shape[0] = ", M, ", got ", k);
   same_dtype(W_enc, x, "W_enc", "x");
   if (b_enc) {
     same_device(*b_enc, x, "b_enc", "x");
     dim(*b_enc, 1, "b_enc", "[M]");
-    TORCH_CHECK(b_enc->size(0) == M, "b_enc must be [M] with M = W_enc.size(0) = ", M, ", got shape ",
-                b_enc->sizes());
+    same_size(b_enc->size(0), M, "b_enc.shape[0] must equal W_enc.shape[0] (M)");
     same_dtype(*b_enc, x, "b_enc", "x");
   }
-  optional_bias(b_dec, d, x, "x");
+  optional_bias(b_dec, d, x, "x", "b_dec.shape[0] must equal x.shape[1] (d)");
 }
 
 // sparse_decode(values [N, k], indices [N, k] int64, W_dec [M, d], b_dec [d]?); index
@@ -76,11 +91,13 @@ inline void decode_args(const at::Tensor& values, const at::Tensor& indices, con
   dim(values, 2, "values", "[N, k]");
   dim(indices, 2, "indices", "[N, k]");
   dim(W_dec, 2, "W_dec", "[M, d]");
-  TORCH_CHECK(indices.sizes() == values.sizes(), "indices must have the shape of values ", values.sizes(), ", got ",
-              indices.sizes());
+  floating(values, "values");
+  TORCH_CHECK_VALUE(indices.sizes() == values.sizes(), "indices must have the shape of values: expected ",
+                    values.sizes(), ", got ", indices.sizes());
+  TORCH_CHECK_VALUE(values.size(0) >= 1, "values must have at least one row, got shape ", values.sizes());
   same_dtype(W_dec, values, "W_dec", "values");
   int64_indices(indices, values, "indices", "values");
-  optional_bias(b_dec, W_dec.size(1), values, "values");
+  optional_bias(b_dec, W_dec.size(1), values, "values", "b_dec.shape[0] must equal W_dec.shape[1] (d)");
 }
 
 // The target x [N, d] of the fused decode losses, beside decode_args.
@@ -88,7 +105,8 @@ inline void decode_target(const at::Tensor& x, const at::Tensor& values, const a
   same_device(x, values, "x", "values");
   dim(x, 2, "x", "[N, d]");
   const int64_t N = values.size(0), d = W_dec.size(1);
-  TORCH_CHECK(x.size(0) == N && x.size(1) == d, "x must be [N, d] = [", N, ", ", d, "], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(0) == N && x.size(1) == d, "x must be [N, d]: expected [", N, ", ", d, "], got ",
+                    x.sizes());
   same_dtype(x, values, "x", "values");
 }
 
@@ -96,10 +114,9 @@ inline void decode_target(const at::Tensor& x, const at::Tensor& values, const a
 inline void row_scale(const at::Tensor& scale, const at::Tensor& values, at::ScalarType acc) {
   same_device(scale, values, "scale", "values");
   dim(scale, 1, "scale", "[N]");
-  TORCH_CHECK(scale.size(0) == values.size(0), "scale must be [N] with N = ", values.size(0), ", got shape ",
-              scale.sizes());
-  TORCH_CHECK_TYPE(scale.scalar_type() == acc, "scale must be ", acc, " for values of dtype ", values.scalar_type(),
-                   ", got ", scale.scalar_type());
+  same_size(scale.size(0), values.size(0), "scale must have one entry per row of values");
+  TORCH_CHECK_TYPE(scale.scalar_type() == acc, "scale must be torch.", acc == at::kDouble ? "float64" : "float32",
+                   " (the accumulation dtype of values ", values.scalar_type(), "), got ", scale.scalar_type());
 }
 
 // sampled_dot(grad [N, d], indices [N, k] int64, W [M, d]); index ranges as in decode_args.
@@ -110,10 +127,9 @@ inline void sampled_dot_args(const at::Tensor& grad, const at::Tensor& indices, 
   dim(grad, 2, "grad", "[N, d]");
   dim(indices, 2, "indices", "[N, k]");
   dim(W, 2, "W", "[M, d]");
-  TORCH_CHECK(indices.size(0) == grad.size(0), "indices must have N = grad.size(0) = ", grad.size(0),
-              " rows, got shape ", indices.sizes());
-  TORCH_CHECK(W.size(1) == grad.size(1), "W must be [M, d] with d = grad.size(1) = ", grad.size(1), ", got shape ",
-              W.sizes());
+  floating(grad, "grad");
+  same_size(indices.size(0), grad.size(0), "indices.shape[0] (rows) must equal grad.shape[0]");
+  same_size(W.size(1), grad.size(1), "W.shape[1] (d) must equal grad.shape[1]");
   same_dtype(W, grad, "W", "grad");
   int64_indices(indices, grad, "indices", "grad");
 }
@@ -130,11 +146,12 @@ inline void transpose_matmul_args(const at::Tensor& weights, const at::Tensor& r
   dim(rows, 2, "rows", "[N, d]");
   dim(offsets, 1, "offsets", "[M + 1]");
   dim(order, 1, "order", "[N * k]");
+  floating(weights, "weights");
   same_dtype(rows, weights, "rows", "weights");
   const int64_t N = weights.size(0), k = weights.size(1);
-  TORCH_CHECK(rows.size(0) == N, "rows must have N = weights.size(0) = ", N, " rows, got shape ", rows.sizes());
-  TORCH_CHECK(offsets.size(0) >= 2, "offsets must have at least 2 elements, got ", offsets.size(0));
-  TORCH_CHECK(order.size(0) == N * k, "order must have N * k = ", N * k, " elements, got ", order.size(0));
+  same_size(rows.size(0), N, "rows.shape[0] (N) must equal weights.shape[0]");
+  same_size(order.size(0), N * k, "order must have N * k elements");
+  TORCH_CHECK_VALUE(offsets.size(0) >= 2, "offsets must have M + 1 >= 2 elements, got ", offsets.size(0));
   TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong && order.scalar_type() == at::kLong,
                    "offsets and order must be int64 (from latent_transpose)");
 }
@@ -144,7 +161,9 @@ inline void row_error_args(const at::Tensor& x_hat, const at::Tensor& x, c10::De
   on_device(x_hat, type, "x_hat");
   same_device(x, x_hat, "x", "x_hat");
   dim(x_hat, 2, "x_hat", "[N, d]");
-  TORCH_CHECK(x.sizes() == x_hat.sizes(), "x must have the shape of x_hat ", x_hat.sizes(), ", got ", x.sizes());
+  floating(x_hat, "x_hat");
+  TORCH_CHECK_VALUE(x.sizes() == x_hat.sizes(), "x must have the shape of x_hat: expected ", x_hat.sizes(), ", got ",
+                    x.sizes());
   same_dtype(x, x_hat, "x", "x_hat");
 }
 
@@ -154,9 +173,11 @@ inline void project_args(const at::Tensor& G, const at::Tensor& U, c10::DeviceTy
   same_device(U, G, "U", "G");
   dim(G, 2, "G", "[d, n]");
   dim(U, 2, "U", "[d, r]");
+  floating(G, "G");
   same_dtype(U, G, "U", "G");
-  TORCH_CHECK(U.size(0) == G.size(0), "U must be [d, r] with d = G.size(0) = ", G.size(0), ", got shape ", U.sizes());
-  TORCH_CHECK(U.size(1) >= 1 && U.size(1) <= U.size(0), "U [d, r] must have 1 <= r <= d, got shape ", U.sizes());
+  same_size(G.size(0), U.size(0), "G.shape[0] must equal U.shape[0] (d)");
+  TORCH_CHECK_VALUE(U.size(1) >= 1, "U must have at least one column, got shape ", U.sizes());
+  TORCH_CHECK_VALUE(U.size(1) <= U.size(0), "U [d, r] must have r <= d (orthonormal columns), got shape ", U.sizes());
 }
 
 // Whether a kernel can read (or write) the 2-D t as it is: unit column stride, rows
@@ -180,7 +201,7 @@ at::Tensor project_out_of_place(const at::Tensor& G, const at::Tensor& U, bool c
 
 template <typename Run>
 void project_in_place(const at::Tensor& G, const at::Tensor& U, bool complement, Run&& run) {
-  TORCH_CHECK(at::has_internal_overlap(G) != at::MemOverlap::Yes,
+  TORCH_CHECK_VALUE(at::has_internal_overlap(G) != at::MemOverlap::Yes,
               "G has overlapping elements (an expanded view); project_subspace_ cannot write it");
   if (rows_strided(G)) {
     run(G, U, complement, G);

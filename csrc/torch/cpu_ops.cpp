@@ -296,16 +296,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tilted_group_stats_cpu(const at::
                                                                       int64_t num_groups) {
   check_cpu(losses, "losses");
   checks::dim(losses, 1, "losses", "[N]");
-  TORCH_CHECK(losses.size(0) > 0, "losses must not be empty");
-  TORCH_CHECK(num_groups >= 1, "num_groups must be >= 1, got ", num_groups);
+  TORCH_CHECK_VALUE(losses.size(0) > 0, "losses must not be empty");
+  TORCH_CHECK_VALUE(num_groups >= 1, "num_groups must be >= 1, got ", num_groups);
   const int64_t n = losses.size(0);
   at::Tensor g;
   if (groups) {
     checks::dim(*groups, 1, "groups", "[N]");
-    TORCH_CHECK(groups->size(0) == n, "groups must have N = ", n, " elements, got ", groups->size(0));
+    checks::same_size(groups->size(0), n, "groups must have one id per loss");
     g = contiguous_indices(*groups, num_groups, "groups");
   } else {
-    TORCH_CHECK(num_groups == 1, "num_groups must be 1 without groups, got ", num_groups);
+    TORCH_CHECK_VALUE(num_groups == 1, "num_groups must be 1 without groups, got ", num_groups);
   }
   auto opts = losses.options().dtype(at::kDouble);
   auto anchor = at::empty({num_groups}, opts), log_mean = at::empty({num_groups}, opts);
@@ -333,7 +333,7 @@ at::Tensor sampled_dot_cpu(const at::Tensor& grad, const at::Tensor& indices, co
 }
 
 std::tuple<at::Tensor, at::Tensor> latent_transpose_cpu(const at::Tensor& indices, int64_t num_latents) {
-  TORCH_CHECK(num_latents >= 1, "num_latents must be >= 1, got ", num_latents);
+  TORCH_CHECK_VALUE(num_latents >= 1, "num_latents must be >= 1, got ", num_latents);
   const auto ix = contiguous_indices(indices, num_latents, "indices");
   auto offsets = at::empty({num_latents + 1}, ix.options());
   auto order = at::empty({ix.numel()}, ix.options());
@@ -350,9 +350,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cpu(const at::Tensor&
   const int64_t N = weights.size(0), k = weights.size(1), d = rows.size(1), M = offsets.size(0) - 1;
   const auto off = offsets.contiguous();
   const int64_t* o = off.data_ptr<int64_t>();
-  TORCH_CHECK(o[0] == 0 && o[M] == N * k, "offsets must run from 0 to N * k = ", N * k, " (from latent_transpose)");
+  TORCH_CHECK_VALUE(o[0] == 0 && o[M] == N * k, "offsets must run from 0 to N * k = ", N * k, " (from latent_transpose)");
   // Non-decreasing, so every latent's entries lie inside order.
-  TORCH_CHECK(std::is_sorted(o, o + M + 1), "offsets must be non-decreasing (from latent_transpose)");
+  TORCH_CHECK_VALUE(std::is_sorted(o, o + M + 1), "offsets must be non-decreasing (from latent_transpose)");
   const auto ord = contiguous_indices(order, N * k, "order");
   auto out = at::empty({M, d}, rows.options());
   auto colsum = at::empty({M}, rows.options());

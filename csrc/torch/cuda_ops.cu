@@ -156,7 +156,7 @@ at::Tensor sampled_dot_cuda(const at::Tensor& grad, const at::Tensor& indices, c
 std::tuple<at::Tensor, at::Tensor> latent_transpose_cuda(const at::Tensor& indices, int64_t num_latents) {
   check_cuda(indices, "indices");
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices must be int64, got ", indices.scalar_type());
-  TORCH_CHECK(num_latents >= 1, "num_latents must be >= 1, got ", num_latents);
+  TORCH_CHECK_VALUE(num_latents >= 1, "num_latents must be >= 1, got ", num_latents);
   TORCH_CHECK(num_latents < (int64_t(1) << 32) - 1, "num_latents must be < 2^32 - 1 on the cuda backend, got ",
               num_latents);
   const int64_t count = indices.numel();
@@ -205,17 +205,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tilted_group_stats_cuda(const at:
   check_cuda(losses, "losses");
   checks::dim(losses, 1, "losses", "[N]");
   const int64_t n = losses.size(0);
-  TORCH_CHECK(n > 0, "losses must not be empty");
-  TORCH_CHECK(num_groups >= 1, "num_groups must be >= 1, got ", num_groups);
+  TORCH_CHECK_VALUE(n > 0, "losses must not be empty");
+  TORCH_CHECK_VALUE(num_groups >= 1, "num_groups must be >= 1, got ", num_groups);
   TORCH_CHECK(num_groups <= cuda::kMaxGrid, "num_groups must be < 2^31 on the cuda backend, got ", num_groups);
   at::Tensor g;
   if (groups) {
     checks::dim(*groups, 1, "groups", "[N]");
-    TORCH_CHECK(groups->size(0) == n, "groups must have N = ", n, " elements, got ", groups->size(0));
+    checks::same_size(groups->size(0), n, "groups must have one id per loss");
     checks::int64_indices(*groups, losses, "groups", "losses");
     g = groups->contiguous();
   } else {
-    TORCH_CHECK(num_groups == 1, "num_groups must be 1 without groups, got ", num_groups);
+    TORCH_CHECK_VALUE(num_groups == 1, "num_groups must be 1 without groups, got ", num_groups);
   }
   dispatch_dtype(losses.scalar_type(), "losses", [](auto) {});
 

@@ -45,6 +45,11 @@ class Op:
     limits: Mapping[str, Callable]  # backend -> f(*args) -> why a call is too large for it, or None
     defaults: tuple  # per schema argument: its default, or _REQUIRED
     composite: bool  # built from other ssae ops: one kernel for every device, no backend of its own
+    function: type | None  # the autograd formulas as a torch.autograd.Function (see call)
+
+    @property
+    def overload(self) -> torch._ops.OpOverload:
+        return getattr(torch.ops.ssae, self.name).default
 
     def complete(self, args: tuple) -> tuple:
         """The dispatcher drops trailing arguments equal to their defaults; put them back."""
@@ -72,8 +77,9 @@ def define(name: str, schema: str, *, module: str, check: Callable, fake: Callab
     LIBRARY.define(name + schema)
     parsed = torch._C.parse_schema(f"ssae::{name}{schema}")
     defaults = tuple(a.default_value if a.has_default_value() else _REQUIRED for a in parsed.arguments)
+    function = None if backward is None else _autograd_function(name, backward, setup_context)
     op = Op(name=name, module=module, schema=schema, check=check, reference=reference, dtypes=dict(dtypes),
-            limits=dict(limits or {}), defaults=defaults, composite=composite is not None)
+            limits=dict(limits or {}), defaults=defaults, composite=composite is not None, function=function)
 
     def fake_kernel(*args):
         args = op.complete(args)
@@ -89,19 +95,37 @@ def define(name: str, schema: str, *, module: str, check: Callable, fake: Callab
     return op
 
 
-def call(op: torch._ops.OpOverload, args: tuple, differentiable: tuple):
-    """``op(*args)``, skipping the autograd layer when none of ``differentiable`` needs a gradient.
+def _autograd_function(name, backward, setup_context):
+    """The op's autograd formulas (the same ones register_autograd installs) as an autograd.Function."""
+    overload = getattr(torch.ops.ssae, name).default
 
-    torch.library's autograd kernel is Python: asking it only to pass a call through
-    costs more than a small encode itself (bench_overhead.py). Under torch.compile
-    the call is left to the dispatcher as it is.
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = overload(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    return type(f"{name}_function", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+def call(name: str, args: tuple, differentiable: tuple):
+    """``torch.ops.ssae.<name>(*args)`` from a public function, at the least Python cost.
+
+    torch.library's autograd kernel is Python and generic (it boxes the call, fills
+    defaults, redispatches): passing a small call through it costs more than the
+    call itself (bench_overhead.py). Eagerly, a call that needs no gradient skips
+    the autograd layer, and one that does runs the op's formulas as an
+    autograd.Function. Under torch.compile the dispatcher's registration is used.
     """
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
-        return op(*args)
+    op = OPS[name]
+    overload = op.overload
     if torch.compiler.is_compiling():
-        return op(*args)
+        return overload(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
+        return op.function.apply(*args)
     with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
+        return overload(*args)
 
 
 def route(name: str, native: str | None, *args):
@@ -115,8 +139,8 @@ def route(name: str, native: str | None, *args):
 
     op = OPS[name]
     args = op.complete(args)
+    op.check(*args)  # first: bad input is reported as such, not as a backend that cannot serve it
     backend = backends.select(op, args)
-    op.check(*args)
     if backend.name == native:
         return NotImplemented
     return backend.kernel(op)(*args)

@@ -30,7 +30,7 @@ def sparse_decode(values, indices, W_dec, b_dec=None):
     ``SSAE_CHECK_INDICES=1`` (a device sync per call; see ``ops.checks.index_range``).
     """
     checks.tensors(("values", values), ("indices", indices), ("W_dec", W_dec), ("b_dec", b_dec, None))
-    return call(_op, (values, indices, W_dec, b_dec), differentiable=(values, W_dec, b_dec))
+    return call("sparse_decode", (values, indices, W_dec, b_dec), differentiable=(values, W_dec, b_dec))
 
 
 def reference(values, indices, W_dec, b_dec=None):
@@ -88,4 +88,3 @@ OP = define(
     dtypes={"cpu": FLOAT_DTYPES, "triton": GPU_DTYPES, "cuda": GPU_DTYPES},
     backward=_backward, setup_context=_setup_context,
 )
-_op = torch.ops.ssae.sparse_decode.default

@@ -40,7 +40,7 @@ def topk_encode(x, W_enc, b_enc, k, *, b_dec=None):
     """
     checks.tensors(("x", x), ("W_enc", W_enc), ("b_enc", b_enc, None), ("b_dec", b_dec, None))
     checks.integer(k, "k")
-    return call(_op, (x, W_enc, b_enc, k, b_dec), differentiable=(x, W_enc, b_enc, b_dec))
+    return call("topk_encode", (x, W_enc, b_enc, k, b_dec), differentiable=(x, W_enc, b_enc, b_dec))
 
 
 def pre_activations(x, W_enc, b_enc=None, b_dec=None):
@@ -133,4 +133,3 @@ OP = define(
     limits={"cpu": _int32_latents("cpu"), "triton": _int32_latents("triton"), "cuda": _cuda_limit},
     backward=_backward, setup_context=_setup_context,
 )
-_op = torch.ops.ssae.topk_encode.default

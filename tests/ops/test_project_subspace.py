@@ -1,8 +1,9 @@
-"""project_subspace / project_subspace_ against the reference, autograd, opcheck, bad input.
+"""project_subspace / project_subspace_ (ssae_kernels/ops/project_subspace.py) on every backend:
+against the reference, views, autograd, opcheck, bad input; then backend-specific tests, marked.
 
-The Triton backend runs in the interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1);
-its tiles are 16 x 16 there, so the shapes below cross every mask, and ``fused_max_r``
-moves the two-pass threshold so that the two-pass kernels run on small shapes too.
+The Triton backend runs in the interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1); its tiles are 16 x 16 there, so the shapes below cross every mask, and
+``fused_max_r`` moves the two-pass threshold so that the two-pass kernels run on small shapes too.
 """
 
 import pytest
@@ -10,25 +11,19 @@ import torch
 
 import ssae_kernels
 from conftest import requires_cuda
-from ssae_kernels import reference
+from ssae_kernels import backends, reference
 from ssae_kernels.ops.project_subspace import orthonormality_error
 
-triton = pytest.importorskip("triton")
-from ssae_kernels.triton import project_subspace as triton_project  # noqa: E402
+from .conftest import as_view, device_of, interpreter, require, triton_module
 
-BACKENDS = ("cpu", "triton")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # unit roundoff of the accumulation and of the storage type
 ACC_EPS = {torch.float64: 2.0**-53}
 STORE_EPS = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-def supports(backend, dtype):
-    return not (backend == "triton" and dtype == torch.float64)
-
-
-def basis(d, r, dtype=torch.float64):
-    return torch.linalg.qr(torch.randn(d, r, dtype=torch.float64)).Q.to(dtype)
+def basis(d, r, dtype=torch.float64, device="cpu"):
+    return torch.linalg.qr(torch.randn(d, r, dtype=torch.float64)).Q.to(device, dtype)
 
 
 def assert_matches(out, G, U, complement):
@@ -61,62 +56,47 @@ SHAPES = [  # d, r, n
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d,r,n", SHAPES)
 @pytest.mark.parametrize("complement", [False, True])
 def test_matches_reference(backend, dtype, d, r, n, complement):
-    if not supports(backend, dtype):
-        pytest.skip("the triton backend has no float64")
-    U, G = basis(d, r, dtype), torch.randn(d, n, dtype=torch.float64).to(dtype)
-    with ssae_kernels.use_backend(backend):
-        out = ssae_kernels.project_subspace(G, U, complement)
-        inplace = G.clone()
-        returned = ssae_kernels.project_subspace_(inplace, U, complement)
+    require(backend, "project_subspace", "project_subspace_", dtype=dtype)
+    dev = device_of(backend)
+    U, G = basis(d, r, dtype, dev), torch.randn(d, n, dtype=torch.float64).to(dev, dtype)
+    out = ssae_kernels.project_subspace(G, U, complement)
+    inplace = G.clone()
+    returned = ssae_kernels.project_subspace_(inplace, U, complement)
     assert returned is inplace
     assert_matches(out, G, U, complement)
     assert torch.equal(inplace, out), "the in-place form must give the same result"
 
 
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-@pytest.mark.parametrize("complement", [False, True])
-def test_triton_two_pass_path(dtype, complement):
-    # r above the fused threshold: scratch U^T G, then the apply kernel (also in place).
-    U, G = basis(37, 21, dtype), torch.randn(37, 45, dtype=torch.float64).to(dtype)
-    out = triton_project.project_subspace(G, U, complement, fused_max_r=8)
-    assert_matches(out, G, U, complement)
-    inplace = G.clone()
-    triton_project.project_subspace_(inplace, U, complement, fused_max_r=8)
-    assert torch.equal(inplace, out)
-
-
-def _views(d, n, dtype):
+def _views(d, n, dtype, device):
     """Non-contiguous [d, n] views: transposed, column slice, padded rows, row step."""
     return {
-        "transposed": torch.randn(n, d, dtype=dtype).T,
-        "column slice": torch.randn(d, n + 7, dtype=dtype)[:, 3:3 + n],
-        "every other column": torch.randn(d, 2 * n, dtype=dtype)[:, ::2],
-        "every other row": torch.randn(2 * d, n, dtype=dtype)[::2],
+        "transposed": torch.randn(n, d, dtype=dtype, device=device).T,
+        "column slice": torch.randn(d, n + 7, dtype=dtype, device=device)[:, 3:3 + n],
+        "every other column": torch.randn(d, 2 * n, dtype=dtype, device=device)[:, ::2],
+        "every other row": torch.randn(2 * d, n, dtype=dtype, device=device)[::2],
     }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("view", ["transposed", "column slice", "every other column", "every other row"])
 def test_non_contiguous(backend, dtype, view):
     d, n, r = 21, 19, 6
-    G = _views(d, n, dtype)[view]
-    U_wide = basis(d, 2 * r, dtype)
+    dev = device_of(backend)
+    G = _views(d, n, dtype, dev)[view]
+    U_wide = basis(d, 2 * r, dtype, dev)
     U = U_wide[:, ::2]  # non-contiguous U as well (still orthonormal columns)
     assert not G.is_contiguous() and not U.is_contiguous()
-    with ssae_kernels.use_backend(backend):
-        out = ssae_kernels.project_subspace(G, U, True)
-        assert_matches(out, G, U, True)
-        # in place through G's own strides, leaving the rest of its storage alone
-        base = G._base if G._base is not None else G
-        before = base.clone()
-        original = G.clone()
-        ssae_kernels.project_subspace_(G, U, True)
+    out = ssae_kernels.project_subspace(G, U, True)
+    assert_matches(out, G, U, True)
+    # in place through G's own strides, leaving the rest of its storage alone
+    base = G._base if G._base is not None else G
+    before = base.clone()
+    original = G.clone()
+    ssae_kernels.project_subspace_(G, U, True)
     assert torch.equal(G, out)
     untouched = torch.ones_like(base, dtype=torch.bool)
     mark = torch.zeros_like(base)
@@ -126,15 +106,32 @@ def test_non_contiguous(backend, dtype, view):
     assert not torch.equal(G, original)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("view", ["transposed", "sliced"])
+@pytest.mark.parametrize("complement", [False, True])
+def test_views_give_the_contiguous_result(backend, view, complement):
+    # G and U as views (a transpose, or every other column of a wider tensor holding NaN between):
+    # the result and both gradients equal those of the contiguous tensors.
+    dev = device_of(backend)
+    d, r, n = 23, 6, 17
+    U = basis(d, r, torch.float32, dev).requires_grad_(True)
+    G = torch.randn(d, n, device=dev, requires_grad=True)
+    grad_out = torch.randn(d, n, device=dev)
+    views = (as_view(G, view), as_view(U, view))
+    out = ssae_kernels.project_subspace(*views, complement)
+    ref = ssae_kernels.project_subspace(G, U, complement)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for g, e in zip(torch.autograd.grad(out, views, grad_out), torch.autograd.grad(ref, (G, U), grad_out)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
 def test_projection_identities(backend):
     d, r, n = 48, 7, 40
-    U, G = basis(d, r, torch.float32), torch.randn(d, n)
-    with ssae_kernels.use_backend(backend):
-        P = ssae_kernels.project_subspace(G, U)
-        C = ssae_kernels.project_subspace(G, U, complement=True)
-        PP = ssae_kernels.project_subspace(P, U)
-        CP = ssae_kernels.project_subspace(C, U)
+    dev = device_of(backend)
+    U, G = basis(d, r, torch.float32, dev), torch.randn(d, n, device=dev)
+    P = ssae_kernels.project_subspace(G, U)
+    C = ssae_kernels.project_subspace(G, U, complement=True)
+    PP = ssae_kernels.project_subspace(P, U)
+    CP = ssae_kernels.project_subspace(C, U)
     torch.testing.assert_close(P + C, G, rtol=0, atol=1e-5)  # P + C = G
     torch.testing.assert_close(PP, P, rtol=0, atol=1e-5)  # idempotent
     assert float((U.T @ C).abs().max()) < 1e-5  # complement orthogonal to span(U)
@@ -142,16 +139,24 @@ def test_projection_identities(backend):
     assert float(P.norm()) > 0.1 * float(G.norm())  # not trivially zero
 
 
-@pytest.mark.parametrize("backend", ("cpu", "triton", "reference"))
+def test_zero_columns(backend):
+    dev = device_of(backend)
+    U = basis(6, 2, torch.float32, dev)
+    assert ssae_kernels.project_subspace(torch.randn(6, 0, device=dev), U).shape == (6, 0)
+
+
+# ---- autograd -------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("complement", [False, True])
 def test_gradients_match_reference(backend, dtype, complement):
     d, r, n = 23, 6, 17
-    U = basis(d, r, dtype).requires_grad_(True)
-    G = torch.randn(d, n, dtype=torch.float64).to(dtype).requires_grad_(True)
-    grad_out = torch.randn(d, n, dtype=torch.float64).to(dtype)
-    with ssae_kernels.use_backend(backend):
-        out = ssae_kernels.project_subspace(G, U, complement)
+    dev = device_of(backend)
+    U = basis(d, r, dtype, dev).requires_grad_(True)
+    G = torch.randn(d, n, dtype=torch.float64).to(dev, dtype).requires_grad_(True)
+    grad_out = torch.randn(d, n, dtype=torch.float64).to(dev, dtype)
+    out = ssae_kernels.project_subspace(G, U, complement)
     grads = torch.autograd.grad(out, (G, U), grad_out)
     ref = torch.autograd.grad(reference.project_subspace(G, U, complement), (G, U), grad_out)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
@@ -160,24 +165,25 @@ def test_gradients_match_reference(backend, dtype, complement):
         torch.testing.assert_close(g.float(), e.float(), **tol)
 
 
-@pytest.mark.parametrize("backend", ("cpu", "reference"))
 @pytest.mark.parametrize("complement", [False, True])
 def test_gradcheck(backend, complement):
     # Any U (not only orthonormal ones): the op computes U (U^T G) as written.
-    U = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
-    G = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    require(backend, "project_subspace", dtype=torch.float64)
+    dev = device_of(backend)
+    U = torch.randn(9, 3, dtype=torch.float64, device=dev, requires_grad=True)
+    G = torch.randn(9, 5, dtype=torch.float64, device=dev, requires_grad=True)
 
     def f(G, U):
-        with ssae_kernels.use_backend(backend):
-            return ssae_kernels.project_subspace(G, U, complement)
+        return ssae_kernels.project_subspace(G, U, complement)
 
     assert torch.autograd.gradcheck(f, (G, U))
 
 
-def test_gradient_of_G_is_projected():
+def test_gradient_of_G_is_projected(backend):
     # The gradient a loss sends to G through the projection lies in span(U) itself.
-    U, G = basis(30, 4, torch.float32), torch.randn(30, 8, requires_grad=True)
-    loss = (ssae_kernels.project_subspace(G, U) * torch.randn(30, 8)).sum()
+    dev = device_of(backend)
+    U, G = basis(30, 4, torch.float32, dev), torch.randn(30, 8, device=dev, requires_grad=True)
+    loss = (ssae_kernels.project_subspace(G, U) * torch.randn(30, 8, device=dev)).sum()
     (grad,) = torch.autograd.grad(loss, G)
     assert float((grad - U @ (U.T @ grad)).abs().max()) < 1e-5
     assert float(grad.abs().max()) > 1e-3
@@ -225,6 +231,9 @@ def test_orthonormality_check():
     ssae_kernels.project_subspace(G.bfloat16(), basis(20, 5, torch.bfloat16), check=True)
 
 
+# ---- bad input ------------------------------------------------------------------------------
+
+
 def _args(**override):
     args = dict(G=torch.randn(10, 4), U=basis(10, 3, torch.float32))
     args.update(override)
@@ -244,31 +253,21 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("override,error,match", BAD)
 def test_bad_input(backend, override, error, match):
+    require(backend, "project_subspace", device="cpu")
     args = _args(**override)
-    with ssae_kernels.use_backend(backend), pytest.raises(error, match=match):
+    with pytest.raises(error, match=match):
         ssae_kernels.project_subspace(**args)
-    with ssae_kernels.use_backend(backend), pytest.raises(error, match=match):
+    with pytest.raises(error, match=match):
         ssae_kernels.project_subspace_(**args)
 
 
-def test_bad_input_cpu_extension_directly():
-    # The ATen wrappers check too (they are reachable without the Python op).
-    from ssae_kernels import _C
-
-    with pytest.raises(RuntimeError, match=r"U must be \[d, r\] with d = G.size\(0\) = 10"):
-        _C.project_subspace_cpu(torch.randn(10, 4), torch.randn(9, 3), False)
-    with pytest.raises(TypeError, match="U has dtype"):
-        _C.project_subspace__cpu(torch.randn(10, 4), torch.randn(10, 3, dtype=torch.float64), False)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_rejects_expanded_views(backend):
-    G = torch.randn(10, 1).expand(10, 4)
-    with ssae_kernels.use_backend(backend), pytest.raises(ValueError, match="overlapping elements"):
-        ssae_kernels.project_subspace_(G, basis(10, 3, torch.float32))
+    dev = device_of(backend)
+    G = torch.randn(10, 1, device=dev).expand(10, 4)
+    with pytest.raises(ValueError, match="overlapping elements"):
+        ssae_kernels.project_subspace_(G, basis(10, 3, torch.float32, dev))
 
 
 def test_inplace_rejects_tensors_recording_grad():
@@ -279,22 +278,66 @@ def test_inplace_rejects_tensors_recording_grad():
         ssae_kernels.project_subspace_(G, basis(10, 3, torch.float32))
 
 
-def test_zero_columns():
-    U = basis(6, 2, torch.float32)
-    for backend in BACKENDS:
-        with ssae_kernels.use_backend(backend):
-            assert ssae_kernels.project_subspace(torch.randn(6, 0), U).shape == (6, 0)
+@pytest.mark.parametrize("op", ["project_subspace", "project_subspace_"])
+def test_float64_is_not_served_by_triton(op):
+    # The triton backend has no float64 kernel: asked for by name, it says so rather than serving the call.
+    require("triton", op)
+    dev = device_of("triton")
+    G, U = torch.randn(10, 4, dtype=torch.float64, device=dev), basis(10, 3, torch.float64, dev)
+    with ssae_kernels.use_backend("triton"), pytest.raises(Exception, match=r"triton.*does not support float64"):
+        getattr(ssae_kernels, op)(G, U)
 
 
-@requires_cuda
+# ---- cpu backend only: the C++ kernel checks its arguments itself -------------------------------------
+
+
+def test_cpu_kernel_checks_its_arguments():
+    # torch.ops on CPU tensors reaches the cpu backend's C++ kernel without the Python checks.
+    require("cpu", "project_subspace")
+    with ssae_kernels.use_backend("cpu"):
+        with pytest.raises(ValueError, match=r"G.shape\[0\] must equal U.shape\[0\] \(d\): expected 9, got 10"):
+            torch.ops.ssae.project_subspace.default(torch.randn(10, 4), torch.randn(9, 3), False)
+        with pytest.raises(TypeError, match="U has dtype"):
+            torch.ops.ssae.project_subspace_.default(torch.randn(10, 4), torch.randn(10, 3, dtype=torch.float64), False)
+
+
+# ---- triton backend only (interpreter) ---------------------------------------------------------------
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("complement", [False, True])
+def test_triton_two_pass_path(dtype, complement):
+    # r above the fused threshold: scratch U^T G, then the apply kernel (also in place).
+    triton_project = triton_module("project_subspace")
+    U, G = basis(37, 21, dtype), torch.randn(37, 45, dtype=torch.float64).to(dtype)
+    out = triton_project.project_subspace(G, U, complement, fused_max_r=8)
+    assert_matches(out, G, U, complement)
+    inplace = G.clone()
+    triton_project.project_subspace_(inplace, U, complement, fused_max_r=8)
+    assert torch.equal(inplace, out)
+
+
+# ---- GPU only ------------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("d,r,n", [(17, 5, 33), (576, 22, 1536), (300, 200, 70)])
 @pytest.mark.parametrize("complement", [False, True])
-def test_gpu_cuda_backend(dtype, d, r, n, complement):
-    U, G = basis(d, r, dtype).cuda(), torch.randn(d, n, dtype=torch.float64).to(dtype).cuda()
-    with ssae_kernels.use_backend("cuda"):
-        out = ssae_kernels.project_subspace(G, U, complement)
-        inplace = G.clone()
-        ssae_kernels.project_subspace_(inplace, U, complement)
+def test_gpu_project_subspace(gpu_backend, dtype, d, r, n, complement):
+    U, G = basis(d, r, dtype, "cuda"), torch.randn(d, n, dtype=torch.float64).to("cuda", dtype)
+    out = ssae_kernels.project_subspace(G, U, complement)
+    inplace = G.clone()
+    ssae_kernels.project_subspace_(inplace, U, complement)
     assert_matches(out.cpu(), G.cpu(), U.cpu(), complement)
     assert torch.equal(inplace, out)
+
+
+@requires_cuda
+def test_gpu_float64_falls_back_to_reference(kernel_calls, monkeypatch):
+    # No GPU backend serves float64: without an override, float64 CUDA tensors go to the reference.
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    U, G = basis(12, 3, torch.float64, "cuda"), torch.randn(12, 7, dtype=torch.float64, device="cuda")
+    out = ssae_kernels.project_subspace(G, U)
+    assert kernel_calls.get(("reference", "project_subspace"), 0) == 1
+    assert torch.equal(out, reference.project_subspace(G, U))

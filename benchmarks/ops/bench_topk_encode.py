@@ -1,0 +1,102 @@
+"""ssae_kernels.topk_encode vs the dense PyTorch encode: forward (no grad) and forward + backward.
+
+Baseline: ``torch.topk(F.linear(x - b_dec, W_enc, b_enc), k)`` with ReLU on the values, which stores the
+[N, M] pre-activations (and keeps them for the backward pass). Forward + backward: gradients of a
+random [N, k] upstream gradient of the values into W_enc, b_enc and b_dec (x needs none, as in
+training). The ``b_enc=None`` cases are the bias-free encode as retrieval uses it (no b_dec either).
+
+    python benchmarks/ops/bench_topk_encode.py [--quick] [--threads 2] [--repeats 5] [--device cpu]
+                                               [--out benchmarks/results/ops]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+MODULE = "topk_encode"
+NOTES = [
+    "Baseline: the dense encode, `torch.topk(F.linear(x - b_dec, W_enc, b_enc), k)` then ReLU on the values "
+    "(it stores the [N, M] pre-activations). `forward+backward`: `values.backward(g)` for a random [N, k] g, "
+    "gradients into W_enc, b_enc, b_dec (none into x). `max rel diff` compares the values, and the gradients "
+    "too where all indices agree; `index_agreement`: the fraction of equal indices (pre-activations closer than "
+    "float32 rounding can come out in either order, or either be the k-th). `b_enc=None`: no encoder "
+    "or decoder bias, as retrieval calls it.",
+]
+
+
+def compare(ours, base):
+    """max rel diff of the values (and of the gradients when every index agrees), and the index agreement.
+
+    Pre-activations closer than rounding can come out in either order (or, at the k-th place, either one
+    selected): the values then still agree to rounding, the indices and the gradients they route do not.
+    """
+    (values, indices, *rest), (base_values, base_indices, *base_rest) = ours, base
+    agreement = float((indices == base_indices).double().mean())
+    diff = common.max_rel_diff(values, base_values)
+    if agreement == 1.0:
+        diff = max(diff, common.max_rel_diff(rest, base_rest))
+    return diff, {"index_agreement": agreement}
+
+
+def build_cases(shape, device, dtype):
+    import torch
+    import torch.nn.functional as F
+
+    import ssae_kernels
+
+    t = common.sae_inputs(shape, device, dtype)
+    x, k = t["x"], shape["k"]
+    grad_values = torch.randn(shape["N"], k, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+
+    def dense(x, W_enc, b_enc, b_dec):
+        top = torch.topk(F.linear(x if b_dec is None else x - b_dec, W_enc, b_enc), k)
+        return top.values.relu(), top.indices
+
+    def forward(fn, params):
+        def call():
+            with torch.no_grad():
+                return fn(x, *params)
+        return call
+
+    def step(fn, params):
+        leaves = [p for p in params if p is not None]
+
+        def call():
+            common.clear(leaves)
+            values, indices = fn(x, *params)
+            values.backward(grad_values)
+            return values, indices, common.grads(leaves)
+        return call
+
+    def ours(x, W_enc, b_enc, b_dec):
+        return ssae_kernels.topk_encode(x, W_enc, b_enc, k, b_dec=b_dec)
+
+    with_bias = (t["W_enc"], t["b_enc"], t["b_dec"])
+    bias_free = (t["W_enc"], None, None)
+    desc = "topk(F.linear(x - b_dec, W_enc, b_enc), k) + relu"
+    desc_free = "topk(F.linear(x, W_enc), k) + relu"
+    cases = [
+        common.Case(MODULE, "forward", forward(ours, with_bias), forward(dense, with_bias), desc, compare=compare),
+        common.Case(MODULE, "forward+backward", step(ours, common.leaves(*with_bias)),
+                    step(dense, common.leaves(*with_bias)), desc, compare=compare),
+    ]
+    W_ours, W_dense = common.leaves(t["W_enc"]), common.leaves(t["W_enc"])
+    cases += [
+        common.Case(MODULE, "forward, b_enc=None", forward(ours, bias_free), forward(dense, bias_free), desc_free,
+                    compare=compare),
+        common.Case(MODULE, "forward+backward, b_enc=None", step(ours, (*W_ours, None, None)),
+                    step(dense, (*W_dense, None, None)), desc_free, compare=compare),
+    ]
+    return cases
+
+
+def main(argv=None):
+    return common.main(MODULE, __doc__, build_cases, NOTES, argv)
+
+
+if __name__ == "__main__":
+    main()
