@@ -16,7 +16,7 @@ Per shape and dtype it reports, for each op and provider: median time over --rep
 TFLOP/s or GB/s, the model's estimate, and the peak memory allocated during one call above what
 was allocated before it. The training step (encode -> decode -> per-row squared error, mean ->
 backward into W_enc, b_enc, W_dec, b_dec) is also reported as a multiple of one dense GEMM
-x @ W_enc.T (the floor, DESIGN.md §6).
+x @ W_enc.T (the floor, docs/benchmarks.md).
 
 Without a CUDA device it lists the backends, prints why nothing is timed and exits 0. It does not
 depend on benchmarks/harness.py.
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 SHAPES = {  # N, d, M, k
-    "ref": (2048, 768, 24576, 32),  # DESIGN.md §6 reference shape
+    "ref": (2048, 768, 24576, 32),  # the reference shape of docs/benchmarks.md
     "large": (8192, 2048, 65536, 64),
     "wide": (4096, 768, 262144, 32),
 }
@@ -390,7 +390,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", default="H100", choices=sorted(GPUS), help="GPU of the printed model")
     args = ap.parse_args(argv)
     if args.repeats < 5:
-        ap.error("--repeats must be at least 5 (medians of at least 5 runs, DESIGN.md §6)")
+        ap.error("--repeats must be at least 5 (medians of at least 5 runs, docs/benchmarks.md)")
 
     if args.model:
         for shape in args.shape:

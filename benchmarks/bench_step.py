@@ -4,7 +4,7 @@ One step = encode -> decode -> per-row squared error summed over d, mean over ro
 (gradients on W_enc, b_enc, W_dec, b_dec; x has none), no optimizer step, gradients set to None
 between steps. Methods:
 
-  gemm_floor   x @ W_enc.T alone, forward only: the hardware floor of the step (DESIGN.md §6)
+  gemm_floor   x @ W_enc.T alone, forward only: the hardware floor of the step (docs/benchmarks.md)
   ssae         ssae_kernels.topk_encode + ssae_kernels.sparse_decode (ours)
   dense        plain PyTorch: pre = (x - b_dec) @ W_enc.T + b_enc, topk, ReLU, scatter into a dense
                N x M code, decode with a matmul
@@ -43,8 +43,8 @@ STEP_METHODS = ("ssae", "dense") + PEERS
 OPS = {"gemm_floor": "gemm", "ssae_encode": "encode_forward", "dense_encode": "encode_forward"}
 
 # Memory estimate per method for skipping shapes that cannot fit: resident weights (+grads) in units of
-# M*d elements, transient memory in units of N*M elements. The N*M factors come from DESIGN.md §6's
-# measured peaks at the reference shape (dense 787 MB, sparsify 578 MB, SAELens 1261 MB over N*M*4 =
+# M*d elements, transient memory in units of N*M elements. The N*M factors come from the peaks
+# measured at the reference shape (dense 787 MB, sparsify 578 MB, SAELens 1261 MB over N*M*4 =
 # 201 MB), rounded up; ours is O(N*k + N*d).
 _MD_UNITS = {"gemm_floor": 1, "ssae_encode": 1, "dense_encode": 1}
 _NM_UNITS = {"gemm_floor": 1, "ssae": 0, "dense": 4.5, "ssae_encode": 0, "dense_encode": 2,

@@ -32,7 +32,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
-MIN_REPEATS = 5  # DESIGN.md §6: medians of at least 5 runs
+MIN_REPEATS = 5  # docs/benchmarks.md: medians of at least 5 runs
 
 # glibc returns freed heap memory to the OS only from the top of the heap, and raises its mmap threshold
 # (up to 32 MB) each time an mmapped block is freed, so a freed 1-32 MB block can stay resident and be

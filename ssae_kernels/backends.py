@@ -28,6 +28,8 @@ import warnings
 
 import torch
 
+from .ops.registry import OPS
+
 ENV_VAR = "SSAE_BACKEND"
 DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 
@@ -74,8 +76,6 @@ class Backend:
 
 def _op(op):
     if isinstance(op, str):
-        from .ops.registry import OPS
-
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
         return OPS[op]

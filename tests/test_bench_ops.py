@@ -86,7 +86,7 @@ def test_bench_args(monkeypatch):
     assert args.shapes == ["small", "mid"] and args.repeats >= 5
     assert common.parse_args("topk_encode", "doc", ["--quick", "--smoke"]).shapes == ["small"]
     assert list(common.parse_args("topk_encode", "doc", []).shapes) == ["small", "mid", "ref"]
-    assert common.SHAPES["ref"] == dict(N=2048, d=768, M=24576, k=32)  # DESIGN.md §6 reference shape
+    assert common.SHAPES["ref"] == dict(N=2048, d=768, M=24576, k=32)  # the reference shape of docs/benchmarks.md
 
 
 def test_bench_overhead_writes_both_thread_counts_and_the_cold_start(tmp_path):

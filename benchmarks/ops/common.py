@@ -32,7 +32,7 @@ import harness  # noqa: E402
 OPS_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = harness.BENCH_DIR / "results" / "ops"
 
-# SAE shapes (N rows, d width, M latents, k active). "ref" is the DESIGN.md §6 reference shape.
+# SAE shapes (N rows, d width, M latents, k active). "ref" is the reference shape of docs/benchmarks.md.
 SHAPES = {
     "small": dict(N=4, d=64, M=256, k=8),  # one small call: dispatch and per-call overhead
     "mid": dict(N=1024, d=768, M=8192, k=32),
@@ -89,7 +89,7 @@ def parse_args(module: str, doc: str, argv=None) -> argparse.Namespace:
     if args.omp_wait_policy != "default":
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
     if args.repeats < harness.MIN_REPEATS:
-        p.error(f"--repeats must be at least {harness.MIN_REPEATS} (medians of at least 5 runs, DESIGN.md §6)")
+        p.error(f"--repeats must be at least {harness.MIN_REPEATS} (medians of at least 5 runs, docs/benchmarks.md)")
     if args.device == "cuda":
         import torch
 

@@ -18,35 +18,23 @@
 #include "cuda_ops.h"
 #endif
 
+// Every op with a kernel in each compiled backend: ssae::<op> is served by ssae::<op>_cpu and ssae::<op>_cuda.
+#define SSAE_COMPILED_OPS(X)                                                                                  \
+  X(topk_encode) X(sparse_decode) X(sampled_dot) X(latent_transpose) X(sparse_transpose_matmul)              \
+  X(tilted_group_stats) X(row_sq_error) X(sparse_decode_sq_error) X(sparse_decode_residual) X(project_subspace) \
+  X(project_subspace_)
+
 TORCH_LIBRARY_IMPL(ssae, CPU, m) {
-  using ssae::route::cpu_serves;
-  SSAE_ROUTED_IMPL(m, topk_encode, "cpu", cpu_serves, ssae::topk_encode_cpu);
-  SSAE_ROUTED_IMPL(m, sparse_decode, "cpu", cpu_serves, ssae::sparse_decode_cpu);
-  SSAE_ROUTED_IMPL(m, sampled_dot, "cpu", cpu_serves, ssae::sampled_dot_cpu);
-  SSAE_ROUTED_IMPL(m, latent_transpose, "cpu", cpu_serves, ssae::latent_transpose_cpu);
-  SSAE_ROUTED_IMPL(m, sparse_transpose_matmul, "cpu", cpu_serves, ssae::sparse_transpose_matmul_cpu);
-  SSAE_ROUTED_IMPL(m, tilted_group_stats, "cpu", cpu_serves, ssae::tilted_group_stats_cpu);
-  SSAE_ROUTED_IMPL(m, row_sq_error, "cpu", cpu_serves, ssae::row_sq_error_cpu);
-  SSAE_ROUTED_IMPL(m, sparse_decode_sq_error, "cpu", cpu_serves, ssae::sparse_decode_sq_error_cpu);
-  SSAE_ROUTED_IMPL(m, sparse_decode_residual, "cpu", cpu_serves, ssae::sparse_decode_residual_cpu);
-  SSAE_ROUTED_IMPL(m, project_subspace, "cpu", cpu_serves, ssae::project_subspace_cpu);
-  SSAE_ROUTED_IMPL(m, project_subspace_, "cpu", cpu_serves, ssae::project_subspace__cpu);
+#define SSAE_CPU_IMPL(op) SSAE_ROUTED_IMPL(m, op, "cpu", ssae::route::cpu_serves, ssae::op##_cpu);
+  SSAE_COMPILED_OPS(SSAE_CPU_IMPL)
+#undef SSAE_CPU_IMPL
 }
 
 #ifdef SSAE_WITH_CUDA
 TORCH_LIBRARY_IMPL(ssae, CUDA, m) {
-  using ssae::route::cuda_serves;
-  SSAE_ROUTED_IMPL(m, topk_encode, "cuda", cuda_serves, ssae::topk_encode_cuda);
-  SSAE_ROUTED_IMPL(m, sparse_decode, "cuda", cuda_serves, ssae::sparse_decode_cuda);
-  SSAE_ROUTED_IMPL(m, sampled_dot, "cuda", cuda_serves, ssae::sampled_dot_cuda);
-  SSAE_ROUTED_IMPL(m, latent_transpose, "cuda", cuda_serves, ssae::latent_transpose_cuda);
-  SSAE_ROUTED_IMPL(m, sparse_transpose_matmul, "cuda", cuda_serves, ssae::sparse_transpose_matmul_cuda);
-  SSAE_ROUTED_IMPL(m, tilted_group_stats, "cuda", cuda_serves, ssae::tilted_group_stats_cuda);
-  SSAE_ROUTED_IMPL(m, row_sq_error, "cuda", cuda_serves, ssae::row_sq_error_cuda);
-  SSAE_ROUTED_IMPL(m, sparse_decode_sq_error, "cuda", cuda_serves, ssae::sparse_decode_sq_error_cuda);
-  SSAE_ROUTED_IMPL(m, sparse_decode_residual, "cuda", cuda_serves, ssae::sparse_decode_residual_cuda);
-  SSAE_ROUTED_IMPL(m, project_subspace, "cuda", cuda_serves, ssae::project_subspace_cuda);
-  SSAE_ROUTED_IMPL(m, project_subspace_, "cuda", cuda_serves, ssae::project_subspace__cuda);
+#define SSAE_CUDA_IMPL(op) SSAE_ROUTED_IMPL(m, op, "cuda", ssae::route::cuda_serves, ssae::op##_cuda);
+  SSAE_COMPILED_OPS(SSAE_CUDA_IMPL)
+#undef SSAE_CUDA_IMPL
 }
 #endif
 
