@@ -63,3 +63,11 @@ test-triton-aot:
 
 clean:
 	rm -rf build build-cmake *.egg-info ssae_kernels/*.so
+
+# On a GPU machine whose python3 holds a CUDA torch (no venv, nothing downloaded): build _C with its CUDA
+# backend in place, run every GPU test, then bench_gpu, in at most 8 minutes (docs/benchmarks.md).
+# Without a GPU it says so in one line and exits 0.
+GPU_PYTHON ?= python3
+.PHONY: gpu-check
+gpu-check:
+	@$(GPU_PYTHON) benchmarks/gpu_check.py

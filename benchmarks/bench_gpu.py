@@ -5,6 +5,7 @@ the GEMM floor, beside the performance model of docs/triton.md (a model of the T
     python benchmarks/bench_gpu.py [--dtype bfloat16] [--shape ref] [--repeats 20] [--json results.jsonl]
                                    [--backends triton cuda]
     python benchmarks/bench_gpu.py --model [--shape ref]     # the model alone, no GPU needed
+    python benchmarks/bench_gpu.py --grid [--shape] [--out DIR]  # the encode grid of issue #13 (bf16)
 
 Each GPU backend (provider `triton`, `cuda`) runs every op and the step through
 ``ssae_kernels.use_backend(name)``. A backend that cannot serve an op on CUDA tensors (e.g. `_C`
@@ -18,8 +19,16 @@ was allocated before it. The training step (encode -> decode -> per-row squared 
 backward into W_enc, b_enc, W_dec, b_dec) is also reported as a multiple of one dense GEMM
 x @ W_enc.T (the floor, docs/benchmarks.md).
 
-Without a CUDA device it lists the backends, prints why nothing is timed and exits 0. It does not
-depend on benchmarks/harness.py.
+--grid times the encode alone over the model grid (N=4096, d in {576, 2304, 4096}, M in {65536,
+1048576}, k in {32, 128}, bfloat16): our Triton and CUDA encodes, the cuBLAS GEMM floor x @ W_enc.T,
+torch.topk of the dense scores, and sparsify's fused encoder when it imports, round by round in one
+process. Each is reported as a fraction of dense bf16 peak (PEAK_BF16, 2*N*M*d FLOPs) and as a
+multiple of the GEMM floor measured in the same rounds, beside the prediction of
+benchmarks/results/gpu_model.json (benchmarks/gpu_model.py) where it has one.
+
+Results (JSON and Markdown) go to --out (default $SSAE_GPU_RESULTS, else benchmarks/results/gpu/),
+and only from a run on a GPU. Without a CUDA device it lists the backends, prints why nothing is
+timed and exits 0, writing nothing. It does not depend on benchmarks/harness.py.
 """
 
 from __future__ import annotations
@@ -30,11 +39,17 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results" / "gpu"
+MODEL_JSON = BENCH_DIR / "results" / "gpu_model.json"
 
 SHAPES = {  # N, d, M, k
     "ref": (2048, 768, 24576, 32),  # the reference shape of docs/benchmarks.md
@@ -43,9 +58,11 @@ SHAPES = {  # N, d, M, k
 }
 
 # Peak numbers for the model: dense bf16/fp16 tensor-core FLOP/s, HBM bytes/s, int32 lanes per SM
-# per clock, SM count, clock (Hz). H100 SXM5 and A100 SXM4 (80 GB) datasheets.
+# per clock, SM count, clock (Hz). H100 SXM5, H200 SXM (the H100's compute, faster HBM3e) and
+# A100 SXM4 (80 GB) datasheets.
 GPUS = {
     "H100": dict(tflops=989e12, bandwidth=3.35e12, int_lanes=64, sms=132, clock=1.83e9),
+    "H200": dict(tflops=989e12, bandwidth=4.8e12, int_lanes=64, sms=132, clock=1.83e9),
     "A100": dict(tflops=312e12, bandwidth=2.04e12, int_lanes=64, sms=108, clock=1.41e9),
 }
 
@@ -117,9 +134,7 @@ def _encode_plan_numbers(N, M, k, dtype_bytes):
     from ssae_kernels.triton import topk_encode as te
 
     dtype = torch.bfloat16 if dtype_bytes == 2 else torch.float32
-    kp = max(2, 1 << max(0, (min(k, te.MAX_KP) - 1).bit_length()))
-    size = 2 if dtype_bytes == 2 else 4
-    cfg = min((b, c) for (b, sz), c in te.ENCODE_CONFIGS.items() if sz == size and b >= kp)[1]
+    cfg = te.ENCODE_CONFIGS[(90, dtype_bytes)]  # the shipped H100 config (the interpreter's is smaller)
     plan = te.encode_plan(N, M, k, dtype, torch.device("cpu"), config=cfg, multiprocessors=132)
     return dict(block_n=cfg.block_n, block_m=cfg.block_m, kp=plan.kp, splits=plan.splits,
                 latents_per_split=plan.latents_per_split, rounds=plan.rounds)
@@ -207,7 +222,7 @@ def run(shape_name, dtype, repeats, json_path=None, gpu_backends=GPU_BACKENDS, d
     ops = torch.ops.ssae
     N, d, M, k = SHAPES[shape_name]
     dev = torch.device(device)
-    gpu = "H100" if "H100" in torch.cuda.get_device_name() else "A100"
+    gpu = model_gpu(torch.cuda.get_device_name())
     s = torch.empty((), dtype=dtype).element_size()
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(N, d, device=dev, generator=gen).to(dtype)
@@ -371,6 +386,313 @@ def _step_cases(N, d, M, k, dtype, dev, x, gpu_backends=GPU_BACKENDS):
     return cases, skipped
 
 
+# ---- the encode grid of issue #13 -----------------------------------------------------------
+
+PEAK_BF16 = 989e12  # dense bf16 FLOP/s of the H100 and H200 SXM (datasheet): the grid's "peak"
+GRID = dict(N=(4096,), d=(576, 2304, 4096), M=(65536, 1048576), k=(32, 128))
+# Kernel names as benchmarks/gpu_model.py writes them in gpu_model.json, so predictions join on them.
+GRID_KERNELS = ("triton_encode", "cuda_encode", "gemm_floor", "torch_topk_mm", "sparsify_encode")
+VALUE_TOLERANCE = 0.02  # max |values - torch.topk's| / max |torch.topk's|: bf16 rounds scores to ~0.4%
+
+
+def model_gpu(device_name: str) -> str:
+    """The GPUS entry that models ``device_name`` (A100 for anything not named H100 or H200)."""
+    return next((name for name in ("H200", "H100") if name in device_name), "A100")
+
+
+def grid_shapes(N=GRID["N"], d=GRID["d"], M=GRID["M"], k=GRID["k"]) -> list[tuple[int, int, int, int]]:
+    """(N, d, M, k) of every grid point; points sharing (N, d, M) are adjacent, so weights are made once."""
+    return [(n, dd, mm, kk) for n in N for dd in d for mm in M for kk in k]
+
+
+def grid_memory(kernel, N, M, s=2) -> int:
+    """Bytes a grid kernel allocates beyond the shared inputs (an upper estimate, to skip what cannot fit)."""
+    scores = N * M * s
+    return {"gemm_floor": scores,
+            "torch_topk_mm": 2 * scores,      # x @ W.T, then + b_enc
+            "sparsify_encode": 2 * scores,    # linear with bias, then ReLU
+            }.get(kernel, 2**30)              # fused encodes: O(N*k) scratch and bounded score chunks
+
+
+def load_predictions(path) -> list[dict]:
+    """Rows of gpu_model.json (benchmarks/gpu_model.py); [] when there is no such file."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    return data["rows"] if isinstance(data, dict) else data
+
+
+def join_predictions(measured: list[dict], predictions: list[dict]) -> list[dict]:
+    """Each measured row with the model's predicted_fraction_of_peak for its (kernel, N, d, M, k), and
+    measured_over_predicted = fraction_of_peak / prediction (None where either is missing)."""
+    def key(row):
+        return row["kernel"], int(row["N"]), int(row["d"]), int(row["M"]), int(row["k"])
+
+    predicted = {key(p): float(p["predicted_fraction_of_peak"]) for p in predictions}
+    joined = []
+    for row in measured:
+        p = predicted.get(key(row))
+        fraction = row.get("fraction_of_peak")
+        joined.append(dict(row, predicted_fraction_of_peak=p,
+                           measured_over_predicted=fraction / p if p and fraction is not None else None))
+    return joined
+
+
+def _why(error) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}"
+
+
+def _event_seconds(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e-3
+
+
+def time_rounds(fns: dict, repeats: int, warmup: int = 2):
+    """Each callable timed once per round with CUDA events, round after round (interleaved,
+    docs/benchmarks.md), after ``warmup`` calls each: (name -> seconds per round, name -> why it failed)."""
+    failed = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            torch.cuda.synchronize()
+        except Exception as error:  # e.g. out of memory at this shape: the others still run
+            failed[name] = "failed: " + _why(error)
+            torch.cuda.empty_cache()
+    times = {name: [] for name in fns if name not in failed}
+    for _ in range(repeats):
+        for name in times:
+            times[name].append(_event_seconds(fns[name]))
+    return times, failed
+
+
+def _sparsify_encoder():
+    """sparsify's fused encoder (its encode kernel: linear + ReLU + top-k), or (None, why not)."""
+    try:
+        with contextlib.redirect_stdout(None):  # it prints which decoder it picked
+            from sparsify.fused_encoder import fused_encoder
+    except Exception as error:  # not installed, or a dependency missing
+        return None, "skipped: sparsify not importable (" + _why(error) + ")"
+    return fused_encoder, ""
+
+
+def _free_bytes(dev) -> int | None:
+    """Bytes a new allocation can get: free on the device plus what torch's allocator holds unused."""
+    if dev.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+
+
+def run_grid(shapes, repeats, model_json=MODEL_JSON, device="cuda", gpu_backends=GPU_BACKENDS, on_progress=None):
+    """Times the encode kernels at every (N, d, M, k) of ``shapes`` in bfloat16; returns the rows joined
+    with the predictions of ``model_json``. ``on_progress(rows)`` is called after each shape (to save)."""
+    dev = torch.device(device)
+    predictions = load_predictions(model_json)
+    print(f"\nencode grid, bfloat16, {len(shapes)} shapes; peak {PEAK_BF16 / 1e12:.0f} TFLOP/s; "
+          f"predictions: {f'{len(predictions)} rows from {model_json}' if predictions else f'none ({model_json} missing)'}")
+    sparsify = _sparsify_encoder()
+    rows, made, inputs = [], None, None
+    for N, d, M, k in shapes:
+        started = time.perf_counter()
+        shape = dict(N=N, d=d, M=M, k=k, dtype="bfloat16")
+        if made != (N, d, M):  # new weights: free the old ones first
+            inputs = None
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            need, free = (N * d + M * d + M + d) * 2, _free_bytes(dev)
+            if free is not None and need > 0.9 * free:
+                note = f"skipped: inputs need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free on the GPU"
+            else:
+                gen = torch.Generator(device=dev).manual_seed(0)
+                inputs = (torch.randn(N, d, device=dev, dtype=torch.bfloat16, generator=gen),                 # x
+                          torch.randn(M, d, device=dev, dtype=torch.bfloat16, generator=gen).mul_(d**-0.5),   # W_enc
+                          torch.randn(M, device=dev, dtype=torch.bfloat16, generator=gen).mul_(0.1),          # b_enc
+                          torch.randn(d, device=dev, dtype=torch.bfloat16, generator=gen).mul_(0.1))          # b_dec
+            made = (N, d, M)
+        if inputs is None:
+            shape_rows = [dict(kernel=name, **shape, status="skipped", note=note) for name in GRID_KERNELS]
+        else:
+            shape_rows = _grid_point(shape, inputs, repeats, dev, gpu_backends, sparsify)
+        shape_rows = join_predictions(shape_rows, predictions)
+        rows += shape_rows
+        for r in shape_rows:
+            print(_grid_line(r))
+        print(f"  ({time.perf_counter() - started:.1f} s for this shape)")
+        if on_progress:
+            on_progress(rows)
+    return rows
+
+
+def _grid_point(shape, inputs, repeats, dev, gpu_backends, sparsify) -> list[dict]:
+    """One row per GRID_KERNELS entry at one grid point: timed, or skipped/failed with the reason."""
+    import ssae_kernels
+
+    N, d, M, k = (shape[key] for key in "NdMk")
+    x, W, b_enc, b_dec = inputs
+
+    def ours(backend):
+        def encode():
+            with ssae_kernels.use_backend(backend):
+                return ssae_kernels.topk_encode(x, W, b_enc, k, b_dec=b_dec)
+        return encode
+
+    candidates, notes = {"gemm_floor": lambda: x @ W.T}, {}
+    for name in gpu_backends:
+        reasons = backend_reasons(name, ("topk_encode",))
+        if reasons:
+            notes[f"{name}_encode"] = "skipped: " + "; ".join(reasons)
+        else:
+            candidates[f"{name}_encode"] = ours(name)
+    candidates["torch_topk_mm"] = lambda: _dense_encode(x, W, b_enc, k, b_dec)
+    sparsify_encode, sparsify_note = sparsify
+    if sparsify_encode is not None:  # as sparsify's SparseCoder.encode calls it
+        candidates["sparsify_encode"] = lambda: sparsify_encode(x - b_dec, W, b_enc, k, "topk")
+    else:
+        notes["sparsify_encode"] = sparsify_note
+    fns, free = {}, _free_bytes(dev)
+    for name, fn in candidates.items():
+        extra = grid_memory(name, N, M)
+        if free is not None and extra > 0.9 * free:
+            notes[name] = f"skipped: needs ~{extra / 2**30:.1f} GiB beyond the inputs, {free / 2**30:.1f} GiB free"
+        else:
+            fns[name] = fn
+
+    times, failed = time_rounds(fns, repeats)
+    notes.update(failed)
+    errors = _value_errors({name: fns[name] for name in times})
+    floor = times.get("gemm_floor")
+    rows = []
+    for name in GRID_KERNELS:
+        row = dict(kernel=name, **shape)
+        if name in times:
+            t = statistics.median(times[name])
+            row.update(status="ok", seconds=t, fraction_of_peak=2 * N * M * d / t / PEAK_BF16,
+                       vs_gemm_floor=statistics.median(a / b for a, b in zip(times[name], floor)) if floor else None,
+                       max_value_error=errors.get(name), note="")
+            if (errors.get(name) or 0) > VALUE_TOLERANCE:
+                row["note"] = f"values differ from torch.topk's by {errors[name]:.3g} of their max"
+        else:
+            note = notes.get(name, "not run")
+            row.update(status="skipped" if note.startswith("skipped") else "failed", note=note)
+        rows.append(row)
+    return rows
+
+
+def _value_errors(fns) -> dict:
+    """max |values - torch.topk's| / max |torch.topk's| per encode, values sorted (sparsify's are not)."""
+    if "torch_topk_mm" not in fns:
+        return {}
+    ref = fns["torch_topk_mm"]()[0].float().sort(dim=1, descending=True).values
+    scale = ref.abs().max().clamp_min(1e-30)
+    errors = {}
+    for name, fn in fns.items():
+        if name != "gemm_floor":
+            values = fn()[0].float().sort(dim=1, descending=True).values
+            errors[name] = float((values - ref).abs().max() / scale)
+    return errors
+
+
+def _fmt(value, spec, missing="-"):
+    return missing if value is None else format(value, spec)
+
+
+def _grid_line(r) -> str:
+    head = f"{r['kernel']:<16} N={r['N']} d={r['d']:<5} M={r['M']:<8} k={r['k']:<4}"
+    if r["status"] != "ok":
+        return f"{head} {r['note']}"
+    return (f"{head} {r['seconds'] * 1e3:>9.3f} ms {100 * r['fraction_of_peak']:>5.1f}% of peak "
+            f"{_fmt(r['vs_gemm_floor'], '.2f')}x floor  predicted {_fmt(r['predicted_fraction_of_peak'], '.1%')} "
+            f"measured/predicted {_fmt(r['measured_over_predicted'], '.2f')}  {r['note']}")
+
+
+# ---- results files --------------------------------------------------------------------------
+
+
+def run_metadata(repeats) -> dict:
+    from ssae_kernels import backends
+
+    extension = backends.BACKENDS["cuda"].extension
+    built = "cuda" if extension is not None and extension.build_info().get("cuda", False) else "cpu only"
+    try:
+        from importlib.metadata import version
+        sparsify = version("eai-sparsify")
+    except Exception:
+        sparsify = None
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    return dict(device=torch.cuda.get_device_name(), capability=capability, torch=torch.__version__,
+                cuda=torch.version.cuda, triton=_version("triton"), extension=built, sparsify=sparsify,
+                repeats=repeats, peak_flops=PEAK_BF16, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                commit=_git_commit())
+
+
+def _git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def results_markdown(meta, ops_rows, grid_rows) -> str:
+    lines = [f"# GPU benchmark: {meta['device']}", "",
+             f"Measured by `benchmarks/bench_gpu.py` on {meta['date']}: torch {meta['torch']} (CUDA {meta['cuda']}), "
+             f"triton {meta['triton']}, extension {meta['extension']}, sparsify {meta['sparsify'] or 'not installed'}, "
+             f"commit {meta['commit'] or 'unknown'}; medians of {meta['repeats']} rounds timed with CUDA events."]
+    if grid_rows:
+        lines += ["", "## Encode grid (bfloat16)", "",
+                  f"Fraction of peak = 2·N·M·d / time / {meta['peak_flops'] / 1e12:.0f} TFLOP/s (dense bf16, H100/H200 "
+                  "SXM datasheet); ÷ floor = median over rounds of time ÷ the cuBLAS GEMM `x @ W_enc.T` of the same "
+                  "round; predicted = `benchmarks/results/gpu_model.json` (benchmarks/gpu_model.py).", "",
+                  "| N | d | M | k | kernel | median ms | fraction of peak | ÷ GEMM floor | predicted | measured ÷ predicted | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in grid_rows:
+            ok = r["status"] == "ok"
+            lines.append(
+                f"| {r['N']} | {r['d']} | {r['M']} | {r['k']} | {r['kernel']} | "
+                f"{_fmt(r.get('seconds') and r['seconds'] * 1e3, '.3f')} | {_fmt(r.get('fraction_of_peak'), '.3f')} | "
+                f"{_fmt(r.get('vs_gemm_floor'), '.2f')} | {_fmt(r.get('predicted_fraction_of_peak'), '.3f')} | "
+                f"{_fmt(r.get('measured_over_predicted'), '.2f')} | {r['note'] if r['note'] or ok else ''} |")
+    if ops_rows:
+        lines += ["", "## Ops and training step", "",
+                  "| shape (N, d, M, k) | dtype | op | provider | median ms | ÷ dense | ÷ GEMM floor | model ms | peak MB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in ops_rows:
+            sh = r["shape"]
+            floor = r["seconds"] / r["floor_seconds"] if r.get("floor_seconds") else None
+            lines.append(f"| {sh['N']}, {sh['d']}, {sh['M']}, {sh['k']} | {r['dtype']} | {r['op']} | {r['provider']} | "
+                         f"{r['seconds'] * 1e3:.3f} | {_fmt(r['vs_dense'], '.2f')} | {_fmt(floor, '.2f')} | "
+                         f"{_fmt(r['model_seconds'] and r['model_seconds'] * 1e3, '.3f')} | {r['peak_bytes'] / 2**20:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir, meta, ops_rows, grid_rows) -> None:
+    """bench_gpu.json and bench_gpu.md in ``out_dir``, each written whole (rewritten after every shape)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ops_rows, grid_rows = _no_nan(ops_rows), _no_nan(grid_rows)  # NaN is not JSON: "no value" is None
+    files = {"bench_gpu.json": json.dumps(dict(meta=meta, grid=grid_rows, ops=ops_rows), indent=1),
+             "bench_gpu.md": results_markdown(meta, ops_rows, grid_rows)}
+    for name, text in files.items():
+        tmp = out_dir / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out_dir / name)
+
+
+def _no_nan(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _no_nan(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value
+
+
 def _version(module):
     try:
         return __import__(module).__version__
@@ -378,9 +700,17 @@ def _version(module):
         return "missing"
 
 
-def main(argv=None) -> int:
+def _positive(text) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", nargs="+", default=["ref"], choices=sorted(SHAPES))
+    ap.add_argument("--shape", nargs="*", default=["ref"], choices=sorted(SHAPES),
+                    help="shapes of the ops and step run (default: ref; none: `--shape` alone, e.g. with --grid)")
     ap.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--backends", nargs="+", default=list(GPU_BACKENDS), choices=GPU_BACKENDS,
                     help="GPU backends to time (default: all; one that cannot run is listed with its reasons)")
@@ -388,10 +718,26 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="append one JSON line per (op, provider) to this file")
     ap.add_argument("--model", action="store_true", help="print the performance model only (no GPU needed)")
     ap.add_argument("--gpu", default="H100", choices=sorted(GPUS), help="GPU of the printed model")
+    ap.add_argument("--grid", action="store_true", help="also time the encode over the model grid (bf16)")
+    ap.add_argument("--grid-d", nargs="+", type=_positive, default=list(GRID["d"]), help="grid widths d")
+    ap.add_argument("--grid-M", nargs="+", type=_positive, default=list(GRID["M"]), help="grid dictionary sizes M")
+    ap.add_argument("--grid-k", nargs="+", type=_positive, default=list(GRID["k"]), help="grid k")
+    ap.add_argument("--grid-N", nargs="+", type=_positive, default=list(GRID["N"]), help="grid batch rows N")
+    ap.add_argument("--out", default=os.environ.get("SSAE_GPU_RESULTS") or str(RESULTS_DIR),
+                    help="folder of bench_gpu.json and bench_gpu.md (default: $SSAE_GPU_RESULTS, else "
+                         "benchmarks/results/gpu); written only by a run on a GPU")
+    ap.add_argument("--model-json", default=str(MODEL_JSON),
+                    help="predictions to put beside the grid's measurements (benchmarks/gpu_model.py)")
     args = ap.parse_args(argv)
     if args.repeats < 5:
         ap.error("--repeats must be at least 5 (medians of at least 5 runs, docs/benchmarks.md)")
+    if not args.shape and not args.grid and not args.model:
+        ap.error("nothing to run: give --shape NAME..., --grid, or both")
+    return args
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.model:
         for shape in args.shape:
             for dtype in args.dtype:
@@ -407,9 +753,22 @@ def main(argv=None) -> int:
               "Run it on a GPU machine; `python benchmarks/bench_gpu.py --model` prints the performance "
               "model without one.")
         return 0
+    meta = run_metadata(args.repeats)
+    ops_rows, grid_rows = [], []
+
+    def save(rows=None):
+        if rows is not None:
+            grid_rows[:] = rows
+        write_results(args.out, meta, ops_rows, grid_rows)
+
     for shape in args.shape:
         for dtype in args.dtype:
-            run(shape, getattr(torch, dtype), args.repeats, args.json, gpu_backends)
+            ops_rows += run(shape, getattr(torch, dtype), args.repeats, args.json, gpu_backends)
+            save()
+    if args.grid:
+        shapes = grid_shapes(args.grid_N, args.grid_d, args.grid_M, args.grid_k)
+        run_grid(shapes, args.repeats, args.model_json, gpu_backends=gpu_backends, on_progress=save)
+    print(f"\nresults: {Path(args.out) / 'bench_gpu.json'}, {Path(args.out) / 'bench_gpu.md'}")
     return 0
 
 

@@ -1,6 +1,6 @@
 // Host-side tests of the CUDA launch arithmetic (csrc/kernels/cuda/launch.h):
-// encode plans (chunk sizes, scratch bytes, bounded memory), the encode's
-// schedule, the column / slot mapping of every kernel's blocks and threads,
+// encode plans (chunk sizes, latent splits, scratch bytes, bounded memory),
+// the encode's pipeline (double-buffered score chunks), the column / slot mapping of every kernel's blocks and threads,
 // and latent_transpose's workspace layout. No GPU or CUDA toolkit needed.
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/tilt_state.h"
@@ -17,69 +17,111 @@ using namespace ssae::cuda;
 
 namespace {
 
-void check_plan(int64_t N, int64_t M, int64_t d, int64_t k, bool split, int64_t elem, int64_t budget) {
-  ssae_test::context(ssae_test::str("plan N=", N, " M=", M, " d=", d, " k=", k, " split=", split, " budget=", budget));
-  const TopkEncodePlan p = plan_topk_encode(N, M, d, k, split, elem, budget);
-  const int64_t per_elem = split ? 12 : 8;
-  CHECK(p.row_block >= 1 && p.row_block <= std::min<int64_t>(N, kEncodeMaxRowBlock));
-  CHECK(p.row_blocks == ceil_div(N, p.row_block));
-  CHECK((p.row_blocks - 1) * p.row_block < N && p.row_blocks * p.row_block >= N);
-  CHECK(p.latent_chunk >= 1 && p.latent_chunk <= M);
-  CHECK_MSG(p.latent_chunk == M || p.latent_chunk % kLatentAlign == 0, "chunk ", p.latent_chunk);
-  CHECK(p.latent_chunks == ceil_div(M, p.latent_chunk));
-  CHECK((p.latent_chunks - 1) * p.latent_chunk < M);
-  // Within budget whenever the budget holds one aligned tile per row; never
-  // more chunks than the largest aligned chunk within budget would give.
-  const int64_t fit = budget / (p.row_block * per_elem) / kLatentAlign * kLatentAlign;
-  if (fit >= kLatentAlign) {
-    CHECK_MSG(p.scores_bytes + p.candidates_bytes <= budget, "chunk bytes ", p.scores_bytes + p.candidates_bytes);
-    CHECK_MSG(p.latent_chunks == ceil_div(M, std::min(fit, M)), "chunks ", p.latent_chunks, " fit ", fit);
-  } else {
-    CHECK(p.latent_chunk == std::min<int64_t>(M, kLatentAlign));
+void check_plan(int64_t N, int64_t M, int64_t d, int64_t k, BDec bdec, int64_t sms, int64_t budget) {
+  ssae_test::context(ssae_test::str("plan N=", N, " M=", M, " d=", d, " k=", k, " bdec=", int(bdec), " SMs=", sms,
+                                    " budget=", budget));
+  const int64_t elem = bdec == BDec::kCentre ? 4 : 2;
+  const TopkEncodePlan p = plan_topk_encode(N, M, d, k, bdec, elem, sms, budget);
+  const int64_t R = p.row_block, P = p.splits, seg = p.split_latents, C = p.latent_chunk;
+  CHECK(R >= 1 && R <= std::min<int64_t>(N, kEncodeMaxRowBlock));
+  CHECK(p.row_blocks == ceil_div(N, R));
+  CHECK((p.row_blocks - 1) * R < N && p.row_blocks * R >= N);
+  // Splits: at least one, at most kMaxSplits, no more than make up the block target,
+  // and each covering at least min_split latents unless there is one split.
+  const int64_t min_split = round_up(std::max(kMinSplitLatents, 2 * next_pow2(k)), kLatentAlign);
+  CHECK(P >= 1 && P <= kMaxSplits);
+  CHECK_MSG(P == 1 || R * P <= kSelectBlocksPerSM * sms, "blocks ", R * P);
+  CHECK_MSG(P == 1 || P * min_split <= M, "P ", P);
+  CHECK(C == P * seg && seg >= 1);
+  CHECK_MSG(P == 1 || seg % kLatentAlign == 0, "seg ", seg);
+  CHECK_MSG(C <= M || P > 1, "chunk ", C);
+  CHECK_MSG(std::min(C, M) == M || C % kLatentAlign == 0, "chunk ", C);
+  CHECK(p.latent_chunks == ceil_div(M, C));
+  CHECK((p.latent_chunks - 1) * C < M);
+  // No split is empty in all: every split covers latents of the first chunk.
+  CHECK_MSG((P - 1) * seg < M, "P ", P, " seg ", seg);
+  int64_t covered = 0;
+  for (int64_t s = 0; s < P; ++s) {
+    CHECK(split_latents_total(M, C, seg, s) >= 1);
+    covered += split_latents_total(M, C, seg, s);
   }
-  CHECK(p.score_rows == p.row_block * (split ? 2 : 1));
-  CHECK(p.scores_bytes == p.score_rows * p.latent_chunk * 4);
-  CHECK(p.candidates_bytes == p.row_block * p.latent_chunk * 4);
+  CHECK_MSG(covered == M, "covered ", covered);
+  CHECK(p.score_rows == R + (bdec == BDec::kFold ? 1 : 0));
+  // Chunk scratch within budget whenever the budget holds one aligned tile per (row, split).
+  const int64_t fit = budget / (p.score_rows * kEncodeBytesPerScore) / kLatentAlign * kLatentAlign;
+  if (fit >= kLatentAlign * P) {
+    CHECK_MSG(p.scores_bytes + p.candidates_bytes <= budget, "chunk bytes ", p.scores_bytes + p.candidates_bytes);
+    if (P == 1) CHECK_MSG(p.latent_chunks == ceil_div(M, std::min(fit, M)), "chunks ", p.latent_chunks, " fit ", fit);
+  }
+  CHECK(p.score_buffers == (p.steps() > 1 ? 2 : 1));
+  CHECK(p.scores_bytes == p.score_buffers * p.score_rows * C * 4);
+  CHECK(p.candidates_bytes == R * C * 4);
   CHECK(p.state_stride >= k && p.state_stride < 2 * k + 1 && (p.state_stride & (p.state_stride - 1)) == 0);
-  CHECK(p.state_bytes == (2 * p.row_block * p.state_stride + p.row_block) * 8);
-  CHECK(p.x_bytes == (split ? p.row_block * d * (4 + 2 * elem) : 0));
-  CHECK(p.total_bytes() == p.scores_bytes + p.candidates_bytes + p.state_bytes + p.x_bytes);
+  CHECK(p.state_bytes == (2 * R * P * p.state_stride + R * P) * 8);
+  CHECK(p.bias_bytes == M * 4);
+  CHECK(p.x_bytes == (bdec == BDec::kCentre ? R * d * 4 : bdec == BDec::kFold ? (R + 1) * d * 2 : 0));
+  CHECK(p.total_bytes() == p.scores_bytes + p.candidates_bytes + p.state_bytes + p.bias_bytes + p.x_bytes);
+  CHECK(grid_fits(select_launch(R, P)) && grid_fits(finish_launch(R)));
 }
 
-// The schedule visits every (row block, latent chunk) once, chunks in
-// increasing order within a row block, with alternating state buffers, and
-// finishes each row block from the buffer its last chunk wrote.
-void check_schedule(int64_t N, int64_t M, int64_t k) {
-  ssae_test::context(ssae_test::str("schedule N=", N, " M=", M, " k=", k));
-  TopkEncodePlan p = plan_topk_encode(N, M, 64, k, false, 4, int64_t(1) << 16);
-  std::vector<int64_t> covered(size_t(N * M), 0);
-  int64_t last_n0 = -1, expect_m0 = 0;
+// The pipeline visits every (row block, latent chunk) once, chunks in
+// increasing order within a row block, with alternating state buffers; it
+// finishes each row block from the buffer its last chunk wrote; every score
+// buffer is written by a GEMM, then read by its selection, then written again
+// (never overwritten before it is read), and the GEMM of step g + 1 is issued
+// before the selection of step g (the overlap).
+void check_pipeline(int64_t N, int64_t M, int64_t k, int64_t sms, int64_t budget) {
+  ssae_test::context(ssae_test::str("pipeline N=", N, " M=", M, " k=", k, " SMs=", sms, " budget=", budget));
+  const TopkEncodePlan p = plan_topk_encode(N, M, 64, k, BDec::kNone, 2, sms, budget);
+  std::vector<uint8_t> covered(size_t(N * M), 0);
+  int64_t last_n0 = -1, expect_m0 = 0, selects = 0, gemms = 0;
   int expect_parity = 0;
+  std::vector<int64_t> written(size_t(p.score_buffers), -1);  // step whose scores a buffer holds, -1: none/read
   std::vector<std::pair<int64_t, int64_t>> finished;
-  encode_schedule(
+  encode_pipeline(
       p, N, M,
-      [&](int64_t n0, int64_t rows, int64_t m0, int64_t cols, int parity) {
-        if (n0 != last_n0) {
-          CHECK_MSG(m0 == 0, "row block ", n0, " starts at latent ", m0);
-          last_n0 = n0;
+      [&](const EncodeStep& s) {
+        CHECK(s.index == gemms++);
+        CHECK(s.index <= selects + 1);  // at most one GEMM ahead of the selections
+        CHECK(s.buffer >= 0 && s.buffer < p.score_buffers);
+        CHECK_MSG(written[size_t(s.buffer)] == -1, "buffer ", s.buffer, " overwritten before step ",
+                  written[size_t(s.buffer)], " read it");
+        written[size_t(s.buffer)] = s.index;
+      },
+      [&](const EncodeStep& s) {
+        CHECK(s.index == selects++);
+        CHECK(gemms == std::min(s.index + 2, p.steps()));  // the next GEMM is already issued
+        CHECK_MSG(written[size_t(s.buffer)] == s.index, "step ", s.index, " reads buffer ", s.buffer, " holding step ",
+                  written[size_t(s.buffer)]);
+        written[size_t(s.buffer)] = -1;
+        if (s.n0 != last_n0) {
+          CHECK_MSG(s.m0 == 0 && s.first, "row block ", s.n0, " starts at latent ", s.m0);
+          last_n0 = s.n0;
           expect_m0 = 0;
           expect_parity = 0;
         }
-        CHECK_MSG(m0 == expect_m0, "m0 ", m0, " expected ", expect_m0);
-        CHECK(parity == expect_parity);
-        CHECK(rows >= 1 && rows <= p.row_block && cols >= 1 && cols <= p.latent_chunk);
-        for (int64_t r = n0; r < n0 + rows; ++r)
-          for (int64_t c = m0; c < m0 + cols; ++c) ++covered[size_t(r * M + c)];
-        expect_m0 = m0 + cols;
+        CHECK_MSG(s.m0 == expect_m0, "m0 ", s.m0, " expected ", expect_m0);
+        CHECK(s.parity == expect_parity);
+        CHECK(s.first == (s.m0 == 0) && s.last == (s.m0 + s.cols == M));
+        CHECK(s.seen == (s.m0 / p.latent_chunk) * p.split_latents);
+        CHECK(s.rows >= 1 && s.rows <= p.row_block && s.cols >= 1 && s.cols <= p.latent_chunk);
+        for (int64_t r = s.n0; r < s.n0 + s.rows; ++r)
+          for (int64_t c = s.m0; c < s.m0 + s.cols; ++c) ++covered[size_t(r * M + c)];
+        // The splits of the chunk partition its columns.
+        int64_t cols = 0;
+        for (int64_t sp = 0; sp < p.splits; ++sp) cols += split_cols(s.cols, p.split_latents, sp);
+        CHECK(cols == s.cols);
+        expect_m0 = s.m0 + s.cols;
         expect_parity ^= 1;
       },
-      [&](int64_t n0, int64_t rows, int parity) {
-        CHECK(n0 == last_n0 && expect_m0 == M);
+      [&](const EncodeStep& s, int parity) {
+        CHECK(s.n0 == last_n0 && expect_m0 == M && s.last);
         CHECK(parity == int(p.latent_chunks % 2));
-        finished.emplace_back(n0, rows);
+        finished.emplace_back(s.n0, s.rows);
       });
+  CHECK(gemms == p.steps() && selects == p.steps());
   bool all_once = true;
-  for (int64_t c : covered) all_once &= c == 1;
+  for (uint8_t c : covered) all_once &= c == 1;
   CHECK(all_once);
   int64_t rows_finished = 0;
   for (auto& f : finished) rows_finished += f.second;
@@ -237,34 +279,56 @@ int main() {
   CHECK(grid_fits(Launch{kMaxGrid, 256, 1}) && !grid_fits(Launch{kMaxGrid + 1, 256, 1}) && !grid_fits(Launch{0, 256, 1}));
   CHECK(sort_in_shared(kSortSharedKeys) && !sort_in_shared(2 * kSortSharedKeys));
   CHECK(select_launch(37).blocks == 37 && select_launch(37).threads == kRadixBins);
+  CHECK(select_launch(37, 5).blocks == 185 && finish_launch(37).blocks == 37);
 
   // The reference shape: chunk memory is fixed, whatever M; far below N x M x 4.
   {
     ssae_test::context("reference shape");
-    const auto p = plan_topk_encode(2048, 24576, 768, 32, false, 4);
-    CHECK(p.row_block == 2048 && p.latent_chunk == 4096 && p.latent_chunks == 6);
-    CHECK(p.scores_bytes + p.candidates_bytes == kEncodeScratchBytes);
+    const auto p = plan_topk_encode(2048, 24576, 768, 32, BDec::kNone, 2);
+    CHECK(p.row_block == 2048 && p.splits == 1 && p.latent_chunk == 2560 && p.latent_chunks == 10);
+    CHECK(p.score_buffers == 2 && p.scores_bytes + p.candidates_bytes <= kEncodeScratchBytes);
     CHECK(p.total_bytes() < 2048LL * 24576 * 4 / 2);
-    const auto big = plan_topk_encode(2048, 262144, 768, 32, false, 4);
-    CHECK(big.total_bytes() == p.total_bytes());
-    CHECK(big.latent_chunks == 64);
-    const auto split = plan_topk_encode(2048, 24576, 768, 32, true, 2);
-    CHECK(split.scores_bytes + split.candidates_bytes <= kEncodeScratchBytes);
-    CHECK(split.score_rows == 4096 && split.x_bytes == 2048LL * 768 * 8);
+    const auto big = plan_topk_encode(2048, 262144, 768, 32, BDec::kNone, 2);
+    CHECK(big.scores_bytes + big.candidates_bytes + big.state_bytes ==
+          p.scores_bytes + p.candidates_bytes + p.state_bytes);
+    CHECK(big.latent_chunks == 103);
+    const auto centred = plan_topk_encode(2048, 24576, 768, 32, BDec::kCentre, 4);
+    CHECK(centred.x_bytes == 2048LL * 768 * 4 && centred.score_rows == 2048);
+    const auto folded = plan_topk_encode(2048, 24576, 768, 32, BDec::kFold, 2);  // b_dec: one more GEMM row
+    CHECK(folded.score_rows == 2049 && folded.x_bytes == 2049LL * 768 * 2);
+    CHECK(folded.scores_bytes + folded.candidates_bytes <= kEncodeScratchBytes);
+  }
+  // Few rows: the latents are split so that a chunk has ~16 selection blocks per SM.
+  {
+    ssae_test::context("small N");
+    const auto one = plan_topk_encode(1, 1 << 20, 768, 32, BDec::kNone, 2, 132);
+    CHECK(one.splits == kMaxSplits && one.latent_chunks == 1 && one.score_buffers == 1);
+    const auto eight = plan_topk_encode(8, 65536, 768, 32, BDec::kFold, 2, 132);
+    CHECK(eight.splits == 64 && eight.split_latents == 1024);
+    const auto hundred = plan_topk_encode(100, 1 << 20, 768, 32, BDec::kNone, 2, 132);
+    CHECK(hundred.splits == 21 && hundred.row_block * hundred.splits <= 16 * 132);
+    const auto big_k = plan_topk_encode(8, 65536, 768, 2100, BDec::kNone, 2, 132);  // splits of >= 2 * 4096 latents
+    CHECK(big_k.splits == 8 && big_k.split_latents == 8192);
+    const auto narrow = plan_topk_encode(8, 1500, 768, 32, BDec::kNone, 2, 132);  // too few latents to split
+    CHECK(narrow.splits == 1 && narrow.latent_chunk == 1500);
   }
 
-  for (int64_t N : {1, 7, 2047, 2048, 2049, 100000})
-    for (int64_t M : {1, 255, 256, 257, 4096, 24577, 262144})
-      for (int64_t k : {int64_t(1), int64_t(32), M})
-        for (bool split : {false, true}) {
-          check_plan(N, M, 768, k, split, split ? 2 : 4, kEncodeScratchBytes);
-          check_plan(N, M, 33, k, split, 2, int64_t(1) << 20);  // small budgets: many chunks
-          check_plan(N, M, 33, k, split, 2, 1000);             // below one aligned tile
+  for (int64_t N : {1, 7, 100, 2047, 2048, 2049, 100000})
+    for (int64_t M : {1, 255, 256, 257, 4096, 24577, 262144, 3000000})
+      for (int64_t k : {int64_t(1), int64_t(32), std::min<int64_t>(M, 2100), M})
+        for (BDec bdec : {BDec::kNone, BDec::kCentre, BDec::kFold}) {
+          check_plan(N, M, 768, k, bdec, 132, kEncodeScratchBytes);
+          check_plan(N, M, 33, k, bdec, 8, int64_t(1) << 20);  // small budgets: many chunks
+          check_plan(N, M, 33, k, bdec, 1, 1000);              // below one aligned tile
         }
 
   for (int64_t N : {1, 5, 4099})
-    for (int64_t M : {1, 300, 1000, 5000})
-      check_schedule(N, M, std::min<int64_t>(M, 16));
+    for (int64_t M : {1, 300, 1000, 5000, 70000})
+      for (int64_t sms : {1, 132}) {
+        if (N * M > 30000000) continue;
+        check_pipeline(N, M, std::min<int64_t>(M, 16), sms, int64_t(1) << 16);
+        check_pipeline(N, M, std::min<int64_t>(M, 16), sms, kEncodeScratchBytes);
+      }
 
   for (int64_t rows : {1, 3})
     for (int64_t d : {0, 1, 31, 32, 127, 128, 129, 768, 1023, 1024, 1025, 4096, 5000}) check_row_tiles(rows, d);

@@ -1,9 +1,15 @@
 // The CUDA encode's selection (csrc/kernels/cuda/topk_select.h) run on the
-// host: the block algorithms are executed by an emulated block (each phase
-// runs every thread id, in forward, reverse or shuffled order, then "syncs"),
-// driven by the same encode_schedule() as the ATen binding, with a naive
-// GEMM. Results must equal a stable descending sort of each full row (NaN
-// first, ties to the lower index). Also checks the key encoding itself.
+// host: the block algorithms are executed by an emulated block, driven by the
+// same encode_pipeline() as the ATen binding (double-buffered score chunks,
+// latent splits, the final merge of the splits), with the "GEMM" copying
+// precomputed scores. Results must equal a stable descending sort of each full
+// row (NaN first, ties to the lower index). Also checks the key encoding.
+//
+// Thread order: every case runs with the block's threads in forward order, in
+// reverse, and in fresh random orders drawn for every phase (between two
+// barriers) from several seeds; the blocks of a grid also run in random order.
+// The answer must be the same exact one each time: the selection may not
+// depend on the order in which threads (or blocks) run.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -25,35 +31,64 @@ std::mt19937 rng(2024);
 
 int64_t uniform_int(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
 
-// One thread block, emulated: `each` runs f for every thread id in `order`.
-// Within a phase the algorithms must not depend on the order (no thread reads
-// what another writes in the same phase); running several orders checks that.
+// Thread (and block) orders: forward, reverse, then random with these seeds.
+constexpr uint32_t kOrderSeeds[] = {1, 7, 2024, 31337};
+constexpr int kOrders = 2 + int(sizeof(kOrderSeeds) / sizeof(kOrderSeeds[0]));
+
+// One thread block, emulated: `each` runs f for every thread id, in forward or
+// reverse order, or in a new random permutation each time (each call is one
+// phase between two barriers). `append` hands out slots in call order, so
+// a random order also scrambles where kept entries land.
 struct HostExec {
+  int mode;
+  std::mt19937 order_rng;
   std::vector<int> order;
-  explicit HostExec(int mode) : order(kSelectThreads) {
+  int64_t phases = 0;
+  explicit HostExec(int mode_) : mode(mode_), order_rng(mode_ >= 2 ? kOrderSeeds[mode_ - 2] : 0u), order(kSelectThreads) {
     std::iota(order.begin(), order.end(), 0);
     if (mode == 1) std::reverse(order.begin(), order.end());
-    if (mode == 2) std::shuffle(order.begin(), order.end(), rng);
   }
   int threads() const { return int(order.size()); }
   template <class F>
   void each(F&& f) {
+    if (mode >= 2) std::shuffle(order.begin(), order.end(), order_rng);
+    ++phases;
     for (int t : order) f(t);
   }
-  uint32_t append(uint32_t* counter, bool keep) { return keep ? (*counter)++ : 0u; }
+  // A counter read before any thread reset it (a missing barrier) holds the
+  // poison of SelectShared: reported, and no slot handed out past the buffers.
+  uint32_t append(uint32_t* counter, bool keep) {
+    if (!keep) return 0u;
+    if (*counter >= kMaxSlots) {
+      ssae_test::fail(__FILE__, __LINE__, ssae_test::str("slot counter at ", *counter, ": read before its reset"));
+      return 0u;
+    }
+    return (*counter)++;
+  }
+  static constexpr uint32_t kMaxSlots = uint32_t(1) << 24;  // more than any buffer of these tests
   void atomic_add(uint32_t* p, uint32_t v) { *p += v; }
   void atomic_min(topk_key* p, topk_key v) { *p = std::min(*p, v); }
+  // The order in which the blocks of a grid run.
+  std::vector<int64_t> block_order(int64_t blocks) {
+    std::vector<int64_t> b(static_cast<size_t>(blocks));
+    std::iota(b.begin(), b.end(), 0);
+    if (mode == 1) std::reverse(b.begin(), b.end());
+    if (mode >= 2) std::shuffle(b.begin(), b.end(), order_rng);
+    return b;
+  }
 };
 
 enum class Fill { kNormal, kSmallInts, kNegative, kAscending, kEqual, kAdjacent };
 
 struct Problem {
   int64_t N, M, k;
-  std::vector<float> hi, lo, bias;  // "GEMM outputs" [N, M] (lo empty unless split) and b_enc [M]
+  std::vector<float> gemm, bias;  // "GEMM outputs" x @ W.T [N, M] and b_enc [M]
+  std::vector<float> wb;          // with b_dec folded: the GEMM's extra row W @ b_dec [M], else empty
 };
 
-Problem make_problem(int64_t N, int64_t M, int64_t k, Fill fill, bool split, double nan_rate, double inf_rate) {
-  Problem p{N, M, k, std::vector<float>(size_t(N * M)), {}, std::vector<float>(size_t(M))};
+Problem make_problem(int64_t N, int64_t M, int64_t k, Fill fill, double nan_rate, double inf_rate,
+                     bool fold = false) {
+  Problem p{N, M, k, std::vector<float>(size_t(N * M)), std::vector<float>(size_t(M)), {}};
   std::normal_distribution<float> normal;
   std::uniform_real_distribution<double> u01;
   for (int64_t i = 0; i < N * M; ++i) {
@@ -69,83 +104,130 @@ Problem make_problem(int64_t N, int64_t M, int64_t k, Fill fill, bool split, dou
     const double r = u01(rng);
     if (r < nan_rate) v = std::numeric_limits<float>::quiet_NaN();
     else if (r < nan_rate + inf_rate) v = uniform_int(0, 1) ? INFINITY : -INFINITY;
-    p.hi[size_t(i)] = v;
-  }
-  if (split) {
-    p.lo.resize(size_t(N * M));
-    for (auto& v : p.lo) v = (fill == Fill::kNormal) ? 1e-3f * normal(rng) : 0.0f;
+    p.gemm[size_t(i)] = v;
   }
   for (auto& b : p.bias) b = (fill == Fill::kNormal) ? 0.25f * float(uniform_int(-2, 2)) : 0.0f;
+  if (fold) {  // W @ b_dec: exact small values for the tie-heavy fills, so ties stay ties
+    p.wb.resize(size_t(M));
+    for (auto& w : p.wb) w = (fill == Fill::kNormal) ? 0.5f * normal(rng) : float(uniform_int(-1, 1));
+  }
   return p;
 }
 
-float pre_activation(const Problem& p, int64_t n, int64_t m) {
-  float s = p.hi[size_t(n * p.M + m)];  // the same float operations, in the same order, as chunk_key
-  if (!p.lo.empty()) s += p.lo[size_t(n * p.M + m)];
-  return s + p.bias[size_t(m)];
+// The bias the selection sees: b_enc, or b_enc - W @ b_dec folded (the kernel's folded_bias).
+float bias_of(const Problem& p, int64_t m) {
+  return p.wb.empty() ? p.bias[size_t(m)] : folded_bias(p.bias[size_t(m)], p.wb[size_t(m)]);
 }
 
-// Emulates the binding's topk_encode loop with a chosen plan; returns values (float) and indices.
-void emulate(const Problem& p, TopkEncodePlan plan, int exec_mode, std::vector<float>& values,
+float pre_activation(const Problem& p, int64_t n, int64_t m) {
+  return p.gemm[size_t(n * p.M + m)] + bias_of(p, m);  // the same float operations as chunk_key
+}
+
+// A plan with the given row block, splits and split width (what plan_topk_encode
+// derives from the device and budget); everything else as the binding's.
+TopkEncodePlan make_plan(int64_t N, int64_t M, int64_t k, int64_t row_block, int64_t splits, int64_t seg,
+                         bool fold) {
+  TopkEncodePlan p = plan_topk_encode(N, M, 16, k, fold ? BDec::kFold : BDec::kNone, 2);
+  p.row_block = row_block;
+  p.score_rows = row_block + (fold ? 1 : 0);
+  p.splits = splits;
+  p.split_latents = seg;
+  p.latent_chunk = splits * seg;
+  p.row_blocks = ceil_div(N, row_block);
+  p.latent_chunks = ceil_div(M, p.latent_chunk);
+  p.score_buffers = p.steps() > 1 ? kEncodeScoreBuffers : 1;
+  return p;
+}
+
+// Emulates the binding's topk_encode with a chosen plan; returns values (float) and indices.
+void emulate(const Problem& p, const TopkEncodePlan& plan, int order_mode, std::vector<float>& values,
              std::vector<int64_t>& indices) {
-  const int64_t R = plan.row_block, C = plan.latent_chunk, S = plan.state_stride;
+  const int64_t R = plan.row_block, C = plan.latent_chunk, P = plan.splits, seg = plan.split_latents,
+                S = plan.state_stride;
   const topk_key garbage = 0xdeadbeefcafef00dULL;  // uninitialised scratch must never matter
-  std::vector<topk_key> state[2] = {std::vector<topk_key>(size_t(R * S), garbage), std::vector<topk_key>(size_t(R * S), garbage)};
-  std::vector<topk_key> row_min(size_t(R), garbage);
+  std::vector<topk_key> state[2] = {std::vector<topk_key>(size_t(R * P * S), garbage),
+                                    std::vector<topk_key>(size_t(R * P * S), garbage)};
+  std::vector<topk_key> row_min(size_t(R * P), garbage);
   std::vector<uint32_t> cand(size_t(R * C), 0xabababab);
-  std::vector<float> scores(size_t(R * C)), scores_lo(size_t(R * C));
+  const bool fold = !p.wb.empty();
+  CHECK(plan.score_rows == R + (fold ? 1 : 0));
+  std::vector<std::vector<float>> scores(
+      size_t(plan.score_buffers), std::vector<float>(size_t(plan.score_rows * C), std::numeric_limits<float>::quiet_NaN()));
   values.assign(size_t(p.N * p.k), -1.0f);
   indices.assign(size_t(p.N * p.k), -1);
-  HostExec ex(exec_mode);
+  HostExec ex(order_mode);
+  int64_t expect_step = 0;
 
-  encode_schedule(
+  encode_pipeline(
       plan, p.N, p.M,
-      [&](int64_t n0, int64_t rows, int64_t m0, int64_t cols, int parity) {
+      [&](const EncodeStep& s) {
         // The "GEMM" writes a [rows, cols] tile (ld = cols) like at::mm_out into a contiguous view.
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t c = 0; c < cols; ++c) {
-            scores[size_t(r * cols + c)] = p.hi[size_t((n0 + r) * p.M + m0 + c)];
-            if (!p.lo.empty()) scores_lo[size_t(r * cols + c)] = p.lo[size_t((n0 + r) * p.M + m0 + c)];
-          }
-        for (int64_t r = 0; r < rows; ++r) {
+        CHECK(s.buffer >= 0 && s.buffer < plan.score_buffers);
+        // With the fold, the GEMM's extra last row is W_chunk @ b_dec, which
+        // fold_chunk_bias then turns into the chunk's bias in place.
+        std::vector<float>& out = scores[size_t(s.buffer)];
+        for (int64_t r = 0; r < s.rows; ++r)
+          for (int64_t c = 0; c < s.cols; ++c) out[size_t(r * s.cols + c)] = p.gemm[size_t((s.n0 + r) * p.M + s.m0 + c)];
+        if (fold) {
+          float* row = out.data() + s.rows * s.cols;
+          for (int64_t c = 0; c < s.cols; ++c) row[c] = p.wb[size_t(s.m0 + c)];
+          for (int64_t c = 0; c < s.cols; ++c) row[c] = folded_bias(p.bias[size_t(s.m0 + c)], row[c]);
+        }
+      },
+      [&](const EncodeStep& s) {
+        CHECK(s.index == expect_step++);
+        const float* tile = scores[size_t(s.buffer)].data();
+        const float* chunk_bias = fold ? tile + s.rows * s.cols : p.bias.data() + s.m0;
+        for (int64_t b : ex.block_order(s.rows * P)) {  // the blocks of select_chunk_kernel
+          const int64_t r = b / P, sp = b % P, first = sp * seg;
           SelectShared sh;
           std::memset(&sh, 0x5a, sizeof(sh));
-          const SelectRow row{scores.data() + r * cols,
-                              p.lo.empty() ? nullptr : scores_lo.data() + r * cols,
-                              p.bias.data() + m0,
-                              cols,
-                              m0,
+          const SelectRow row{tile + r * s.cols + first,
+                              chunk_bias + first,
+                              split_cols(s.cols, seg, sp),
+                              s.m0 + first,
+                              s.seen,
                               p.k,
-                              state[parity].data() + r * S,
-                              state[parity ^ 1].data() + r * S,
-                              row_min.data() + r,
-                              cand.data() + r * C};
+                              state[s.parity].data() + b * S,
+                              state[s.parity ^ 1].data() + b * S,
+                              row_min.data() + b,
+                              cand.data() + r * C + first};
           select_chunk(ex, sh, row);
         }
       },
-      [&](int64_t n0, int64_t rows, int parity) {
-        for (int64_t r = 0; r < rows; ++r) {
+      [&](const EncodeStep& s, int parity) {
+        for (int64_t r : ex.block_order(s.rows)) {  // the blocks of finish_kernel
           std::vector<topk_key> shared_buf(size_t(kSortSharedKeys), garbage);
-          topk_key* srow = state[parity].data() + r * S;
-          topk_key* buf = sort_in_shared(S) ? shared_buf.data() : srow;
-          finish_row(ex, buf, srow, p.k, S, [&](int64_t j, float s, int64_t latent) {
-            values[size_t((n0 + r) * p.k + j)] = s < 0.0f ? 0.0f : s;
-            indices[size_t((n0 + r) * p.k + j)] = latent;
-          });
+          topk_key* buf;
+          const auto store = [&](int64_t j, float v, int64_t latent) {
+            values[size_t((s.n0 + r) * p.k + j)] = v < 0.0f ? 0.0f : v;
+            indices[size_t((s.n0 + r) * p.k + j)] = latent;
+          };
+          if (P == 1) {
+            topk_key* srow = state[parity].data() + r * S;
+            buf = sort_in_shared(S) ? shared_buf.data() : srow;
+            finish_row(ex, buf, srow, p.k, S, store);
+          } else {
+            SelectShared sh;
+            std::memset(&sh, 0x5a, sizeof(sh));
+            topk_key merged_min = garbage;
+            buf = sort_in_shared(S) ? shared_buf.data() : state[parity ^ 1].data() + r * S;
+            merge_splits(ex, sh, MergeRow{state[parity].data() + r * P * S, P, S, p.k, p.M, C, seg, buf, &merged_min});
+            finish_row(ex, buf, buf, p.k, S, store);
+          }
         }
       });
+  CHECK(expect_step == plan.steps());
+  CHECK(ex.phases > 0);
 }
 
-void run_case(int64_t N, int64_t M, int64_t k, Fill fill, bool split, double nan_rate, double inf_rate,
-              int64_t row_block, int64_t chunk) {
-  for (int mode = 0; mode < 3; ++mode) {
-    ssae_test::context(ssae_test::str("N=", N, " M=", M, " k=", k, " fill=", int(fill), " split=", split,
-                                      " nan=", nan_rate, " inf=", inf_rate, " R=", row_block, " C=", chunk,
-                                      " thread order=", mode));
-    const Problem p = make_problem(N, M, k, fill, split, nan_rate, inf_rate);
-    TopkEncodePlan plan = plan_topk_encode(N, M, 16, k, split, 4);
-    plan.row_block = row_block;  // any chunking must give the same answer
-    plan.latent_chunk = chunk;
+void run_plan(const Problem& p, const TopkEncodePlan& plan, const std::string& what) {
+  const int64_t N = p.N, M = p.M, k = p.k;
+  for (int mode = 0; mode < kOrders; ++mode) {
+    ssae_test::context(ssae_test::str(what, " R=", plan.row_block, " P=", plan.splits, " seg=", plan.split_latents,
+                                      " chunks=", plan.latent_chunks, " order=",
+                                      mode == 0 ? "forward" : mode == 1 ? "reverse" : "random seed ",
+                                      mode >= 2 ? int64_t(kOrderSeeds[mode - 2]) : int64_t(-1)));
     std::vector<float> values;
     std::vector<int64_t> indices;
     emulate(p, plan, mode, values, indices);
@@ -176,6 +258,27 @@ void run_case(int64_t N, int64_t M, int64_t k, Fill fill, bool split, double nan
     }
     CHECK_MSG(bad_rows == 0, bad_rows, " rows wrong");
   }
+}
+
+// A problem run under the given row block, splits and split width (fold: the
+// bias comes from the GEMM's extra row, b_dec folded in).
+void run_case(int64_t N, int64_t M, int64_t k, Fill fill, double nan_rate, double inf_rate, int64_t row_block,
+              int64_t splits, int64_t seg, bool fold = false) {
+  const Problem p = make_problem(N, M, k, fill, nan_rate, inf_rate, fold);
+  run_plan(p, make_plan(N, M, k, row_block, splits, seg, fold),
+           ssae_test::str("N=", N, " M=", M, " k=", k, " fill=", int(fill), " nan=", nan_rate, " inf=", inf_rate,
+                          " fold=", fold));
+}
+
+// A problem run under plan_topk_encode's own plan for a device of
+// `multiprocessors` SMs and a scratch budget.
+void run_planned(int64_t N, int64_t M, int64_t k, Fill fill, int64_t multiprocessors, int64_t budget,
+                 bool fold = false) {
+  const Problem p = make_problem(N, M, k, fill, 0.0, 0.0, fold);
+  const TopkEncodePlan plan =
+      plan_topk_encode(N, M, 16, k, fold ? BDec::kFold : BDec::kNone, 2, multiprocessors, budget);
+  run_plan(p, plan, ssae_test::str("planned N=", N, " M=", M, " k=", k, " SMs=", multiprocessors, " budget=", budget,
+                                   " fold=", fold));
 }
 
 void check_keys() {
@@ -217,34 +320,64 @@ void check_keys() {
 int main() {
   check_keys();
 
+  // One split per row (P = 1; seg is the chunk width).
   // k = 1, k = M, k above and below the block width, chunks smaller than k,
   // chunks of one column, row blocks of one row.
   for (int64_t k : {1, 5, 64, 257, 300})
-    run_case(9, 300, k, Fill::kNormal, false, 0.0, 0.0, 4, 128);
-  run_case(5, 300, 37, Fill::kNormal, false, 0.0, 0.0, 5, 7);
-  run_case(3, 60, 10, Fill::kNormal, false, 0.0, 0.0, 1, 1);
-  run_case(7, 1000, 32, Fill::kNormal, false, 0.0, 0.0, 7, 256);  // the planned chunk width
+    run_case(9, 300, k, Fill::kNormal, 0.0, 0.0, 4, 1, 128);
+  run_case(5, 300, 37, Fill::kNormal, 0.0, 0.0, 5, 1, 7);
+  run_case(3, 60, 10, Fill::kNormal, 0.0, 0.0, 1, 1, 1);
+  run_case(7, 1000, 32, Fill::kNormal, 0.0, 0.0, 7, 1, 256);
 
   // Exact ties across chunks, signed zeros, all-equal rows (every radix pass
   // down to the latent bits), fewer positive scores than k.
   for (int64_t k : {1, 9, 50})
-    run_case(6, 130, k, Fill::kSmallInts, false, 0.0, 0.0, 3, 29);
-  run_case(4, 100, 20, Fill::kEqual, false, 0.0, 0.0, 4, 33);
+    run_case(6, 130, k, Fill::kSmallInts, 0.0, 0.0, 3, 1, 29);
+  run_case(4, 100, 20, Fill::kEqual, 0.0, 0.0, 4, 1, 33);
   for (int64_t k : {3, 40})
-    run_case(6, 200, k, Fill::kAdjacent, false, 0.0, 0.0, 3, 37);  // scores one float ulp apart
-  run_case(5, 90, 12, Fill::kNegative, false, 0.0, 0.0, 2, 16);
-  run_case(3, 600, 40, Fill::kAscending, false, 0.0, 0.0, 3, 64);
+    run_case(6, 200, k, Fill::kAdjacent, 0.0, 0.0, 3, 1, 37);  // scores one float ulp apart
+  run_case(5, 90, 12, Fill::kNegative, 0.0, 0.0, 2, 1, 16);
+  run_case(3, 600, 40, Fill::kAscending, 0.0, 0.0, 3, 1, 64);
 
   // NaN ranks first, ties among NaN to the lower latent; infinities.
   for (double nan_rate : {0.01, 0.4, 1.0})
-    run_case(6, 150, 11, Fill::kNormal, false, nan_rate, 0.05, 3, 40);
+    run_case(6, 150, 11, Fill::kNormal, nan_rate, 0.05, 3, 1, 40);
 
-  // x - b_dec split into hi + lo score halves.
-  run_case(6, 400, 17, Fill::kNormal, true, 0.0, 0.0, 6, 128);
+  // Latent splits (small N): each row's chunk over several blocks, merged at the end.
+  run_case(3, 1000, 7, Fill::kNormal, 0.0, 0.0, 3, 4, 64);    // last chunk: the last split short
+  run_case(2, 300, 9, Fill::kNormal, 0.0, 0.0, 1, 5, 50);     // last chunk: splits 1-4 empty
+  run_case(2, 300, 100, Fill::kNormal, 0.0, 0.0, 2, 8, 16);   // k > seg: splits hold < k keys for a while
+  run_case(2, 300, 300, Fill::kNormal, 0.0, 0.0, 2, 8, 16);   // k = M: the merge keeps everything
+  run_case(2, 300, 45, Fill::kNormal, 0.0, 0.0, 2, 7, 300);   // one chunk wider than M: splits 1-6 empty
+  run_case(1, 5000, 32, Fill::kNormal, 0.0, 0.0, 1, 16, 256); // one row, two chunks
+  for (int64_t k : {1, 9, 50})
+    run_case(5, 260, k, Fill::kSmallInts, 0.0, 0.0, 2, 3, 29);  // ties across splits and chunks
+  run_case(3, 200, 20, Fill::kEqual, 0.0, 0.0, 3, 4, 16);
+  run_case(3, 400, 12, Fill::kAdjacent, 0.0, 0.0, 3, 6, 32);
+  for (double nan_rate : {0.01, 1.0})
+    run_case(4, 333, 11, Fill::kNormal, nan_rate, 0.05, 2, 3, 40);  // NaN first across splits
 
-  // k beyond the shared-memory sort: the final sort runs in the state rows.
-  run_case(2, 2500, 2100, Fill::kNormal, false, 0.0, 0.0, 2, 1024);
-  run_case(2, 2100, 2100, Fill::kSmallInts, false, 0.01, 0.0, 1, 700);
+  // k beyond the shared-memory sort: the final sort runs in a global state row
+  // (P = 1) or in the other state buffer (after the merge, P > 1).
+  run_case(2, 2500, 2100, Fill::kNormal, 0.0, 0.0, 2, 1, 1024);
+  run_case(2, 2100, 2100, Fill::kSmallInts, 0.01, 0.0, 1, 1, 700);
+  run_case(2, 5000, 2100, Fill::kNormal, 0.0, 0.0, 1, 3, 1024);
+
+  // b_dec folded: each chunk's bias from the extra GEMM row of its own score
+  // buffer (double-buffered with the scores), with and without splits.
+  run_case(9, 300, 5, Fill::kNormal, 0.0, 0.0, 4, 1, 128, true);
+  run_case(3, 1000, 7, Fill::kNormal, 0.0, 0.0, 3, 4, 64, true);
+  run_case(2, 300, 9, Fill::kNormal, 0.0, 0.0, 1, 5, 50, true);
+  run_case(5, 260, 9, Fill::kSmallInts, 0.0, 0.0, 2, 3, 29, true);
+  run_case(4, 333, 11, Fill::kNormal, 0.05, 0.05, 2, 3, 40, true);
+
+  // plan_topk_encode's own plans: small devices and budgets force splits and
+  // several chunks (and double buffers) at test sizes.
+  run_planned(3, 5000, 5, Fill::kNormal, 4, int64_t(4) * 12 * 1024);
+  run_planned(3, 5000, 5, Fill::kNormal, 4, int64_t(4) * 12 * 1024, true);
+  run_planned(1, 9000, 40, Fill::kSmallInts, 8, int64_t(1) << 20);
+  run_planned(33, 3000, 16, Fill::kNormal, 2, int64_t(34) * 12 * 512, true);
+  run_planned(5, 700, 700, Fill::kNormal, 132, kEncodeScratchBytes);
 
   return ssae_test::finish("test_cuda_topk_select");
 }

@@ -1,6 +1,9 @@
 // sampled_dot, latent_transpose and sparse_transpose_matmul
-// (csrc/kernels/cpu/sparse_backward.h) against naive loops.
+// (csrc/kernels/cpu/sparse_backward.h) against naive loops; and the CUDA
+// sparse_transpose_matmul's split of hot latents (csrc/kernels/cuda/sparse_backward.h)
+// run by a host emulation of its two kernels.
 #include "../kernels/cpu/sparse_backward.h"
+#include "../kernels/cuda/sparse_backward.h"
 
 #include <algorithm>
 #include <cmath>
@@ -136,6 +139,134 @@ void run_deterministic() {
   }
 }
 
+// ---- the CUDA split of hot latents (cuda/sparse_backward.h) ---------------------------------
+
+// Both kernels of the CUDA sparse_transpose_matmul on the host, over `entries` sorted
+// positions with the given offsets ([M + 1]; offsets[M] may stop short of entries, as
+// when latent_transpose leaves out-of-range entries out). Each position p carries the
+// value v[p]; a latent's result is sum v[p] over its segment, accumulated in float in
+// the kernels' order, and the positions it took are recorded. Checks that every latent
+// is written exactly once, from exactly its segment's positions in ascending order; that
+// hot latents (and only they) go through partial sums, whose slots are in range, written
+// once and read only after being written; and the value against a double sum.
+void run_hot_split(const std::vector<int64_t>& offsets, int64_t entries, const char* what) {
+  namespace cu = ssae::cuda;
+  const int64_t M = int64_t(offsets.size()) - 1;
+  ssae_test::context(ssae_test::str("hot split: ", what, " M=", M, " entries=", entries));
+  std::vector<float> v(static_cast<size_t>(entries));
+  for (auto& x : v) x = std::uniform_real_distribution<float>(-2.0f, 2.0f)(rng);
+  const int64_t chunks = cu::stm_chunks(entries), slots = cu::stm_partials(entries);
+  CHECK(slots == 2 * chunks && chunks * cu::kHotPiece >= entries && (chunks - 1) * cu::kHotPiece < entries + 1);
+
+  std::vector<int> written(static_cast<size_t>(M), 0), slot_written(static_cast<size_t>(slots), 0);
+  std::vector<std::vector<int64_t>> took(static_cast<size_t>(M)), slot_took(static_cast<size_t>(slots));
+  std::vector<float> out(static_cast<size_t>(M), 0.0f), partial(static_cast<size_t>(slots), 0.0f);
+  auto sum = [&](int64_t begin, int64_t end, std::vector<int64_t>& positions) {
+    float acc = 0.0f;
+    for (int64_t e = begin; e < end; ++e) {
+      acc += v[size_t(e)];
+      positions.push_back(e);
+    }
+    return acc;
+  };
+  // Kernel 1: owners, then helpers (any block order gives the same result: no block reads another's output).
+  for (int64_t m = 0; m < M; ++m) {
+    const cu::Segment s = cu::segment(offsets.data(), m, entries);
+    if (cu::is_hot(s)) continue;
+    ++written[size_t(m)];
+    out[size_t(m)] = sum(s.begin, s.end, took[size_t(m)]);
+  }
+  for (int64_t c = 0; c < chunks; ++c) {
+    cu::Piece pieces[2];
+    cu::hot_pieces(offsets.data(), M, entries, c, pieces);
+    for (const auto& piece : pieces) {
+      if (piece.latent < 0) continue;
+      CHECK(piece.latent < M);
+      CHECK(piece.slot == 2 * c || piece.slot == 2 * c + 1);
+      CHECK(cu::is_hot(cu::segment(offsets.data(), piece.latent, entries)));
+      CHECK(c * cu::kHotPiece <= piece.begin && piece.begin < piece.end && piece.end <= (c + 1) * cu::kHotPiece);
+      ++slot_written[size_t(piece.slot)];
+      partial[size_t(piece.slot)] = sum(piece.begin, piece.end, slot_took[size_t(piece.slot)]);
+    }
+  }
+  for (int64_t q = 0; q < slots; ++q) CHECK_MSG(slot_written[size_t(q)] <= 1, "slot ", q);
+  // Kernel 2: each chunk finishes at most one hot latent, adding its partials in chunk order.
+  for (int64_t c = 0; c < chunks; ++c) {
+    const cu::HotSum h = cu::hot_sum(offsets.data(), M, entries, c);
+    if (h.latent < 0) continue;
+    CHECK(h.latent < M && h.last_chunk == c && h.first_chunk < c);
+    CHECK(cu::is_hot(cu::segment(offsets.data(), h.latent, entries)));
+    ++written[size_t(h.latent)];
+    float acc = 0.0f;
+    for (int64_t q = h.first_chunk; q <= h.last_chunk; ++q) {
+      const int64_t slot = cu::hot_slot(h, q);
+      CHECK_MSG(slot >= 0 && slot < slots && slot_written[size_t(slot)] == 1, "slot ", slot, " of chunk ", q);
+      acc += partial[size_t(slot)];
+      auto& positions = took[size_t(h.latent)];
+      positions.insert(positions.end(), slot_took[size_t(slot)].begin(), slot_took[size_t(slot)].end());
+    }
+    out[size_t(h.latent)] = acc;
+  }
+  int64_t hot = 0, read_slots = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    const cu::Segment s = cu::segment(offsets.data(), m, entries);
+    hot += cu::is_hot(s);
+    CHECK_MSG(written[size_t(m)] == 1, "latent ", m, " written ", written[size_t(m)], " times");
+    std::vector<int64_t> want;
+    double exact = 0.0, magnitude = 0.0;
+    for (int64_t e = s.begin; e < s.end; ++e) {
+      want.push_back(e);
+      exact += v[size_t(e)];
+      magnitude += std::fabs(v[size_t(e)]);
+    }
+    CHECK_MSG(took[size_t(m)] == want, "latent ", m, " summed ", took[size_t(m)].size(), " of ", want.size(),
+              " positions (or out of order)");
+    CHECK_NEAR(out[size_t(m)], exact, double(s.end - s.begin + 1) * ssae_test::acc_unit<float>() * magnitude);
+  }
+  for (int64_t q = 0; q < slots; ++q) read_slots += slot_written[size_t(q)];
+  // every hot latent's partials cover it: at least ceil(length / kHotPiece) of them
+  if (hot == 0) CHECK(read_slots == 0);
+}
+
+// Offsets of latents with the given entry counts.
+std::vector<int64_t> offsets_of(const std::vector<int64_t>& counts) {
+  std::vector<int64_t> offsets(1, 0);
+  for (int64_t c : counts) offsets.push_back(offsets.back() + c);
+  return offsets;
+}
+
+void run_hot_splits() {
+  const int64_t P = ssae::cuda::kHotPiece;
+  // One latent chosen by every row: a single segment of every length around the chunk size.
+  for (int64_t n : {int64_t(1), P - 1, P, P + 1, 2 * P, 2 * P + 1, 5 * P + 17, int64_t(70000)})
+    run_hot_split(offsets_of({n}), n, "one latent owns every entry");
+  // ... among cold latents and empty ones, at every phase relative to the chunks.
+  for (int64_t lead : {int64_t(0), int64_t(1), P - 1, P, P + 3})
+    for (int64_t n : {P + 1, 3 * P, 3 * P + 5}) {
+      const auto offsets = offsets_of({lead, 0, n, 0, 2, 1});
+      run_hot_split(offsets, offsets.back(), "a hot latent at an offset");
+    }
+  // Two hot latents side by side (the second starts inside the first's last chunk), one
+  // ending exactly on a chunk boundary, one starting on one.
+  run_hot_split(offsets_of({P + 10, P + 300, 5, 2 * P - 10, P + 1}), 5 * P + 296, "adjacent hot latents");
+  run_hot_split(offsets_of({2 * P, 3 * P, 0, P + 1}), 6 * P + 1, "hot latents on chunk boundaries");
+  // Entries left out of the transpose at the end (offsets[M] < entries): they belong to no latent.
+  run_hot_split(offsets_of({3, P + 40, 7}), P + 50 + 300, "entries past offsets[M]");
+  run_hot_split(offsets_of({0, 0, 0}), 700, "every entry left out");
+  run_hot_split(offsets_of({0, 0}), 0, "no entries");
+  // Skewed random counts: many empty latents, some hot ones.
+  std::uniform_real_distribution<double> u01;
+  for (int rep = 0; rep < 20; ++rep) {
+    std::vector<int64_t> counts(size_t(1 + rep * 7));
+    for (auto& c : counts) {
+      const double r = u01(rng);
+      c = r < 0.3 ? 0 : (r < 0.8 ? int64_t(u01(rng) * 20) : int64_t(u01(rng) * 6 * P));
+    }
+    const auto offsets = offsets_of(counts);
+    run_hot_split(offsets, offsets.back(), "skewed counts");
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -168,5 +299,6 @@ int main() {
   run_transpose_matmul<bf16>(40, 2, 1025, 5, true);     // wide rows
 
   run_deterministic();
+  run_hot_splits();
   return ssae_test::finish("test_sparse_backward");
 }

@@ -51,6 +51,35 @@ void check_cuda(const at::Tensor& t, const char* arg) { checks::on_device(t, kCU
 
 }  // namespace
 
+namespace {
+
+// A CUDA event for ordering two streams (no timing), created on first use.
+// Raw CUDA rather than ATen's CUDAEvent, whose header pulls in cuBLAS and
+// cuSPARSE headers (absent from the toolkit of the compile check) and whose
+// location differs between torch versions.
+class StreamEvent {
+ public:
+  StreamEvent() = default;
+  StreamEvent(const StreamEvent&) = delete;
+  StreamEvent& operator=(const StreamEvent&) = delete;
+  ~StreamEvent() {
+    if (event_) C10_CUDA_CHECK_WARN(cudaEventDestroy(event_));
+  }
+  void record(cudaStream_t stream) {
+    if (!event_) C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventRecord(event_, stream));
+  }
+  // Work queued on `stream` after this waits for the last record (nothing if never recorded).
+  void block(cudaStream_t stream) const {
+    if (event_) C10_CUDA_CHECK(cudaStreamWaitEvent(stream, event_, 0));
+  }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const at::Tensor& W_enc,
                                                     const std::optional<at::Tensor>& b_enc, int64_t k,
                                                     const std::optional<at::Tensor>& b_dec) {
@@ -62,76 +91,129 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const a
   dispatch_dtype(dtype, "x", [](auto) {});
 
   c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // bfloat16/float16 with b_dec: x - b_dec is exact in float32 but not in the
-  // input type, and a float32 GEMM would forgo tensor cores (A100: 19.5 vs
-  // 312 TFLOP/s). It is split into hi = (x - b_dec) rounded and lo = the rest,
-  // both in the input type, and one GEMM over the stacked [hi; lo] rows gives
-  // both halves; the selection adds them (error ~2^-16 relative, not 2^-8).
-  const bool split = b_dec.has_value() && dtype != at::kFloat;
-  const auto plan = cuda::plan_topk_encode(N, M, d, k, split, x.element_size());
+  const c10::cuda::CUDAStream main_stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = main_stream.stream();
+  // b_dec: a bfloat16/float16 x - b_dec is not exact in the input type, and a
+  // float32 GEMM would forgo the tensor cores, so W @ b_dec is folded into the
+  // bias: b_dec rides as one extra row of the GEMM's left operand (x enters
+  // the GEMM as it is; products of 16-bit numbers are exact in float32), and
+  // fold_chunk_bias turns that score row into b_enc - W_chunk @ b_dec. Then
+  // pre = x @ W.T + (b_enc - W @ b_dec): one GEMM, W read once.
+  // float32 x is centred in float32 (what the reference computes).
+  const auto bdec = !b_dec ? cuda::BDec::kNone : dtype == at::kFloat ? cuda::BDec::kCentre : cuda::BDec::kFold;
+  const bool fold = bdec == cuda::BDec::kFold;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()));
+  const auto plan = cuda::plan_topk_encode(N, M, d, k, bdec, x.element_size(), sms);
+  const int64_t R = plan.row_block, C = plan.latent_chunk;
 
   auto values = at::empty({N, k}, x.options());
   auto indices = at::empty({N, k}, x.options().dtype(at::kLong));
-  const auto W = W_enc.contiguous();
-  const auto bias = b_enc ? b_enc->to(at::kFloat).contiguous() : at::zeros({M}, x.options().dtype(at::kFloat));
   const auto f32 = x.options().dtype(at::kFloat);
-  auto scores = at::empty({plan.score_rows * plan.latent_chunk}, f32);
-  auto cand = at::empty({plan.row_block * plan.latent_chunk}, x.options().dtype(at::kInt));
-  auto state = at::empty({2, plan.row_block * plan.state_stride}, x.options().dtype(at::kLong));
-  auto row_min = at::empty({plan.row_block}, x.options().dtype(at::kLong));
+  // float32 b_enc [M] (only read). W_enc is read where it lies, any strides:
+  // each GEMM chunk is a view that cuBLAS takes as it is; no copy of W.
+  const auto bias = b_enc ? b_enc->to(at::kFloat).contiguous() : fold ? at::Tensor() : at::zeros({M}, f32);
+  const float* bias_ptr = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  auto scores = at::empty({plan.score_buffers, plan.score_rows * C}, f32);
+  auto cand = at::empty({R * C}, x.options().dtype(at::kInt));
+  auto state = at::empty({2, R * plan.splits * plan.state_stride}, x.options().dtype(at::kLong));
+  auto row_min = at::empty({R * plan.splits}, x.options().dtype(at::kLong));
   auto state_ptr = [&](int parity) { return reinterpret_cast<cuda::topk_key*>(state[parity].data_ptr()); };
 
+  // Overlap (docs/cuda.md): with more than one GEMM chunk, the GEMMs run on a
+  // second stream into two score buffers, so that the GEMM of chunk g + 1 runs
+  // while chunk g is selected. Events order GEMM g after the inputs and after
+  // the selection that last read its buffer (g - 2), and selection g after
+  // GEMM g (and its fold); the last selection waits for the last GEMM, so the
+  // current stream is joined with the GEMM stream when this returns. Tensors
+  // the GEMM stream allocates (the centred or extended row block) come from
+  // its own pool.
+  const bool overlap = plan.score_buffers > 1;
+  const c10::cuda::CUDAStream gemm_stream =
+      overlap ? c10::cuda::getStreamFromPool(/*isHighPriority=*/false, x.device().index()) : main_stream;
+  StreamEvent inputs_ready, gemm_done[2], select_done[2];
+  if (overlap) {
+    inputs_ready.record(stream);
+    inputs_ready.block(gemm_stream.stream());
+  }
+
   at::Tensor lhs;  // the GEMM's left operand for the current row block
-  cuda::encode_schedule(
+  cuda::encode_pipeline(
       plan, N, M,
-      [&](int64_t n0, int64_t rows, int64_t m0, int64_t cols, int parity) {
-        if (m0 == 0) {
-          const auto xb = x.narrow(0, n0, rows);
-          if (!b_dec) {
-            lhs = xb;
-          } else if (!split) {
-            lhs = xb - *b_dec;
-          } else {
-            const auto xc = xb.to(at::kFloat) - b_dec->to(at::kFloat);
-            const auto hi = xc.to(dtype);
-            lhs = at::cat({hi, (xc - hi.to(at::kFloat)).to(dtype)}, 0);
-          }
+      [&](const cuda::EncodeStep& s) {
+        c10::cuda::CUDAStreamGuard on_gemm_stream(gemm_stream);
+        if (overlap && s.index >= plan.score_buffers) select_done[s.buffer].block(gemm_stream.stream());
+        if (s.first) {
+          const auto xb = x.narrow(0, s.n0, s.rows);
+          lhs = bdec == cuda::BDec::kCentre ? xb - *b_dec : fold ? at::cat({xb, b_dec->unsqueeze(0)}, 0) : xb;
         }
-        auto tile = scores.narrow(0, 0, lhs.size(0) * cols).view({lhs.size(0), cols});
-        const auto w_chunk = W.narrow(0, m0, cols).t();
+        const int64_t gemm_rows = lhs.size(0);  // rows, + 1 with the fold row
+        auto tile = scores[s.buffer].narrow(0, 0, gemm_rows * s.cols).view({gemm_rows, s.cols});
+        const auto w_chunk = W_enc.narrow(0, s.m0, s.cols).t();
         if (dtype == at::kFloat) at::mm_out(tile, lhs, w_chunk);
         else at::mm_out(tile, lhs, w_chunk, at::kFloat);  // float32 output of a bf16/f16 tensor-core GEMM
-        const float* s = tile.data_ptr<float>();
-        C10_CUDA_CHECK(cuda::topk_select_chunk(s, split ? s + rows * cols : nullptr, cols,
-                                               bias.data_ptr<float>() + m0, rows, cols, m0, k, plan.state_stride,
-                                               state_ptr(parity), state_ptr(parity ^ 1),
-                                               reinterpret_cast<cuda::topk_key*>(row_min.data_ptr()),
-                                               reinterpret_cast<uint32_t*>(cand.data_ptr()), plan.latent_chunk,
-                                               stream));
+        if (fold)
+          C10_CUDA_CHECK(cuda::fold_chunk_bias(tile.data_ptr<float>() + s.rows * s.cols,
+                                               bias_ptr ? bias_ptr + s.m0 : nullptr, s.cols, gemm_stream.stream()));
+        if (overlap) gemm_done[s.buffer].record(gemm_stream.stream());
       },
-      [&](int64_t n0, int64_t rows, int parity) {
+      [&](const cuda::EncodeStep& s) {
+        if (overlap) gemm_done[s.buffer].block(stream);
+        const float* tile = scores[s.buffer].data_ptr<float>();
+        C10_CUDA_CHECK(cuda::topk_select_chunk(
+            tile, s.cols, fold ? tile + s.rows * s.cols : bias_ptr + s.m0, s.rows, s.cols, s.m0, s.seen,
+            k, plan.splits, plan.split_latents, plan.state_stride, state_ptr(s.parity), state_ptr(s.parity ^ 1),
+            reinterpret_cast<cuda::topk_key*>(row_min.data_ptr()), reinterpret_cast<uint32_t*>(cand.data_ptr()), C,
+            stream));
+        if (overlap) select_done[s.buffer].record(stream);
+      },
+      [&](const cuda::EncodeStep& s, int parity) {
         dispatch_dtype(dtype, "x", [&](auto tag) {
           using T = typename decltype(tag)::type;
-          C10_CUDA_CHECK(cuda::topk_finish<T>(state_ptr(parity), rows, k, plan.state_stride, ptr<T>(values) + n0 * k,
-                                              indices.data_ptr<int64_t>() + n0 * k, stream));
+          C10_CUDA_CHECK(cuda::topk_finish<T>(state_ptr(parity), state_ptr(parity ^ 1), s.rows, k, plan.splits, M, C,
+                                              plan.split_latents, plan.state_stride, ptr<T>(values) + s.n0 * k,
+                                              indices.data_ptr<int64_t>() + s.n0 * k, stream));
         });
       });
   return {values, indices};
 }
 
+namespace {
+
+// Weights ([M, d]: W_dec, W) are read in place through their row stride, never
+// copied: a copy of a view costs O(M * d) per call (8 GB at M = 2^20, d = 4096 in
+// float16). A layout without unit column stride (a transposed view) is rejected;
+// the op declarations state the same limit for the router (ops/sparse_backward.py:
+// strided_weight_problem), with the same words.
+int64_t weight_row_stride(const at::Tensor& W, const char* arg) {
+  TORCH_CHECK_VALUE(W.size(1) <= 1 || W.stride(1) == 1, arg,
+                    " must have unit stride in its last dimension on the cuda backend (weights are read in place, "
+                    "never copied), got strides ", W.strides(), "; call .contiguous() once outside the training loop");
+  return W.size(0) <= 1 ? 0 : W.stride(0);  // one row: its stride is never used
+}
+
+// Activations and gradients ([N, d]: grad, rows) are read through their row stride too;
+// only a layout without unit column stride is copied, which costs O(N * d), the size of
+// the call's own output or input.
+at::Tensor unit_column_stride(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous(); }
+int64_t activation_row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? 0 : t.stride(0); }
+
+}  // namespace
+
 at::Tensor sparse_decode_cuda(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
                               const std::optional<at::Tensor>& b_dec) {
   checks::decode_args(values, indices, W_dec, b_dec, kCUDA);
   const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1), M = W_dec.size(0);
+  const int64_t ldw = weight_row_stride(W_dec, "W_dec");
 
   c10::cuda::CUDAGuard guard(values.device());
   auto out = at::empty({N, d}, values.options());
-  const auto v = values.contiguous(), ix = indices.contiguous(), W = W_dec.contiguous();
+  // values, indices: O(N * k); b_dec: O(d).
+  const auto v = values.contiguous(), ix = indices.contiguous();
   const auto b = b_dec ? b_dec->contiguous() : at::Tensor();
   dispatch_dtype(values.scalar_type(), "values", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    C10_CUDA_CHECK(cuda::sparse_decode<T>(ptr<T>(v), ix.data_ptr<int64_t>(), ptr<T>(W),
+    C10_CUDA_CHECK(cuda::sparse_decode<T>(ptr<T>(v), ix.data_ptr<int64_t>(), ptr<T>(W_dec), ldw,
                                           b.defined() ? ptr<T>(b) : nullptr, N, k, d, M, ptr<T>(out),
                                           c10::cuda::getCurrentCUDAStream()));
   });
@@ -141,14 +223,15 @@ at::Tensor sparse_decode_cuda(const at::Tensor& values, const at::Tensor& indice
 at::Tensor sampled_dot_cuda(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& W) {
   checks::sampled_dot_args(grad, indices, W, kCUDA);
   const int64_t N = grad.size(0), k = indices.size(1), d = grad.size(1);
+  const int64_t ldw = weight_row_stride(W, "W");
 
   c10::cuda::CUDAGuard guard(grad.device());
   auto out = at::empty({N, k}, grad.options());
-  const auto g = grad.contiguous(), ix = indices.contiguous(), Wc = W.contiguous();
+  const auto g = unit_column_stride(grad), ix = indices.contiguous();  // indices: O(N * k)
   dispatch_dtype(grad.scalar_type(), "grad", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    C10_CUDA_CHECK(cuda::sampled_dot<T>(ptr<T>(g), ix.data_ptr<int64_t>(), ptr<T>(Wc), N, k, d, W.size(0),
-                                        ptr<T>(out), c10::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(cuda::sampled_dot<T>(ptr<T>(g), activation_row_stride(g), ix.data_ptr<int64_t>(), ptr<T>(W), ldw,
+                                        N, k, d, W.size(0), ptr<T>(out), c10::cuda::getCurrentCUDAStream()));
   });
   return out;
 }
@@ -189,12 +272,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cuda(const at::Tensor
     colsum.zero_();
     return {out, colsum};
   }
-  const auto w = weights.contiguous(), X = rows.contiguous(), off = offsets.contiguous(), ord = order.contiguous();
+  // weights, order: O(N * k); offsets: O(M); rows: read through its row stride.
+  const auto w = weights.contiguous(), X = unit_column_stride(rows), off = offsets.contiguous(),
+             ord = order.contiguous();
+  // Partial sums of hot latents (split across blocks, then added in a fixed order).
+  const int64_t scratch_floats = cuda::sparse_transpose_matmul_scratch(N, k, d);
+  auto scratch = at::empty({std::max<int64_t>(scratch_floats, 1)}, weights.options().dtype(at::kFloat));
   dispatch_dtype(weights.scalar_type(), "weights", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    C10_CUDA_CHECK(cuda::sparse_transpose_matmul<T>(ptr<T>(w), ptr<T>(X), N, k, d, off.data_ptr<int64_t>(),
-                                                    ord.data_ptr<int64_t>(), M, ptr<T>(out), ptr<T>(colsum),
-                                                    c10::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(cuda::sparse_transpose_matmul<T>(
+        ptr<T>(w), ptr<T>(X), activation_row_stride(X), N, k, d, off.data_ptr<int64_t>(), ord.data_ptr<int64_t>(), M,
+        ptr<T>(out), ptr<T>(colsum), scratch.data_ptr<float>(), scratch_floats, c10::cuda::getCurrentCUDAStream()));
   });
   return {out, colsum};
 }
@@ -257,6 +345,9 @@ at::Tensor sparse_decode_sq_error_cuda(const at::Tensor& values, const at::Tenso
   checks::decode_target(x, values, W_dec);
   const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1), M = W_dec.size(0);
   dispatch_dtype(values.scalar_type(), "values", [](auto) {});
+  // The declared layout limit (a transposed W_dec is declined); a row-strided one is still
+  // copied below: tilted_loss.cu's decode reads dense rows.
+  weight_row_stride(W_dec, "W_dec");
 
   c10::cuda::CUDAGuard guard(values.device());
   auto out = at::empty({N}, values.options().dtype(at::kFloat));
@@ -280,6 +371,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_residual_cuda(const at::Tensor&
   checks::row_scale(scale, values, at::kFloat);
   const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1), M = W_dec.size(0);
   dispatch_dtype(values.scalar_type(), "values", [](auto) {});
+  weight_row_stride(W_dec, "W_dec");  // as in sparse_decode_sq_error_cuda
 
   c10::cuda::CUDAGuard guard(values.device());
   auto residual = at::empty({N, d}, values.options());
@@ -311,7 +403,7 @@ void run_project(const at::Tensor& G, const at::Tensor& U, bool complement, cons
   const int64_t d = G.size(0), n = G.size(1), r = U.size(1);
   if (n == 0) return;
   c10::cuda::CUDAGuard guard(G.device());
-  const auto Uc = U.contiguous();
+  const auto Uc = U.contiguous();  // the basis [d, r], r <= d: O(d * r), not a weight matrix
   auto scratch = at::empty({cuda::project_subspace_scratch(r, n)}, G.options().dtype(at::kFloat));
   dispatch_dtype(G.scalar_type(), "G", [&](auto tag) {
     using T = typename decltype(tag)::type;

@@ -23,6 +23,35 @@ from .registry import define
 MODULE = __name__.rsplit(".", 1)[-1]
 
 
+# ---- weights on the GPU backends -------------------------------------------------------------
+
+
+def strided_weight_problem(W, name: str, backend: str):
+    """Why ``backend`` cannot read the weight matrix ``W`` [M, d] in place, or None.
+
+    The GPU kernels never copy weights: a copy of an [M, d] view costs O(M * d) per call
+    (8 GB at M = 2^20, d = 4096 in float16). Triton reads any layout through both strides;
+    the cuda kernels read rows through their row stride (``W[:, :d]`` of a wider matrix,
+    ``W[::2]``, expanded rows) but need unit stride along d, so a transposed view goes to
+    Triton. The cuda bindings raise the same words as ``ValueError`` (csrc/torch/cuda_ops.cu).
+    """
+    if W.dim() == 2 and W.shape[1] > 1 and W.stride(1) != 1:
+        return (f"{name} must have unit stride in its last dimension on the {backend} backend (weights are read "
+                f"in place, never copied), got strides {list(W.stride())}; call .contiguous() once outside the "
+                f"training loop")
+    return None
+
+
+def strided_weight_limits(position: int, name: str) -> dict:
+    """The op-declaration ``limits`` of the GPU backends for the weight argument at ``position``."""
+    def limit_for(backend):
+        def limit(*args):
+            return strided_weight_problem(args[position], name, backend)
+        limit.__name__ = f"{backend}_{name}_layout"
+        return limit
+    return {"cuda": limit_for("cuda")}
+
+
 # ---- sampled_dot ---------------------------------------------------------------------------
 
 
@@ -47,7 +76,8 @@ def _check_sampled_dot(grad, indices, W):
 define("sampled_dot", "(Tensor grad, Tensor indices, Tensor W) -> Tensor",
        module=MODULE, check=_check_sampled_dot, reference=sampled_dot_reference,
        fake=lambda grad, indices, W: grad.new_empty(indices.shape),
-       dtypes={"cpu": FLOAT_DTYPES, "triton": GPU_DTYPES, "cuda": GPU_DTYPES})
+       dtypes={"cpu": FLOAT_DTYPES, "triton": GPU_DTYPES, "cuda": GPU_DTYPES},
+       limits=strided_weight_limits(2, "W"))
 
 
 # ---- latent_transpose ----------------------------------------------------------------------

@@ -5,7 +5,7 @@ import torch
 from . import checks
 from .checks import FLOAT_DTYPES, GPU_DTYPES, accumulation_dtype
 from .registry import call, define
-from .sparse_backward import latent_index
+from .sparse_backward import latent_index, strided_weight_limits
 
 
 def sparse_decode(values, indices, W_dec, b_dec=None):
@@ -18,7 +18,9 @@ def sparse_decode(values, indices, W_dec, b_dec=None):
         b_dec: optional [d] decoder bias.
 
     Every tensor may have any strides (an expanded or sliced ``indices`` view reads
-    exactly the entries it shows).
+    exactly the entries it shows). The GPU backends read ``W_dec`` in place and never copy
+    it: triton in any layout, cuda with unit stride along d (it declines a transposed view,
+    which then runs on triton; asked for by name, it raises).
 
     Returns:
         x_hat: [N, d], dtype of values, ``b_dec + sum_j values[n, j] * W_dec[indices[n, j]]``
@@ -86,5 +88,6 @@ OP = define(
     "(Tensor values, Tensor indices, Tensor W_dec, Tensor? b_dec=None) -> Tensor",
     module=__name__.rsplit(".", 1)[-1], check=check, fake=_fake, reference=reference,
     dtypes={"cpu": FLOAT_DTYPES, "triton": GPU_DTYPES, "cuda": GPU_DTYPES},
+    limits=strided_weight_limits(2, "W_dec"),
     backward=_backward, setup_context=_setup_context,
 )

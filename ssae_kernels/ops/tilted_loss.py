@@ -14,7 +14,7 @@ import torch
 from . import checks
 from .checks import FLOAT_DTYPES, GPU_DTYPES, accumulation_dtype
 from .registry import define
-from .sparse_backward import latent_index
+from .sparse_backward import latent_index, strided_weight_limits
 from .sparse_decode import check as _check_decode
 
 MODULE = __name__.rsplit(".", 1)[-1]
@@ -292,6 +292,7 @@ define("sparse_decode_sq_error", "(Tensor values, Tensor indices, Tensor W_dec, 
        module=MODULE, check=_check_sparse_decode_sq_error, reference=sparse_decode_sq_error_reference,
        fake=lambda values, *rest: values.new_empty(values.shape[0], dtype=accumulation_dtype(values.dtype)),
        dtypes={"cpu": FLOAT_DTYPES, "triton": GPU_DTYPES, "cuda": GPU_DTYPES},
+       limits=strided_weight_limits(2, "W_dec"),  # the GPU backends read W_dec in place (sparse_decode)
        backward=_backward_decode_sq_error, setup_context=_setup_decode_sq_error)
 
 
@@ -327,7 +328,8 @@ define("sparse_decode_residual",
        module=MODULE, check=_check_sparse_decode_residual, reference=sparse_decode_residual_reference,
        fake=lambda values, indices, W_dec, *rest: (values.new_empty(values.shape[0], W_dec.shape[1]),
                                                    values.new_empty(values.shape)),
-       dtypes={"cpu": FLOAT_DTYPES, "triton": GPU_DTYPES, "cuda": GPU_DTYPES})
+       dtypes={"cpu": FLOAT_DTYPES, "triton": GPU_DTYPES, "cuda": GPU_DTYPES},
+       limits=strided_weight_limits(2, "W_dec"))
 
 
 # ---- streaming TERM -------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""Helpers shared by the Triton launchers: argument checks, launch settings, bf16 rounding."""
+"""Helpers shared by the Triton launchers: argument checks, device guards, strides, launch
+settings, bf16 rounding."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -24,6 +27,54 @@ def check_dtype(t: torch.Tensor, name: str):
 def check_device(t: torch.Tensor, name: str):
     if t.device.type == "cpu" and not interpreting():
         raise RuntimeError(f"{name} is a CPU tensor: the triton backend runs CPU tensors only under TRITON_INTERPRET=1")
+
+
+def device_guard(t: torch.Tensor):
+    """A context in which ``t``'s GPU is the current device, for a launch on ``t``.
+
+    Triton launches on the current device (its stream, its compiled binary), so a launch
+    on tensors of another GPU than the current one would run on the wrong device without
+    it. A no-op for CPU tensors (the interpreter); ``torch.cuda.device`` swaps the device
+    index and back, about a microsecond.
+    """
+    if t.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
+def guarded(launcher):
+    """Decorator: runs a launcher under ``device_guard`` of its first (tensor) argument."""
+
+    @functools.wraps(launcher)
+    def run(first, *args, **kwargs):
+        if first.device.type != "cuda":
+            return launcher(first, *args, **kwargs)
+        with torch.cuda.device(first.device):
+            return launcher(first, *args, **kwargs)
+
+    return run
+
+
+def weight_strides(t: torch.Tensor) -> tuple[int, int]:
+    """(row stride, column stride) through which a kernel reads the weight matrix ``t`` [M, d] in place.
+
+    Weights are never copied: a ``.contiguous()`` copy of a view costs O(M * d) per call
+    (8 GB at M = 2^20, d = 4096 in float16). Every layout works: ``W[:, :d]`` of a wider
+    matrix, ``W[::2]``, a transposed view (``W_dec.T`` of a tied SAE). A column stride of 1
+    (the usual case) is specialised by Triton's JIT into contiguous, vectorised loads.
+    """
+    return t.stride(0), t.stride(1)
+
+
+def rows_view(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(t, row stride) for an activation or gradient [N, d] read through its row stride.
+
+    Only a layout without unit stride along d is copied (O(N * d), the size of the
+    call's own inputs and outputs; never a weight matrix).
+    """
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        t = t.contiguous()
+    return t, (t.stride(0) if t.shape[0] > 1 else 0)
 
 
 def round_bf16_in_kernel(dtype: torch.dtype) -> bool:

@@ -63,6 +63,7 @@ class Spec:
     aligned: tuple = ()  # integer arguments assumed multiples of 16 (pointers always are)
     needs_tensor_cores: bool = False
     extra: dict = field(default_factory=dict)
+    archs: tuple = (80, 90)  # the architectures this config ships for
 
     def source(self) -> ASTSource:
         signature, attrs = {}, {}
@@ -77,37 +78,45 @@ class Spec:
 
 
 def _encode_specs():
+    te = topk_encode
     specs = []
-    for (kp, size), cfg in sorted(topk_encode.ENCODE_CONFIGS.items()):
+    # k = 32 and 128 (the usual SAE range), the largest single-round k, and the bound of later rounds
+    for (arch, size), cfg in sorted(te.ENCODE_CONFIGS.items()):
         dtype = "bf16" if size == 2 else "fp32"
         precision = None if size == 2 else "tf32x3"
-        # with a bound only when k > MAX_KP forces rounds
-        for has_bound in ((False, True) if kp == topk_encode.MAX_KP else (False,)):
-            label = (f"KP={kp} {dtype}{' ' + precision if precision else ''} BN={cfg.block_n} BM={cfg.block_m} "
-                     f"BK={cfg.block_k} w={cfg.num_warps} s={cfg.num_stages}{' bound' if has_bound else ''}")
+        for k, has_bound in ((32, False), (128, False), (te.MAX_K_PER_ROUND, False), (te.MAX_K_PER_ROUND, True)):
+            capacity = te.buffer_capacity(k, cfg.block_m)
+            rows = te.compact_rows(capacity, cfg.block_n)
+            label = (f"{dtype}{' ' + precision if precision else ''} CAP={capacity} CR={rows} BN={cfg.block_n} "
+                     f"BM={cfg.block_m} BK={cfg.block_k} w={cfg.num_warps} s={cfg.num_stages}"
+                     f"{' bound' if has_bound else ''}")
             specs.append(Spec(
-                "topk_encode._encode_kernel", topk_encode._encode_kernel, label,
-                dict(x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", bias_ptr="*fp32", bound_ptr="*i64", cand_ptr="*i64",
-                     N="i32", M="i32", D="i32", latents_per_split="i32", num_splits="i32"),
-                dict(KP=kp, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, HAS_BOUND=has_bound,
-                     UPCAST=False, PRECISION=precision),
-                cfg.num_warps, cfg.num_stages, aligned=("D", "latents_per_split"), needs_tensor_cores=True,
-                extra=dict(block_n=cfg.block_n)))
-    for kp in (2, 4, 8, 16, 32, 64, 128, 256):
-        block_r = topk_encode.merge_block_rows(kp)
-        store_bound = kp == topk_encode.MAX_KP
+                "topk_encode._encode_kernel", te._encode_kernel, label,
+                dict(x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", bias_ptr="*fp32", bound_ptr="*i64", buf_ptr="*i64",
+                     count_ptr="*i32", theta_ptr="*i64", shared_ptr="*i64", N="i32", M="i32", D="i32",
+                     stride_x="i32", stride_wm="i32", latents_per_split="i32", num_splits="i32", k="i32"),
+                dict(stride_wd=1, CAPACITY=capacity, COMPACT_ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
+                     BLOCK_K=cfg.block_k, HAS_BOUND=has_bound, UPCAST=False, PRECISION=precision),
+                cfg.num_warps, cfg.num_stages, aligned=("D", "stride_x", "stride_wm", "latents_per_split"),
+                needs_tensor_cores=True, extra=dict(block_n=cfg.block_n), archs=(arch,)))
+    for kp in (2, 32, 128, te.MAX_K_PER_ROUND):
+        block_r = te.merge_block_rows(kp)
+        capacity = te.buffer_capacity(kp, te.ENCODE_CONFIGS[(90, 2)].block_m)
+        store_bound = kp == te.MAX_K_PER_ROUND
         specs.append(Spec(
-            "topk_encode._merge_kernel", topk_encode._merge_kernel, f"KP={kp} BLOCK_R={block_r} w=4",
-            dict(cand_ptr="*i64", values_ptr="*bf16", indices_ptr="*i64", bound_ptr="*i64", N="i32",
-                 num_splits="i32", k_round="i32", col0="i32", k_total="i32"),
-            dict(KP=kp, BLOCK_R=block_r, ROUND_BF16=False, STORE_BOUND=store_bound), 4))
-    cfg = topk_encode.FOLD_BIAS_CONFIG
+            "topk_encode._merge_kernel", te._merge_kernel, f"KP={kp} CAP={capacity} BLOCK_R={block_r} w=4",
+            dict(buf_ptr="*i64", count_ptr="*i32", values_ptr="*bf16", indices_ptr="*i64", bound_ptr="*i64",
+                 N="i32", num_splits="i32", k_round="i32", col0="i32", k_total="i32"),
+            dict(KP=kp, CAPACITY=capacity, BLOCK_R=block_r, ROUND_BF16=False, STORE_BOUND=store_bound), 4))
+    cfg = te.FOLD_BIAS_CONFIG
     for dtype in ("bf16", "fp32"):
         specs.append(Spec(
-            "topk_encode._fold_bias_kernel", topk_encode._fold_bias_kernel,
+            "topk_encode._fold_bias_kernel", te._fold_bias_kernel,
             f"{dtype} BLOCK_M={cfg['BLOCK_M']} BLOCK_D={cfg['BLOCK_D']} w={cfg['num_warps']}",
-            dict(w_ptr=f"*{dtype}", b_enc_ptr=f"*{dtype}", b_dec_ptr=f"*{dtype}", out_ptr="*fp32", M="i32", D="i32"),
-            dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"]), cfg["num_warps"], aligned=("D",)))
+            dict(w_ptr=f"*{dtype}", b_enc_ptr=f"*{dtype}", b_dec_ptr=f"*{dtype}", out_ptr="*fp32", M="i32", D="i32",
+                 stride_wm="i32"),
+            dict(stride_wd=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"]), cfg["num_warps"],
+            aligned=("D", "stride_wm")))
     return specs
 
 
@@ -117,9 +126,9 @@ def _decode_specs():
         "sparse_decode._decode_kernel", sparse_decode._decode_kernel,
         f"{dtype} BLOCK_J={cfg['BLOCK_J']} BLOCK_D={cfg['BLOCK_D']} w={cfg['num_warps']}",
         dict(v_ptr=f"*{dtype}", idx_ptr="*i64", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", out_ptr=f"*{dtype}",
-             K="i32", M="i32", D="i32"),
-        dict(HAS_BIAS=True, BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"], ROUND_BF16=False),
-        cfg["num_warps"], aligned=("D",)) for dtype in ("bf16", "fp32")]
+             K="i32", M="i32", D="i32", stride_w="i32"),
+        dict(stride_wd=1, HAS_BIAS=True, BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"], ROUND_BF16=False),
+        cfg["num_warps"], aligned=("D", "stride_w")) for dtype in ("bf16", "fp32")]
 
 
 def _backward_specs():
@@ -130,8 +139,10 @@ def _backward_specs():
         specs.append(Spec(
             "sparse_backward._sampled_dot_kernel", sparse_backward._sampled_dot_kernel,
             f"{dtype} BLOCK_J={cfg['BLOCK_J']} BLOCK_D={cfg['BLOCK_D']} w={cfg['num_warps']}",
-            dict(g_ptr=f"*{dtype}", idx_ptr="*i64", w_ptr=f"*{dtype}", out_ptr=f"*{dtype}", K="i32", M="i32", D="i32"),
-            dict(BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"], ROUND_BF16=False), cfg["num_warps"], aligned=("D",)))
+            dict(g_ptr=f"*{dtype}", idx_ptr="*i64", w_ptr=f"*{dtype}", out_ptr=f"*{dtype}", K="i32", M="i32", D="i32",
+                 stride_g="i32", stride_w="i32"),
+            dict(stride_wd=1, BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"], ROUND_BF16=False), cfg["num_warps"],
+            aligned=("D", "stride_g", "stride_w")))
     cfg = c["count"]
     specs.append(Spec(
         "sparse_backward._count_latents_kernel", sparse_backward._count_latents_kernel,
@@ -164,9 +175,9 @@ def _backward_specs():
             f"{dtype} PIECE={sparse_backward.PIECE} BLOCK_P={cfg['BLOCK_P']} BLOCK_D={cfg['BLOCK_D']} w={cfg['num_warps']}",
             dict(w_ptr=f"*{dtype}", rows_ptr=f"*{dtype}", offsets_ptr="*i64", order_ptr="*i64", item_start_ptr="*i64",
                  item_latent_ptr="*i32", part_start_ptr="*i64", out_ptr=f"*{dtype}", colsum_ptr=f"*{dtype}",
-                 part_ptr="*fp32", part_colsum_ptr="*fp32", K="i32", D="i32", P="i32"),
+                 part_ptr="*fp32", part_colsum_ptr="*fp32", K="i32", D="i32", P="i32", stride_r="i32"),
             dict(PIECE=sparse_backward.PIECE, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], ROUND_BF16=False),
-            cfg["num_warps"], aligned=("D",)))
+            cfg["num_warps"], aligned=("D", "stride_r")))
         cfg = c["stm_reduce"]
         specs.append(Spec(
             "sparse_backward._stm_reduce_kernel", sparse_backward._stm_reduce_kernel,
@@ -214,16 +225,18 @@ def _tilted_specs():
             "tilted_loss._decode_sq_error_kernel", m._decode_sq_error_kernel,
             f"{dtype} BLOCK_J={cfg['BLOCK_J']} BLOCK_D={cfg['BLOCK_D']} w={cfg['num_warps']}",
             dict(v_ptr=f"*{dtype}", idx_ptr="*i64", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", x_ptr=f"*{dtype}",
-                 out_ptr="*fp32", K="i32", M="i32", D="i32"),
-            dict(HAS_BIAS=True, BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"]), cfg["num_warps"], aligned=("D",)))
+                 out_ptr="*fp32", K="i32", M="i32", D="i32", stride_w="i32"),
+            dict(stride_wd=1, HAS_BIAS=True, BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"]), cfg["num_warps"],
+            aligned=("D", "stride_w")))
         cfg = m.DECODE_RESIDUAL_CONFIG
         specs.append(Spec(
             "tilted_loss._decode_residual_kernel", m._decode_residual_kernel,
             f"{dtype} BLOCK_J={cfg['BLOCK_J']} BLOCK_D={cfg['BLOCK_D']} w={cfg['num_warps']}",
             dict(v_ptr=f"*{dtype}", idx_ptr="*i64", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", x_ptr=f"*{dtype}",
-                 scale_ptr="*fp32", res_ptr=f"*{dtype}", dot_ptr="*fp32", K="i32", M="i32", D="i32"),
-            dict(HAS_BIAS=True, BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"], ROUND_BF16=False), cfg["num_warps"],
-            aligned=("D",)))
+                 scale_ptr="*fp32", res_ptr=f"*{dtype}", dot_ptr="*fp32", K="i32", M="i32", D="i32", stride_w="i32"),
+            dict(stride_wd=1, HAS_BIAS=True, BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"], ROUND_BF16=False),
+            cfg["num_warps"],
+            aligned=("D", "stride_w")))
     return specs
 
 
@@ -346,8 +359,10 @@ def main(argv=None) -> int:
     print("-" * len(header))
     failures = []
     start = time.perf_counter()
+    count = 0
     for spec in specs:
-        for arch in args.arch:
+        for arch in (a for a in args.arch if a in spec.archs):
+            count += 1
             row = compile_one(spec, arch)
             if row.error:
                 print(f"{spec.kernel:<40} {spec.label:<58} sm_{arch:<3} ERROR {row.error}")
@@ -357,7 +372,7 @@ def main(argv=None) -> int:
                       f"{row.sass.get('HGMMA', '-'):>6} {row.seconds:>5.1f}s", flush=True)
             failures += [f"{spec.kernel} [{spec.label}] sm_{arch}: {p}" for p in row.problems()]
     elapsed = time.perf_counter() - start
-    print(f"\n{len(specs) * len(args.arch)} compilations in {elapsed:.0f} s")
+    print(f"\n{count} compilations in {elapsed:.0f} s")
     if tmp_cache is not None:
         tmp_cache.cleanup()
     if failures:

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_dtype, fp32_dot_precision, interpreting, next_power_of_2, rne_bf16
-from ._common import round_bf16_in_kernel
+from ._common import check_device, check_dtype, fp32_dot_precision, guarded, interpreting, next_power_of_2
+from ._common import rne_bf16, round_bf16_in_kernel
 
 # Largest r served by the fused kernel (C is BLOCK_R x BLOCK_N float32 in registers).
 MAX_FUSED_R = 128
@@ -153,7 +153,7 @@ def _launch(G, U, complement, out, fused_max_r):
     r = U.shape[1]
     if d == 0 or n == 0:
         return
-    U = U.contiguous()
+    U = U.contiguous()  # the basis [d, r], r <= d: O(d * r)
     precision = fp32_dot_precision()
     round_bf16 = round_bf16_in_kernel(G.dtype)
     gpu = G.device.type == "cuda" and not interpreting()
@@ -179,14 +179,20 @@ def _check(G, U):
         check_device(t, name)
 
 
+@guarded
 def project_subspace(G, U, complement=False, *, fused_max_r=MAX_FUSED_R):
-    """Launcher with the schema's signature; ``fused_max_r`` moves the two-pass threshold (tests)."""
+    """Launcher with the schema's signature; ``fused_max_r`` moves the two-pass threshold (tests).
+
+    G is read through its row stride; a layout without unit column stride (a transposed
+    view) is copied first, O(d * n): the size of the output this call allocates anyway.
+    """
     _check(G, U)
     out = torch.empty(G.shape, dtype=G.dtype, device=G.device)
     _launch(G if _rows_strided(G) else G.contiguous(), U, complement, out, fused_max_r)
     return out
 
 
+@guarded
 def project_subspace_(G, U, complement=False, *, fused_max_r=MAX_FUSED_R):
     """In-place launcher with the schema's signature (writes G, returns None)."""
     _check(G, U)

@@ -1,6 +1,7 @@
 """Sparse backward primitives in Triton (definitions in ssae_kernels/ops/sparse_backward.py).
 
-- ``sampled_dot``: a gather-dot, program (row, slot block), float32 accumulation over d.
+- ``sampled_dot``: a gather-dot, program (row, slot block), float32 accumulation over d
+  in a [BLOCK_J, BLOCK_D] tile reduced once at the end.
 - ``latent_transpose``: a stable counting sort of the N*k entries by latent: an int32
   histogram (atomics) for the offsets, and an LSD radix sort with 8-bit digits for the
   order (per pass: a per-block digit histogram, a prefix sum, and a scatter whose
@@ -11,6 +12,12 @@
   each, so a latent that fires on every row does not serialise the kernel behind one
   program; latents with several pieces are finished by a second kernel that adds the
   pieces' partial sums in order.
+
+Gathers accumulate elementwise into 2-D float32 tiles and reduce them once after their
+loop (no reduction across threads per chunk); each sum keeps a fixed order, so results
+are deterministic. Weights (``W``) are read in place through their row stride and never
+copied (``_common.weight_strides``); activations and gradients (``grad``, ``rows``)
+through theirs, copied only without unit stride along d (O(N * d)).
 
 The prefix sums over the small tables (digit x block histograms, per-latent counts) use
 torch.cumsum on the device: a device-wide scan is exactly what it is written for, and
@@ -24,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_dtype, interpreting, rne_bf16, round_bf16_in_kernel
+from ._common import check_device, check_dtype, guarded, interpreting, rne_bf16, round_bf16_in_kernel
+from ._common import rows_view, weight_strides
 
 RADIX_BITS = 8
 PIECE = 256  # entries of one latent summed by one program of sparse_transpose_matmul
@@ -34,7 +42,8 @@ GPU_CONFIG = dict(
     count=dict(BLOCK=1024, num_warps=4),
     radix=dict(BLOCK=1024, num_warps=4),
     fill_items=dict(BLOCK=128, num_warps=4),
-    stm=dict(BLOCK_P=32, BLOCK_D=128, num_warps=4),
+    # a [BLOCK_P, BLOCK_D] float32 tile: BLOCK_P = 32 spilled 8 bytes on sm_80 (bf16, 72 registers)
+    stm=dict(BLOCK_P=16, BLOCK_D=128, num_warps=4),
     stm_reduce=dict(BLOCK_D=128, num_warps=4),
 )
 # Under the interpreter: small blocks so that small test shapes cross block edges.
@@ -57,38 +66,44 @@ def config(name: str, device: torch.device) -> dict:
 
 
 @triton.jit
-def _sampled_dot_kernel(g_ptr, idx_ptr, w_ptr, out_ptr, K, M, D,
+def _sampled_dot_kernel(g_ptr, idx_ptr, w_ptr, out_ptr, K, M, D, stride_g, stride_w, stride_wd,
                         BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     js = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     j_ok = js < K
     idx = tl.load(idx_ptr + n * K + js, mask=j_ok, other=0)
     ok = j_ok & (idx >= 0) & (idx < M)
-    acc = tl.zeros([BLOCK_J], tl.float32)
+    acc = tl.zeros([BLOCK_J, BLOCK_D], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < D
-        g = tl.load(g_ptr + n * D + ds, mask=d_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + idx[:, None] * D + ds[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * g[None, :], axis=1)
+        g = tl.load(g_ptr + n * stride_g + ds, mask=d_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + idx[:, None] * stride_w + ds.to(tl.int64)[None, :] * stride_wd,
+                    mask=ok[:, None] & d_ok[None, :], other=0.0)
+        acc += w.to(tl.float32) * g[None, :]
+    dots = tl.sum(acc, axis=1)
     if ROUND_BF16:
-        acc = rne_bf16(acc)
-    tl.store(out_ptr + n * K + js, acc.to(out_ptr.dtype.element_ty), mask=j_ok)
+        dots = rne_bf16(dots)
+    tl.store(out_ptr + n * K + js, dots.to(out_ptr.dtype.element_ty), mask=j_ok)
 
 
+@guarded
 def sampled_dot(grad, indices, W):
     for t, name in ((grad, "grad"), (W, "W")):
         check_dtype(t, name)
         check_device(t, name)
     M, d = W.shape
     N, k = indices.shape
+    stride_w, stride_wd = weight_strides(W)  # read in place, never copied
     out = torch.empty(N, k, dtype=grad.dtype, device=grad.device)
     if N == 0 or k == 0:
         return out
     cfg = config("sampled_dot", grad.device)
-    grad, indices, W = grad.contiguous(), indices.contiguous(), W.contiguous()
+    grad, stride_g = rows_view(grad)
+    indices = indices.contiguous()  # O(N * k)
     _sampled_dot_kernel[(N, triton.cdiv(k, cfg["BLOCK_J"]))](
-        grad, indices, W, out, k, M, d, ROUND_BF16=round_bf16_in_kernel(grad.dtype), **cfg)
+        grad, indices, W, out, k, M, d, stride_g, stride_w, stride_wd, ROUND_BF16=round_bf16_in_kernel(grad.dtype),
+        **cfg)
     return out
 
 
@@ -145,10 +160,11 @@ def _radix_scatter_kernel(key_in, val_in, key_out, val_out, adjust_ptr, P, num_b
         tl.store(key_out + dest, tl.load(key_in + src, mask=valid, other=0), mask=valid)
 
 
+@guarded
 def latent_transpose(indices, num_latents):
     check_device(indices, "indices")
     device = indices.device
-    flat = indices.contiguous().reshape(-1)
+    flat = indices.contiguous().reshape(-1)  # O(N * k)
     P, M = flat.numel(), int(num_latents)
     if P >= 2**31 or M >= 2**31:
         raise ValueError(f"the triton latent_transpose supports fewer than 2^31 entries and latents, "
@@ -204,7 +220,7 @@ def _fill_items_kernel(item_start_ptr, item_latent_ptr, M, BLOCK: tl.constexpr):
 
 @triton.jit
 def _stm_piece_kernel(w_ptr, rows_ptr, offsets_ptr, order_ptr, item_start_ptr, item_latent_ptr, part_start_ptr,
-                      out_ptr, colsum_ptr, part_ptr, part_colsum_ptr, K, D, P,
+                      out_ptr, colsum_ptr, part_ptr, part_colsum_ptr, K, D, P, stride_r,
                       PIECE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
                       ROUND_BF16: tl.constexpr):
     """One piece (<= PIECE entries) of one latent's segment: sum_p weights[p] * rows[p // K]."""
@@ -237,14 +253,16 @@ def _stm_piece_kernel(w_ptr, rows_ptr, offsets_ptr, order_ptr, item_start_ptr, i
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             d_ok = ds < D
-            acc = tl.zeros([BLOCK_D], tl.float32)
+            tile = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)  # reduced over its entries once, after the loop
             for q0 in range(lo, hi, BLOCK_P):
                 qs = q0 + tl.arange(0, BLOCK_P)
                 p = tl.load(order_ptr + qs, mask=qs < hi, other=-1)
                 ok = (qs < hi) & (p >= 0) & (p < P)
                 w = tl.load(w_ptr + p, mask=ok, other=0.0).to(tl.float32)
-                r = tl.load(rows_ptr + (p // K)[:, None] * D + ds[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-                acc += tl.sum(w[:, None] * r.to(tl.float32), axis=0)
+                r = tl.load(rows_ptr + (p // K)[:, None] * stride_r + ds[None, :], mask=ok[:, None] & d_ok[None, :],
+                            other=0.0)
+                tile += w[:, None] * r.to(tl.float32)
+            acc = tl.sum(tile, axis=0)
             if single:
                 if ROUND_BF16:
                     acc = rne_bf16(acc)
@@ -287,6 +305,7 @@ def _check_transpose(offsets, order, P, M):
                          f"got {int(offsets[0])} .. {int(offsets[M])}")
 
 
+@guarded
 def sparse_transpose_matmul(weights, rows, offsets, order):
     for t, name in ((weights, "weights"), (rows, "rows")):
         check_dtype(t, name)
@@ -297,7 +316,8 @@ def sparse_transpose_matmul(weights, rows, offsets, order):
     P = N * k
     device = weights.device
     _check_transpose(offsets, order, P, M)
-    weights, rows = weights.contiguous(), rows.contiguous()
+    # weights, order: O(N * k); offsets: O(M); rows: read through its row stride.
+    weights, (rows, stride_r) = weights.contiguous(), rows_view(rows)
     offsets, order = offsets.contiguous(), order.contiguous()
     out = torch.empty(M, d, dtype=rows.dtype, device=device)
     colsum = torch.empty(M, dtype=weights.dtype, device=device)
@@ -320,7 +340,7 @@ def sparse_transpose_matmul(weights, rows, offsets, order):
     _fill_items_kernel[(triton.cdiv(M, cfg["BLOCK"]),)](item_start, item_latent, M, **cfg)
     _stm_piece_kernel[(max_items,)](
         weights, rows, offsets, order, item_start, item_latent, part_start, out, colsum, part, part_colsum,
-        k, d, P, PIECE=PIECE, ROUND_BF16=round_bf16, **config("stm", device))
+        k, d, P, stride_r, PIECE=PIECE, ROUND_BF16=round_bf16, **config("stm", device))
     _stm_reduce_kernel[(M,)](item_start, part_start, part, part_colsum, out, colsum, d,
                              ROUND_BF16=round_bf16, **config("stm_reduce", device))
     return out, colsum

@@ -16,6 +16,10 @@ W_dec rows for the gather-dot right after (decode_tile is shared with sparse_dec
 
 The interpreter has no libdevice, so expm1 and log1p are written with exp and log
 (Kahan's formulas, a few ulps in float64).
+
+W_dec is read in place through its row stride (``_common.weight_strides``: any row
+stride, unit stride along d), never copied; the [N, d] targets and the [N, k] codes are
+made contiguous where they are not (O(N * d) and O(N * k)).
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_dtype, interpreting, multiprocessor_count
-from ._common import next_power_of_2, rne_bf16, round_bf16_in_kernel
+from ._common import check_device, check_dtype, guarded, interpreting, multiprocessor_count
+from ._common import next_power_of_2, rne_bf16, round_bf16_in_kernel, weight_strides
 from .sparse_decode import decode_tile
 
 # GPU: a [BLOCK, BLOCK_G] float64 tile of 2048 entries over 8 warps (8 per thread);
@@ -38,8 +42,9 @@ MERGE_CONFIG = dict(BLOCK_G=128, num_warps=4)
 # Largest number of partial states (blocks x groups) kept in memory.
 MAX_PARTIALS = 1 << 22
 ROW_CONFIG = dict(BLOCK_D=512, num_warps=4)
-DECODE_SQ_CONFIG = dict(BLOCK_J=16, BLOCK_D=256, num_warps=4)
-# aot_report: 48-64 registers on sm_80/sm_90, no spills (the decode tile's config).
+# The decode tile's config (sparse_decode.DECODE_CONFIG); aot_report: 40-48 registers, no spills.
+DECODE_SQ_CONFIG = dict(BLOCK_J=16, BLOCK_D=256, num_warps=8)
+# aot_report: 64-96 registers on sm_80/sm_90, no spills (8 warps spilled 8 bytes on sm_80 in float32).
 DECODE_RESIDUAL_CONFIG = dict(BLOCK_J=16, BLOCK_D=256, num_warps=4)
 # The interpreter: small tiles so small tests cross every mask and merge.
 INTERPRET_STATS = dict(TILE=64, MAX_BLOCK_G=4, BLOCK_G_MERGE=4)
@@ -168,6 +173,7 @@ def stats_config(device, num_groups: int) -> dict:
     return dict(BLOCK=tile // block_g, BLOCK_G=block_g, MERGE_G=min(next_power_of_2(num_groups), merge_g))
 
 
+@guarded
 def tilted_group_stats(losses, t, groups, num_groups):
     """Launcher with the schema's signature: (anchor [G] float64, log_mean [G] float64, count [G] int64)."""
     if losses.dtype != torch.float64:  # float64 losses are fine: the kernel works in float64
@@ -175,8 +181,8 @@ def tilted_group_stats(losses, t, groups, num_groups):
     check_device(losses, "losses")
     if groups is not None:
         check_device(groups, "groups")
-        groups = groups.contiguous()
-    losses = losses.contiguous()
+        groups = groups.contiguous()  # O(N)
+    losses = losses.contiguous()  # O(N)
     N, G, device = losses.shape[0], int(num_groups), losses.device
     anchor = torch.empty(G, dtype=torch.float64, device=device)
     log_mean = torch.empty_like(anchor)
@@ -214,6 +220,7 @@ def _row_sq_error_kernel(a_ptr, b_ptr, out_ptr, D, BLOCK_D: tl.constexpr):
     tl.store(out_ptr + n, tl.sum(acc, axis=0))
 
 
+@guarded
 def row_sq_error(x_hat, x):
     """Launcher with the schema's signature: sum_d (x_hat - x)^2 per row, float32 [N]."""
     for t, name in ((x_hat, "x_hat"), (x, "x")):
@@ -224,20 +231,20 @@ def row_sq_error(x_hat, x):
     if N == 0 or d == 0:
         return out
     cfg = ROW_CONFIG if _gpu(x_hat.device) else INTERPRET_ROW_CONFIG
-    _row_sq_error_kernel[(N,)](x_hat.contiguous(), x.contiguous(), out, d, **cfg)
+    _row_sq_error_kernel[(N,)](x_hat.contiguous(), x.contiguous(), out, d, **cfg)  # O(N * d) copies at most
     return out
 
 
 @triton.jit
-def _decode_sq_error_kernel(v_ptr, idx_ptr, w_ptr, b_ptr, x_ptr, out_ptr, K, M, D,
+def _decode_sq_error_kernel(v_ptr, idx_ptr, w_ptr, b_ptr, x_ptr, out_ptr, K, M, D, stride_w, stride_wd,
                             HAS_BIAS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     total = tl.zeros([BLOCK_D], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < D
-        # the row's decode of this column block, in registers (float32, slot order)
-        acc = decode_tile(v_ptr, idx_ptr, w_ptr, n, K, M, D, ds, d_ok, BLOCK_J, BLOCK_D)
+        # the row's decode of this column block, in registers (float32, a fixed order)
+        acc = decode_tile(v_ptr, idx_ptr, w_ptr, n, K, M, stride_w, stride_wd, ds, d_ok, BLOCK_J, BLOCK_D)
         if HAS_BIAS:
             acc += tl.load(b_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)
         diff = acc - tl.load(x_ptr + n * D + ds, mask=d_ok, other=0.0).to(tl.float32)
@@ -245,6 +252,7 @@ def _decode_sq_error_kernel(v_ptr, idx_ptr, w_ptr, b_ptr, x_ptr, out_ptr, K, M, 
     tl.store(out_ptr + n, tl.sum(total, axis=0))
 
 
+@guarded
 def sparse_decode_sq_error(values, indices, W_dec, b_dec, x):
     """Launcher with the schema's signature: per-row squared error of the decode, float32 [N]."""
     for t, name in ((values, "values"), (W_dec, "W_dec"), (b_dec, "b_dec"), (x, "x")):
@@ -257,14 +265,18 @@ def sparse_decode_sq_error(values, indices, W_dec, b_dec, x):
     if N == 0 or d == 0:
         return out
     cfg = DECODE_SQ_CONFIG if _gpu(values.device) else INTERPRET_DECODE_SQ_CONFIG
-    values, indices, W_dec, x = values.contiguous(), indices.contiguous(), W_dec.contiguous(), x.contiguous()
+    stride_w, stride_wd = weight_strides(W_dec)  # read in place, never copied
+    values, indices, x = values.contiguous(), indices.contiguous(), x.contiguous()  # O(N * k), O(N * d)
     bias = b_dec.contiguous() if b_dec is not None else values
-    _decode_sq_error_kernel[(N,)](values, indices, W_dec, bias, x, out, k, M, d, HAS_BIAS=b_dec is not None, **cfg)
+    _decode_sq_error_kernel[(N,)](values, indices, W_dec, bias, x, out, k, M, d, stride_w, stride_wd,
+                                  HAS_BIAS=b_dec is not None,
+                                  **cfg)
     return out
 
 
 @triton.jit
-def _decode_residual_kernel(v_ptr, idx_ptr, w_ptr, b_ptr, x_ptr, scale_ptr, res_ptr, dot_ptr, K, M, D,
+def _decode_residual_kernel(v_ptr, idx_ptr, w_ptr, b_ptr, x_ptr, scale_ptr, res_ptr, dot_ptr, K, M, D, stride_w,
+                            stride_wd,
                             HAS_BIAS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
                             ROUND_BF16: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
@@ -272,7 +284,7 @@ def _decode_residual_kernel(v_ptr, idx_ptr, w_ptr, b_ptr, x_ptr, scale_ptr, res_
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < D
-        acc = decode_tile(v_ptr, idx_ptr, w_ptr, n, K, M, D, ds, d_ok, BLOCK_J, BLOCK_D)
+        acc = decode_tile(v_ptr, idx_ptr, w_ptr, n, K, M, stride_w, stride_wd, ds, d_ok, BLOCK_J, BLOCK_D)
         if HAS_BIAS:
             acc += tl.load(b_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)
         res = tl.where(d_ok, scale * (acc - tl.load(x_ptr + n * D + ds, mask=d_ok, other=0.0).to(tl.float32)), 0.0)
@@ -285,7 +297,8 @@ def _decode_residual_kernel(v_ptr, idx_ptr, w_ptr, b_ptr, x_ptr, scale_ptr, res_
             j_ok = js < K
             idx = tl.load(idx_ptr + n * K + js, mask=j_ok, other=0)
             ok = j_ok & (idx >= 0) & (idx < M)
-            w = tl.load(w_ptr + idx[:, None] * D + ds[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + idx[:, None] * stride_w + ds.to(tl.int64)[None, :] * stride_wd,
+                        mask=ok[:, None] & d_ok[None, :], other=0.0)
             part = tl.sum(w.to(tl.float32) * res[None, :], axis=1)
             # partial sums of earlier column blocks, in block order (deterministic)
             part += tl.load(dot_ptr + n * K + js, mask=j_ok & (d0 > 0), other=0.0)
@@ -293,6 +306,7 @@ def _decode_residual_kernel(v_ptr, idx_ptr, w_ptr, b_ptr, x_ptr, scale_ptr, res_
         tl.debug_barrier()  # this block's stores of dot_ptr are visible to every thread of the next
 
 
+@guarded
 def sparse_decode_residual(values, indices, W_dec, b_dec, x, scale):
     """Launcher with the schema's signature: (residual [N, d], grad_values [N, k]), dtype of values.
 
@@ -311,8 +325,11 @@ def sparse_decode_residual(values, indices, W_dec, b_dec, x, scale):
         return residual, torch.zeros(N, k, dtype=values.dtype, device=values.device)
     dots = torch.empty(N, k, dtype=torch.float32, device=values.device)
     cfg = DECODE_RESIDUAL_CONFIG if _gpu(values.device) else INTERPRET_DECODE_RESIDUAL_CONFIG
-    values, indices, W_dec, x = values.contiguous(), indices.contiguous(), W_dec.contiguous(), x.contiguous()
+    stride_w, stride_wd = weight_strides(W_dec)  # read in place, never copied
+    values, indices, x = values.contiguous(), indices.contiguous(), x.contiguous()  # O(N * k), O(N * d)
     bias = b_dec.contiguous() if b_dec is not None else values
     _decode_residual_kernel[(N,)](values, indices, W_dec, bias, x, scale.contiguous(), residual, dots, k, M, d,
-                                  HAS_BIAS=b_dec is not None, ROUND_BF16=round_bf16_in_kernel(values.dtype), **cfg)
+                                  stride_w, stride_wd, HAS_BIAS=b_dec is not None,
+                                  ROUND_BF16=round_bf16_in_kernel(values.dtype),
+                                  **cfg)
     return residual, dots if values.dtype == torch.float32 else dots.to(values.dtype)

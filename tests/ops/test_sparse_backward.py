@@ -16,8 +16,9 @@ from conftest import requires_cuda
 from ssae_kernels import backends, reference
 from ssae_kernels.ops import latent_index
 
-from .conftest import (as_view, bad_index_view, cpu_sized, device_of, index_views, interpreter, require,
-                       triton_module)
+from .conftest import (as_view, bad_index_view, cpu_sized, device_of, index_views, interpreter,
+                       require, triton_module, uninterpreted)
+from .test_sparse_decode import LAYOUT_ERROR, WEIGHT_VIEWS, weight_view
 
 GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ops = torch.ops.ssae
@@ -53,11 +54,47 @@ def test_sampled_dot_index_views(backend, view):
 
 @pytest.mark.parametrize("view", ["transposed", "sliced"])
 def test_sampled_dot_data_views(backend, view):
+    # grad in any layout on every backend; W too, except on cuda, which needs unit stride along d
+    # (test_sampled_dot_weight_views, test_sampled_dot_transposed_weight).
     dev = device_of(backend)
     N, d, M, k = 7, 6, 12, 3
     grad, W = randn(N, d, device=dev), randn(M, d, device=dev)
     indices = torch.randint(0, M, (N, k), device=dev)
-    close(ops.sampled_dot(as_view(grad, view), indices, as_view(W, view)), ops.sampled_dot(grad, indices, W), scale=d)
+    W_view = weight_view(W, "odd") if backend == "cuda" else as_view(W, view)
+    close(ops.sampled_dot(as_view(grad, view), indices, W_view), ops.sampled_dot(grad, indices, W), scale=d)
+
+
+@pytest.mark.parametrize("kind", WEIGHT_VIEWS)
+@pytest.mark.parametrize("d", [5, 16])
+def test_sampled_dot_weight_views(backend, kind, d):
+    # Row-strided W views and a row-strided grad: read in place on every backend.
+    dev = device_of(backend)
+    N, M, k = 7, 12, 3
+    grad, W = randn(N, d, device=dev), randn(M, d, device=dev)
+    indices = torch.randint(0, M, (N, k), device=dev)
+    grad_view = weight_view(grad, "narrow")
+    close(ops.sampled_dot(grad_view, indices, weight_view(W, kind)), reference.sampled_dot(grad, indices, W), scale=d)
+
+
+@pytest.mark.parametrize("view", ["transposed", "sliced"])
+def test_sampled_dot_transposed_weight(backend, view):
+    # cuda declines a weight without unit stride along d (never copied), naming it; the others read it.
+    dev = device_of(backend)
+    grad, W = randn(6, 5, device=dev), randn(10, 5, device=dev)
+    indices = torch.randint(0, 10, (6, 3), device=dev)
+    if backend != "cuda":
+        close(ops.sampled_dot(grad, indices, as_view(W, view)), reference.sampled_dot(grad, indices, W), scale=5)
+        return
+    with pytest.raises((RuntimeError, ValueError), match=LAYOUT_ERROR.format(name="W")):
+        ops.sampled_dot(grad, indices, as_view(W, view))
+
+
+@interpreter
+def test_triton_sampled_dot_launcher_reads_a_transposed_weight():
+    grad, W = randn(6, 5), randn(10, 5)
+    indices = torch.randint(0, 10, (6, 3))
+    close(triton_module("sparse_backward").sampled_dot(grad, indices, as_view(W, "transposed")),
+          reference.sampled_dot(grad, indices, W), scale=5)
 
 
 # ---- latent_transpose -----------------------------------------------------------------------
@@ -132,6 +169,42 @@ def test_sparse_transpose_matmul_is_deterministic(backend, N, d, M, k):
     for _ in range(3):
         again = ops.sparse_transpose_matmul(weights, rows, offsets, order)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.parametrize("N,d,k", [(300, 9, 2), uninterpreted(600, 40, 3), cpu_sized(2000, 67, 4)])
+def test_hot_latent_chosen_by_every_row(backend, N, d, k):
+    # One latent in every row (more entries than one program or block sums, 256): the GPU
+    # backends split its segment into pieces and add their partial sums in a fixed order. Close
+    # to the reference, bitwise deterministic, and the other latents unaffected.
+    dev = device_of(backend)
+    M = 7
+    indices = torch.randint(1, M, (N, k), device=dev)
+    indices[:, k // 2] = 0
+    weights, rows = randn(N, k, device=dev), randn(N, d, device=dev)
+    rows_view = weight_view(rows, "offset")  # a row-strided, misaligned [N, d] view, read in place
+    offsets, order = ops.latent_transpose(indices, M)
+    out, colsum = ops.sparse_transpose_matmul(weights, rows_view, offsets, order)
+    again = ops.sparse_transpose_matmul(weights, rows_view, offsets, order)
+    assert torch.equal(out, again[0]) and torch.equal(colsum, again[1])
+    ref_out, ref_colsum = reference.sparse_transpose_matmul(weights, rows, offsets, order)
+    scale = float(torch.bincount(indices.reshape(-1), minlength=M).max()) ** 0.5 + 1
+    close(out, ref_out, scale=scale)
+    close(colsum, ref_colsum, scale=scale)
+
+
+def test_hot_latent_in_the_decoder_gradient(backend):
+    # The same through autograd: sparse_decode's grad W_dec with latent 0 in every row.
+    dev = device_of(backend)
+    N, d, M, k = 300, 6, 5, 2
+    indices = torch.randint(1, M, (N, k), device=dev)
+    indices[:, 0] = 0
+    values = randn(N, k, device=dev).requires_grad_(True)
+    W = randn(M, d, device=dev).requires_grad_(True)
+    grad_out = randn(N, d, device=dev)
+    grads = torch.autograd.grad(ssae_kernels.sparse_decode(values, indices, W), (values, W), grad_out)
+    ref = torch.autograd.grad(reference.sparse_decode(values, indices, W), (values, W), grad_out)
+    close(grads[0], ref[0], scale=d)
+    close(grads[1], ref[1], scale=N**0.5)
 
 
 @pytest.mark.parametrize("view", ["transposed", "sliced"])
@@ -291,6 +364,36 @@ def test_gpu_latent_transpose_and_matmul(gpu_backend, dtype, N, k, M, d, skewed)
     weights = torch.randn(N, k, device="cuda").to(dtype)
     rows = torch.randn(N, d, device="cuda").to(dtype)
     assert_transpose_and_matmul_match(gpu_backend, indices, weights, rows, M, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("N,k,d,hot", [(70000, 32, 192, 1), (20000, 8, 769, 3), (4096, 64, 4096, 2)])
+def test_gpu_hot_latents(gpu_backend, dtype, N, k, d, hot):
+    # `hot` latents chosen by every row (N entries each, hundreds of pieces) among uniform ones:
+    # split across blocks and added in a fixed order, so the result is close to the reference and
+    # bitwise the same on a second call (assert_transpose_and_matmul_match checks both).
+    M = 24576
+    indices = torch.randint(hot, M, (N, k), device="cuda")
+    indices[:, :hot] = torch.arange(hot, device="cuda")
+    weights = torch.randn(N, k, device="cuda").to(dtype)
+    rows = torch.randn(N, d, device="cuda").to(dtype)
+    assert_transpose_and_matmul_match(gpu_backend, indices, weights, rows, M, scale=N**0.5 + 1)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("d,kind", [(768, "narrow"), (767, "narrow"), (768, "offset"), (768, "rows"), (1023, "odd")])
+def test_gpu_weight_views(gpu_backend, dtype, d, kind):
+    # sampled_dot over W views (16-byte loads where the rows are aligned, else one element at a time)
+    # and sparse_transpose_matmul over a rows view: the results of the contiguous tensors.
+    N, k, M = 512, 32, 4096
+    grad = torch.randn(N, d, device="cuda").to(dtype)
+    indices = torch.randint(0, M, (N, k), device="cuda")
+    W = weight_view(torch.randn(M, d, device="cuda").to(dtype), kind)
+    assert_op_matches_reference(gpu_backend, "sampled_dot", weight_view(grad, kind), indices, W,
+                                scale=d**0.5 if gpu_backend == "cuda" else d)
+    weights = torch.randn(N, k, device="cuda").to(dtype)
+    assert_transpose_and_matmul_match(gpu_backend, indices, weights, weight_view(grad, kind), M,
+                                      scale=N * k / M + 1)
 
 
 @requires_cuda

@@ -13,9 +13,36 @@ from assertions import DTYPES, assert_op_matches_reference, close
 from conftest import requires_cuda
 from ssae_kernels import backends, reference
 
-from .conftest import as_view, bad_index_view, cpu_sized, device_of, index_views, require, uninterpreted
+from .conftest import (as_view, bad_index_view, cpu_sized, device_of, index_views, interpreter,
+                       require, triton_module, uninterpreted)
 
 GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# What the cuda backend says of a weight matrix without unit stride along d (it never copies one).
+LAYOUT_ERROR = r"{name} must have unit stride in its last dimension on the cuda backend.*got strides.*" \
+               r"call \.contiguous\(\) once outside the training loop"
+
+
+def weight_view(W: torch.Tensor, kind: str) -> torch.Tensor:
+    """A view with W's values and unit stride along d, which every backend reads in place (a leaf that
+    may require grad): "narrow" (W[:, :d] of a wider matrix: rows 16-byte aligned where d + 8 allows),
+    "offset" (W[:, 3:3 + d]: a misaligned base), "rows" (every other row of a taller matrix), "odd"
+    (an odd row stride). Memory the view does not show holds NaN."""
+    M, d = W.shape
+    with torch.no_grad():
+        if kind == "rows":
+            full = torch.full((2 * M, d), float("nan"), dtype=W.dtype, device=W.device)
+            full[::2] = W
+            view = full[::2]
+        else:
+            width, start = {"narrow": (d + 8, 0), "offset": (d + 8, 3), "odd": (d + 1 + (d % 2 == 0), 0)}[kind]
+            full = torch.full((M, width), float("nan"), dtype=W.dtype, device=W.device)
+            full[:, start:start + d] = W
+            view = full[:, start:start + d]
+    assert view.stride(-1) == 1 and (M <= 1 or not view.is_contiguous())
+    return view.requires_grad_(W.requires_grad)
+
+
+WEIGHT_VIEWS = ("narrow", "offset", "rows", "odd")
 
 
 def make_code(N, d, M, k, dtype=torch.float32, requires_grad=False, unique=True, device="cpu", signed=False):
@@ -101,13 +128,63 @@ def test_index_views_give_the_contiguous_result(backend, view):
 
 @pytest.mark.parametrize("view", ["transposed", "sliced"])
 def test_data_views_give_the_contiguous_result(backend, view):
+    # values and b_dec in any layout on every backend; W_dec too, except on cuda, which needs unit
+    # stride along d (test_weight_views_*, test_transposed_weights_*).
     N, d, M, k = 7, 6, 12, 3
     values, indices, W, b = make_code(N, d, M, k, requires_grad=True, unique=False, device=device_of(backend))
-    out, grads = _decode_with_grads(as_view(values, view), indices, as_view(W, view), as_view(b, "sliced"))
+    W_view = weight_view(W, "narrow") if backend == "cuda" else as_view(W, view)
+    out, grads = _decode_with_grads(as_view(values, view), indices, W_view, as_view(b, "sliced"))
     ref_out, ref_grads = _decode_with_grads(values, indices, W, b)
     close(out, ref_out, scale=k)
     for g, r, scale in zip(grads, ref_grads, (d, N * k, N)):
         close(g, r, scale=scale)
+
+
+@pytest.mark.parametrize("kind", WEIGHT_VIEWS)
+@pytest.mark.parametrize("d", [5, 16, uninterpreted(37)])
+def test_weight_views_are_read_in_place(backend, kind, d):
+    # Row-strided W_dec views (wider or taller storage, misaligned bases, odd strides): the result
+    # and gradients of the contiguous weights, on every backend, and no copy on the GPU backends.
+    N, M, k = 6, 10, 3
+    values, indices, W, b = make_code(N, d, M, k, requires_grad=True, unique=False, device=device_of(backend))
+    view = weight_view(W, kind)
+    out, grads = _decode_with_grads(values, indices, view, b)
+    ref_out, ref_grads = _decode_with_grads(values, indices, W, b)
+    close(out, ref_out, scale=k)
+    for g, r, scale in zip(grads, ref_grads, (d, N * k, N)):
+        close(g, r, scale=scale)
+
+
+@pytest.mark.parametrize("view", ["transposed", "sliced"])
+def test_transposed_weights_read_in_place_or_declined(backend, view):
+    # No GPU backend copies a weight matrix (an [M, d] copy per call): triton reads any layout
+    # through both strides; cuda declines one without unit stride along d, through the op's
+    # declared limits, with the argument named. cpu and reference take any strides.
+    values, indices, W, b = make_code(6, 5, 10, 3, device=device_of(backend))
+    W_view = as_view(W, view)
+    if backend != "cuda":
+        close(ssae_kernels.sparse_decode(values, indices, W_view, b), reference.sparse_decode(values, indices, W, b),
+              scale=3)
+        return
+    # Asked for by name: the router (RuntimeError) or the cuda binding itself (ValueError) says why.
+    with pytest.raises((RuntimeError, ValueError), match=LAYOUT_ERROR.format(name="W_dec")):
+        ssae_kernels.sparse_decode(values, indices, W_view, b)
+    reasons = backends.BACKENDS[backend].not_supported_reasons("sparse_decode", values.device, values.dtype,
+                                                                (values, indices, W_view, b))
+    assert any("W_dec must have unit stride" in r for r in reasons)
+    assert not backends.BACKENDS[backend].not_supported_reasons(
+        "sparse_decode", values.device, values.dtype, (values, indices, weight_view(W, "rows"), b))
+
+
+@interpreter
+def test_triton_launcher_reads_weight_views():
+    # The launcher itself, called directly: a transposed and a misaligned view, read in place.
+    values, indices, W, b = make_code(6, 5, 10, 3)
+    launcher = triton_module("sparse_decode").sparse_decode
+    close(launcher(values, indices, as_view(W, "transposed"), b), reference.sparse_decode(values, indices, W, b),
+          scale=3)
+    close(launcher(values, indices, weight_view(W, "offset"), b), reference.sparse_decode(values, indices, W, b),
+          scale=3)
 
 
 @pytest.mark.parametrize("bad", [20, 10**11, -1])
@@ -117,6 +194,54 @@ def test_visible_out_of_range_index_raises(backend, bad):
     values, _, W, b = make_code(6, 4, 16, 2)
     with pytest.raises(IndexError, match="indices"):
         ssae_kernels.sparse_decode(values, bad_index_view(6, 16, bad), W, b)
+
+
+def test_triton_launchers_run_on_their_tensors_device(monkeypatch):
+    # Triton launches on the current device: every launcher makes its first tensor's GPU current
+    # (torch.cuda.device), and does nothing of the kind for CPU tensors (the interpreter).
+    common = triton_module("_common")
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    class OnSecondGpu:  # stands for a tensor on cuda:1, without a GPU
+        device = torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    assert common.guarded(lambda t, x: x)(OnSecondGpu(), 5) == 5
+    with common.device_guard(OnSecondGpu()):
+        pass
+    assert entered == [torch.device("cuda", 1)] * 2
+    common.guarded(lambda t: None)(torch.zeros(1))
+    with common.device_guard(torch.zeros(1)):
+        pass
+    assert len(entered) == 2
+    launchers = {"sparse_decode": ["sparse_decode"],
+                 "sparse_backward": ["sampled_dot", "latent_transpose", "sparse_transpose_matmul"],
+                 "tilted_loss": ["tilted_group_stats", "row_sq_error", "sparse_decode_sq_error",
+                                 "sparse_decode_residual"],
+                 "project_subspace": ["project_subspace", "project_subspace_"]}
+    for module, names in launchers.items():
+        for name in names:
+            assert getattr(getattr(triton_module(module), name), "__wrapped__", None) is not None, (module, name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_launch_on_another_device(gpu_backend):
+    # Tensors on cuda:1 while cuda:0 is current: the launch runs on cuda:1 (device guard).
+    values, indices, W, b = make_code(17, 33, 40, 5, device="cuda:1")
+    with torch.cuda.device(0):
+        out = ssae_kernels.sparse_decode(values, indices, W, b)
+    torch.cuda.synchronize(1)
+    close(out, reference.sparse_decode(values, indices, W, b), scale=5)
 
 
 # ---- autograd ------------------------------------------------------------------------------
@@ -204,6 +329,31 @@ def test_gpu_sparse_decode(gpu_backend, dtype, N, k, d, M, with_bias):
     W = (torch.randn(M, d, device="cuda") / d**0.5).to(dtype)
     bias = torch.randn(d, device="cuda").to(dtype) if with_bias else None
     assert_op_matches_reference(gpu_backend, "sparse_decode", values, indices, W, bias, scale=k**0.5)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("d,kind", [(768, "narrow"), (767, "narrow"), (768, "offset"), (768, "rows"), (1023, "odd"),
+                                    (4100, "narrow")])
+def test_gpu_weight_views(gpu_backend, dtype, d, kind):
+    # 16-byte loads where the view's rows are aligned (narrow, rows: a tail when d is odd), one
+    # element at a time where not (offset, odd): the same result either way, and no copy of W.
+    N, k, M = 64, 32, 4096
+    values = torch.randn(N, k, device="cuda").to(dtype)
+    indices = torch.randint(0, M, (N, k), device="cuda")
+    W = weight_view((torch.randn(M, d, device="cuda") / d**0.5).to(dtype), kind)
+    bias = torch.randn(d, device="cuda").to(dtype)
+    assert_op_matches_reference(gpu_backend, "sparse_decode", values, indices, W, bias, scale=k**0.5)
+
+
+@requires_cuda
+def test_gpu_transposed_weight_runs_on_triton(kernel_calls, monkeypatch):
+    # Without an override, a transposed W_dec (a tied SAE's W_enc.T) is read in place by triton.
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    values, indices, W, b = make_code(6, 5, 9, 3, device="cuda")
+    W_t = as_view(W, "transposed")
+    out = ssae_kernels.sparse_decode(values, indices, W_t, b)
+    assert kernel_calls.get(("triton", "sparse_decode"), 0) == 1
+    close(out, reference.sparse_decode(values, indices, W, b), scale=3)
 
 
 def test_gpu_index_check_on_request(gpu_backend, monkeypatch):

@@ -24,8 +24,9 @@ from assertions import DTYPES, close
 from conftest import requires_cuda
 from ssae_kernels import backends, reference
 
-from .conftest import (as_view, bad_index_view, cpu_sized, device_of, group_views, index_views, interpreted,
-                       interpreter, require, triton_module, uninterpreted)
+from .conftest import (as_view, bad_index_view, cpu_sized, device_of, group_views, index_views,
+                       interpreted, interpreter, require, triton_module, uninterpreted)
+from .test_sparse_decode import LAYOUT_ERROR, weight_view
 
 ops = torch.ops.ssae
 GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -551,7 +552,10 @@ def test_decode_data_views_give_the_contiguous_result(backend, view):
     dev = device_of(backend)
     N, d, M, k = 7, 6, 12, 3
     values, indices, W, b, x = make_decode_inputs(N, d, M, k, torch.float32, device=dev)
-    views = [as_view(values, view), as_view(W, view), as_view(b, "sliced"), as_view(x, view)]
+    # W_dec in any layout on cpu, reference and triton; cuda reads it in place and needs unit
+    # stride along d (test_decode_weight_layout_on_gpu_backends).
+    W_view = weight_view(W, "offset") if backend == "cuda" else as_view(W, view)
+    views = [as_view(values, view), W_view, as_view(b, "sliced"), as_view(x, view)]
     value = ssae_kernels.sparse_decode_mse(views[0], indices, *views[1:], t=2.0)
     ref = ssae_kernels.sparse_decode_mse(values, indices, W, b, x, t=2.0)
     close(value, ref, scale=d)
@@ -564,6 +568,25 @@ def test_decode_data_views_give_the_contiguous_result(backend, view):
     for o, r in zip(ops.sparse_decode_residual(views[0].detach(), indices, *[v.detach() for v in views[1:]], scale),
                     ops.sparse_decode_residual(*plain[:1], indices, *plain[1:], scale.contiguous())):
         close(o, r, scale=k)
+
+
+@pytest.mark.parametrize("op", ["sparse_decode_sq_error", "sparse_decode_residual"])
+def test_decode_weight_layout_on_gpu_backends(backend, op):
+    # A transposed W_dec: declined by cuda (never copied), named; read in place elsewhere.
+    dev = device_of(backend)
+    N, d, M, k = 7, 6, 12, 3
+    values, indices, W, b, x = make_decode_inputs(N, d, M, k, torch.float32, device=dev)
+    args = [values.detach(), indices, as_view(W.detach(), "transposed"), b.detach(), x.detach()]
+    if op == "sparse_decode_residual":
+        args.append(torch.rand(N, device=dev))
+    if backend == "cuda":
+        with pytest.raises((RuntimeError, ValueError), match=LAYOUT_ERROR.format(name="W_dec")):
+            getattr(ops, op)(*args)
+    else:
+        plain = [a.contiguous() if a is args[2] else a for a in args]
+        for out, ref in zip(*(getattr(ops, op)(*a) if op == "sparse_decode_residual" else (getattr(ops, op)(*a),)
+                               for a in (args, plain))):
+            close(out, ref, scale=d)
 
 
 @pytest.mark.parametrize("op", ["sparse_decode_mse", "sparse_decode_sq_error", "sparse_decode_residual"])

@@ -33,12 +33,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def score_error(backend, dtype, b_dec):
-    """The CUDA encode's extra score error: for bfloat16/float16 with b_dec, x - b_dec enters its
-    GEMM as hi + lo halves whose rounding adds at most 2^-17 (bf16) or 2^-22 (f16) of
-    sum |x_c w| (launch.h / cuda_ops.cu). Keys closer than that may come out in either order."""
-    if backend != "cuda" or b_dec is None:
-        return 0.0
-    return {torch.bfloat16: 2.0**-17, torch.float16: 2.0**-22}.get(dtype, 0.0)
+    """A backend's extra score error beyond float32 summation (assert_valid_topk's score_error):
+    none any more. The cuda encode used to split 16-bit x - b_dec into hi + lo halves (error
+    ~2^-17); it now folds W @ b_dec into a float32 bias like the Triton encode (docs/cuda.md)."""
+    return 0.0
 
 
 def encode(x, W, b, k, bd=None):
@@ -464,8 +462,8 @@ def test_triton_latent_splits(te, splits):
 
 @interpreter
 def test_triton_shipped_gpu_config_in_interpreter(te):
-    # The largest shipped tile shape, with shapes one past its edges: 64 rows, 128 latents, 64 columns.
-    cfg = te.ENCODE_CONFIGS[(32, 2)]
+    # The shipped bfloat16 tile shape, with shapes one past its edges: 64 rows, 128 latents, 64 columns.
+    cfg = te.ENCODE_CONFIGS[(90, 2)]
     x, W, b, bd = make_encode_inputs(65, 65, 257, torch.bfloat16)
     values, indices = te.topk_encode(x, W, b, 24, bd, config=cfg, splits=2)
     assert_valid_topk(values, indices, x, W, b, 24, bd)
@@ -473,12 +471,12 @@ def test_triton_shipped_gpu_config_in_interpreter(te):
 
 @interpreter
 @pytest.mark.parametrize("k", [5, 8, 9, 23])
-def test_triton_rounds_when_k_exceeds_max_kp(te, monkeypatch, k):
-    # k > MAX_KP runs the kernels in rounds below the previous round's last key
-    monkeypatch.setattr(te, "MAX_KP", 4)
+def test_triton_rounds_when_k_exceeds_max_k_per_round(te, monkeypatch, k):
+    # k > MAX_K_PER_ROUND runs the kernels in rounds below the previous round's last key
+    monkeypatch.setattr(te, "MAX_K_PER_ROUND", 4)
     x, W, b, bd = make_encode_inputs(9, 10, 23 if k == 23 else 50)
     plan = te.encode_plan(9, W.shape[0], k, x.dtype, x.device)
-    assert plan.kp == 4 and plan.rounds == -(-k // 4)
+    assert plan.k_round == 4 and plan.kp == 4 and plan.rounds == -(-k // 4)
     values, indices = te.topk_encode(x, W, b, k, bd, splits=2)
     ref_values, ref_indices = reference.topk_encode(x, W, b, k, bd)
     assert torch.equal(indices, ref_indices)
@@ -555,24 +553,82 @@ def test_triton_nan_ranks_first_across_splits(te):
     assert torch.isnan(values[0, :3]).all()
 
 
+@interpreter
+@pytest.mark.parametrize("order", ["increasing", "decreasing", "constant_rows"])
+@pytest.mark.parametrize("k,splits", [(1, 1), (7, 2), (40, 3)])
+def test_triton_selection_worst_orders(te, order, k, splits):
+    # Scores rising with the latent index make every key beat its row's threshold, so buffers fill
+    # and compact on every tile; falling scores make nearly every later key fail. Rows of equal
+    # scores test the threshold's tie-break (lower latent wins) across compactions and splits.
+    N, M = 19, 400
+    x = torch.ones(N, 1)
+    if order == "constant_rows":
+        W = torch.zeros(M, 1)
+        b = torch.zeros(M)
+    else:
+        ramp = torch.linspace(-1, 1, M)
+        W = (ramp if order == "increasing" else -ramp)[:, None].clone()
+        b = torch.zeros(M)
+    x = x * torch.arange(1, N + 1, dtype=torch.float32)[:, None]
+    values, indices = te.topk_encode(x, W, b, k, splits=splits)
+    ref_values, ref_indices = reference.topk_encode(x, W, b, k)
+    assert torch.equal(indices, ref_indices)
+    close(values, ref_values)
+
+
+@interpreter
+def test_triton_compaction_and_shared_threshold_paths(te):
+    # Many tiles per split with small buffers: rows compact several times, and with 4 splits the
+    # shared threshold published by one split prunes the others. Exact against the reference.
+    x, W, b, bd = make_encode_inputs(37, 11, 2000, b_dec=True)
+    plan = te.encode_plan(37, 2000, 9, x.dtype, x.device, splits=4)
+    assert plan.latents_per_split // plan.config.block_m > plan.capacity // plan.config.block_m
+    values, indices = te.topk_encode(x, W, b, 9, bd, splits=4)
+    ref_values, ref_indices = reference.topk_encode(x, W, b, 9, bd)
+    assert torch.equal(indices, ref_indices)
+    close(values, ref_values)
+
+
+@interpreter
+@pytest.mark.parametrize("layout", ["transposed", "row_strided", "column_strided"])
+def test_triton_weight_views_are_read_in_place(te, layout):
+    # W_enc views (W_dec.T of a tied SAE, every other row, every other column) are read through
+    # their strides: the launcher allocates nothing of W_enc's size.
+    N, d, M, k = 9, 12, 300, 5
+    x, _, b, bd = make_encode_inputs(N, d, M)
+    if layout == "transposed":
+        W = torch.randn(d, M).T
+    elif layout == "row_strided":
+        W = torch.randn(2 * M, d)[::2]
+    else:
+        W = torch.randn(M, 2 * d)[:, ::2]
+    with _Allocations() as seen:
+        values, indices = te.topk_encode(x, W, b, k, bd, splits=2)
+    assert all(n < M * d for _, _, n in seen.sizes), seen.sizes
+    ref_values, ref_indices = reference.topk_encode(x, W, b, k, bd)
+    assert torch.equal(indices, ref_indices)
+    close(values, ref_values)
+
+
 def test_triton_scratch_is_independent_of_M(te):
     # The GPU plan (132 multiprocessors, as an H100) for growing dictionaries: the candidate
     # buffer stops growing with M once splits reach their cap, and stays far below N x M.
     N, k = 4096, 32
     shapes = {}
     for M in (2**14, 2**18, 2**22, 2**26):
-        cfg = te.encode_config(32, torch.bfloat16, torch.device("cuda"))
+        cfg = te.encode_config(torch.bfloat16, torch.device("cuda"), arch=90)
         plan = te.encode_plan(N, M, k, torch.bfloat16, torch.device("cpu"), config=cfg, multiprocessors=132)
         scratch = plan.scratch_shape[0] * plan.scratch_shape[1] * plan.scratch_shape[2]
         assert plan.scratch_shape[0] == N and plan.kp == 32 and plan.splits <= te.MAX_SPLITS
-        assert scratch <= N * te.MAX_SPLITS * plan.kp
+        assert plan.capacity == te.buffer_capacity(k, cfg.block_m) and plan.capacity < 8 * cfg.block_m
+        assert scratch <= N * te.MAX_SPLITS * plan.capacity
         assert scratch * 8 <= N * M * 2 // 16 or M == 2**14  # int64 scratch vs a bf16 N x M matrix
         shapes[M] = plan.scratch_shape
     assert shapes[2**22] == shapes[2**26]
     # few rows: splits grow to fill the GPU, but still capped
     plan = te.encode_plan(8, 2**26, 64, torch.bfloat16, torch.device("cpu"),
-                          config=te.encode_config(64, torch.bfloat16, torch.device("cuda")), multiprocessors=132)
-    assert plan.splits == te.MAX_SPLITS and plan.scratch_shape == (8, te.MAX_SPLITS, 64)
+                          config=te.encode_config(torch.bfloat16, torch.device("cuda"), arch=90), multiprocessors=132)
+    assert plan.splits == te.MAX_SPLITS and plan.scratch_shape == (8, te.MAX_SPLITS, plan.capacity)
 
 
 class _Allocations(TorchDispatchMode):
@@ -600,11 +656,11 @@ def test_triton_allocations_are_small_for_large_M(te):
     with _Allocations() as seen:
         values, indices = te.topk_encode(x, W, b, k, bd)
     assert_valid_topk(values, indices, x, W, b, k, bd)
-    scratch = N * plan.splits * plan.kp
+    scratch = N * plan.splits * plan.capacity
     assert scratch * 16 <= N * M
     allocated = [s for s in seen.sizes if s[2] > 0]
     assert any(shape == plan.scratch_shape for _, shape, _ in allocated), allocated
-    # outputs (N x k), candidates (N x splits x KP), the folded bias (M): nothing like N x M
+    # outputs (N x k), candidates (N x splits x CAPACITY), the folded bias (M): nothing like N x M
     assert all(n <= max(N * k, scratch, M) for _, _, n in allocated), allocated
 
 
@@ -697,6 +753,73 @@ def test_gpu_cuda_encode_non_finite():
     others = [n for n in range(N) if n != 3]
     assert bool((indices[others, 0] == 5).all()) and bool(values[others, 0].isnan().all())
     assert not bool(values[others, 1:].isnan().any())
+
+
+# The cuda encode's plans (csrc/kernels/cuda/launch.h, docs/cuda.md): few rows split each
+# row's latents over several selection blocks ("splits"), merged at the end; more than one
+# GEMM chunk double-buffers the scores, the GEMMs on a second stream. Plans on a 132-SM GPU
+# (H100/H200) in the comments.
+CUDA_SMALL_N_SHAPES = [  # N, d, M, k
+    (1, 64, 100_000, 32),     # 79 splits, one chunk
+    (3, 32, 200_000, 40),     # 157 splits, one chunk
+    (4, 8, 3_000_000, 32),    # 256 splits x 3 chunks: splits and the overlap
+    (2, 16, 200_000, 2100),   # 24 splits of >= 8192 latents; k > 2048: the merge sorts in global memory
+    (100, 64, 300_000, 64),   # 21 splits x 6 chunks
+]
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("N,d,M,k", CUDA_SMALL_N_SHAPES)
+def test_gpu_cuda_encode_small_n_splits(dtype, N, d, M, k):
+    x, W, b, bd = make_encode_inputs(N, d, M, dtype, device="cuda")
+    with ssae_kernels.use_backend("cuda"):
+        for b_dec in (None, bd):
+            values, indices = ssae_kernels.topk_encode(x, W, b, k, b_dec=b_dec)
+            assert_valid_topk(values, indices, x, W, b, k, b_dec)
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("N,M", [(3, 200_000), (5, 3_000_000), (2100, 9000)])
+def test_gpu_cuda_encode_exact_ties_across_splits(dtype, N, M):
+    # Small integers: every score is exact (the folded bias of 16-bit inputs too), so the
+    # result must equal the reference bit for bit, ties to the lower index across splits,
+    # chunks and row blocks.
+    d, k = 16, 40
+    x = torch.randint(-2, 3, (N, d)).to("cuda", dtype)
+    W = torch.randint(-1, 2, (M, d)).to("cuda", dtype)
+    b = torch.randint(-1, 2, (M,)).to("cuda", dtype)
+    bd = torch.randint(-1, 2, (d,)).to("cuda", dtype)
+    with ssae_kernels.use_backend("cuda"):
+        for b_dec in (None, bd):
+            values, indices = ssae_kernels.topk_encode(x, W, b, k, b_dec=b_dec)
+            ref_values, ref_indices = reference.topk_encode(x, W, b, k, b_dec)
+            assert torch.equal(indices, ref_indices) and torch.equal(values, ref_values)
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_cuda_encode_folds_b_dec_without_copying_W(dtype):
+    # 16-bit x with b_dec: one GEMM on x as it is, with b_dec as an extra GEMM row whose output
+    # W @ b_dec is folded into the bias. W_enc as a transposed view is read where it lies: the
+    # call allocates far less than W. Small integers: every score is exact, so the result is the
+    # reference's bit for bit whatever order cuBLAS sums in for either layout.
+    N, d, M, k = 64, 512, 1 << 20, 32
+    x = torch.randint(-1, 2, (N, d), device="cuda").to(dtype)
+    W = torch.randint(-1, 2, (d, M), device="cuda").to(dtype).t()  # [M, d], strides (1, M)
+    b = torch.randint(-3, 4, (M,), device="cuda").to(dtype)
+    bd = torch.randint(-1, 2, (d,), device="cuda").to(dtype)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with ssae_kernels.use_backend("cuda"):
+        values, indices = ssae_kernels.topk_encode(x, W, b, k, b_dec=bd)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < W.numel() * W.element_size() // 4, extra
+    ref_values, ref_indices = reference.topk_encode(x, W, b, k, bd)
+    assert torch.equal(indices, ref_indices) and torch.equal(values, ref_values)
 
 
 @requires_cuda_backend

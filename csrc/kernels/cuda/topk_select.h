@@ -1,5 +1,7 @@
-// Block-level top-k selection of the CUDA fused encode, written once for the
-// device and for a host emulation used by the unit tests.
+// Block-level top-k selection of the CUDA encode, written once for the
+// device and for a host emulation used by the unit tests
+// (csrc/tests/test_cuda_topk_select.cpp, which also runs it with the block's
+// threads in random orders between barriers).
 //
 // A (score, latent) pair is packed into one 64-bit key whose unsigned order is
 // the ranking order: score bits mapped monotonically (NaN above +inf, -0 equal
@@ -14,7 +16,8 @@
 //                          (called by every thread the same number of times)
 //   ex.atomic_add / ex.atomic_min   on shared counters
 // On the device (device.cuh) `each` is one call per thread + __syncthreads;
-// on the host (csrc/tests) it loops over thread ids in any order. Code outside
+// on the host (csrc/tests) it loops over thread ids in any order (the tests
+// draw a fresh random order for every phase). Code outside
 // `each` runs in every thread on the device and once on the host, so it only
 // reads shared state that no thread writes before the next two barriers.
 #pragma once
@@ -85,34 +88,102 @@ struct SelectShared {
   topk_key kmin;
 };
 
-// One row of one latent chunk.
-struct SelectRow {
-  const float* scores;     // [cols] GEMM output for this row
-  const float* scores_lo;  // [cols] second half when x - b_dec was split into hi + lo, else null
-  const float* bias;       // [cols] b_enc of the chunk's latents, float32
-  int64_t cols;            // latents in this chunk
-  int64_t col0;            // first latent of the chunk (chunks arrive in increasing order from 0)
-  int64_t k;
-  const topk_key* state_in;   // the row's top keys so far: min(k, col0) of them, any order
-  topk_key* state_out;        // receives min(k, col0 + cols) keys
-  topk_key* row_min;          // smallest key of the state, kept once the state holds k keys
-  uint32_t* cand;          // [cols] scratch: chunk columns that beat the row's threshold
-};
+// The k largest of the keys key_at(i), i in [0, n), where key 0 marks an
+// absent entry (every real key is > 0) and `total` real keys are present
+// (unique, as every key is). They are written to out[0, min(k, total)) in any
+// order and their minimum to *row_min. A most-significant-digit radix select
+// finds the k-th key, usually in 2-4 passes of 8 bits (it stops once the k-th
+// key's bin is taken whole); with total <= k every real key is kept.
+// Precondition: sh.nout == 0 and sh.kmin == ~0, written before a barrier.
+template <class Exec, class KeyAt>
+SSAE_FN void select_top(Exec& ex, SelectShared& sh, int64_t n, int64_t total, int64_t k, const KeyAt& key_at,
+                        topk_key* out, topk_key* row_min) {
+  const int T = ex.threads();
+  // Invariant: `remaining` (>= 1) keys are still to be taken among the keys
+  // whose masked bits equal `prefix`; every key with larger masked bits is taken.
+  topk_key prefix = 0, mask = 0;  // mask 0: every real key is taken
+  if (total > k) {
+    uint32_t remaining = uint32_t(k);
+    for (int shift = 56; shift >= 0; shift -= 8) {
+      ex.each([&](int t) { sh.hist[t] = 0; });
+      ex.each([&](int t) {
+        for (int64_t i = t; i < n; i += T) {
+          const topk_key key = key_at(i);
+          if (key != 0 && (key & mask) == prefix) ex.atomic_add(&sh.hist[(key >> shift) & 0xff], 1u);
+        }
+      });
+      // Suffix sums over the bins (Hillis-Steele, ping-pong buffers).
+      const uint32_t* src = sh.hist;
+      for (int off = 1, b = 0; off < kRadixBins; off <<= 1, b ^= 1) {
+        uint32_t* dst = sh.scan[b];
+        ex.each([&](int t) { dst[t] = src[t] + (t + off < kRadixBins ? src[t + off] : 0u); });
+        src = dst;
+      }
+      // The bin holding the remaining-th largest key: exactly one t has
+      // suffix[t] >= remaining > suffix[t + 1].
+      ex.each([&](int t) {
+        const uint32_t here = src[t], next = t + 1 < kRadixBins ? src[t + 1] : 0u;
+        if (here >= remaining && next < remaining) {
+          sh.digit = uint32_t(t);
+          sh.above = next;
+          sh.count = sh.hist[t];
+        }
+      });
+      remaining -= sh.above;
+      prefix |= topk_key(sh.digit) << shift;
+      mask |= topk_key(0xff) << shift;
+      if (sh.count == remaining) break;  // the whole bin is taken; always true at shift 0 (unique keys)
+    }
+  }
 
-SSAE_FN topk_key chunk_key(const SelectRow& a, int64_t c) {
-  float s = a.scores[c];
-  if (a.scores_lo) s += a.scores_lo[c];
-  return pack_key(s + a.bias[c], a.col0 + c);
+  ex.each([&](int t) {
+    for (int64_t base = 0; base < n; base += T) {
+      const int64_t i = base + t;
+      topk_key key = 0;
+      bool keep = false;
+      if (i < n) {
+        key = key_at(i);
+        keep = key != 0 && (key & mask) >= prefix;
+      }
+      const uint32_t slot = ex.append(&sh.nout, keep);
+      if (keep) {
+        out[slot] = key;
+        ex.atomic_min(&sh.kmin, key);
+      }
+    }
+  });
+  ex.each([&](int t) {
+    if (t == 0) *row_min = sh.kmin;
+  });
 }
 
-// Merges the chunk into the row's top-k: keys of the chunk above the current
-// k-th key are listed, then a most-significant-digit radix select over
-// (state + listed keys) finds the new k-th key, usually in 2-4 passes of 8 bits
-// (it stops once the k-th key's bin is taken whole).
+// The bias of a latent with b_dec folded in (BDec::kFold, launch.h): b_enc
+// minus the float32 GEMM output W[m] @ b_dec.
+SSAE_FN float folded_bias(float b_enc, float w_dot_b_dec) { return b_enc - w_dot_b_dec; }
+
+// One selection block's share of one latent chunk: the segment of a row's
+// chunk that one latent split owns (the whole chunk with one split).
+struct SelectRow {
+  const float* scores;  // [cols] GEMM output for this row and segment
+  const float* bias;    // [cols] float32 bias of the segment's latents (b_enc, with W @ b_dec folded in)
+  int64_t cols;         // latents in this segment (0: a split past the end of the last chunk)
+  int64_t col0;         // latent of column 0
+  int64_t seen;         // latents this split merged before (its segments of the earlier chunks)
+  int64_t k;
+  const topk_key* state_in;  // the split's top keys so far: min(k, seen) of them, any order
+  topk_key* state_out;       // receives min(k, seen + cols) keys
+  topk_key* row_min;         // smallest key of the state, read once the state holds k keys
+  uint32_t* cand;            // [cols] scratch: segment columns that beat the split's threshold
+};
+
+SSAE_FN topk_key chunk_key(const SelectRow& a, int64_t c) { return pack_key(a.scores[c] + a.bias[c], a.col0 + c); }
+
+// Merges the segment into the split's top-k: keys of the segment above the
+// current k-th key are listed, then select_top() over (state + listed keys).
 template <class Exec>
 SSAE_FN void select_chunk(Exec& ex, SelectShared& sh, const SelectRow& a) {
   const int T = ex.threads();
-  const int64_t filled = a.col0 < a.k ? a.col0 : a.k;
+  const int64_t filled = a.seen < a.k ? a.seen : a.k;
   const topk_key threshold = filled == a.k ? *a.row_min : topk_key(0);
 
   ex.each([&](int t) {
@@ -131,77 +202,49 @@ SSAE_FN void select_chunk(Exec& ex, SelectShared& sh, const SelectRow& a) {
     }
   });
   const int64_t total = filled + int64_t(sh.ncand);
-  const auto key_at = [&](int64_t i) -> topk_key { return i < filled ? a.state_in[i] : chunk_key(a, a.cand[i - filled]); };
+  const auto key_at = [&](int64_t i) -> topk_key {
+    return i < filled ? a.state_in[i] : chunk_key(a, a.cand[i - filled]);
+  };
+  select_top(ex, sh, total, total, a.k, key_at, a.state_out, a.row_min);
+}
 
-  if (total <= a.k) {  // nothing to drop
-    ex.each([&](int t) {
-      for (int64_t i = t; i < total; i += T) {
-        const topk_key key = key_at(i);
-        a.state_out[i] = key;
-        ex.atomic_min(&sh.kmin, key);
-      }
-    });
-    if (total == a.k)
-      ex.each([&](int t) {
-        if (t == 0) *a.row_min = sh.kmin;
-      });
-    return;
-  }
+// A row's latent splits, merged after its last chunk: split s holds
+// split_keys(M, chunk, seg, s, k) keys (launch.h) at states + s * stride.
+struct MergeRow {
+  const topk_key* states;  // [splits, stride]
+  int64_t splits;
+  int64_t stride;
+  int64_t k;
+  int64_t M;             // latents in all
+  int64_t chunk;         // latents per chunk (splits * seg)
+  int64_t seg;           // latents per split per chunk
+  topk_key* out;         // receives the row's k keys
+  topk_key* row_min;
+};
 
-  // Invariant: `remaining` (>= 1) keys are still to be taken among the keys
-  // whose masked bits equal `prefix`; every key with larger masked bits is taken.
-  topk_key prefix = 0, mask = 0;
-  uint32_t remaining = uint32_t(a.k);
-  for (int shift = 56; shift >= 0; shift -= 8) {
-    ex.each([&](int t) { sh.hist[t] = 0; });
-    ex.each([&](int t) {
-      for (int64_t i = t; i < total; i += T) {
-        const topk_key key = key_at(i);
-        if ((key & mask) == prefix) ex.atomic_add(&sh.hist[(key >> shift) & 0xff], 1u);
-      }
-    });
-    // Suffix sums over the bins (Hillis-Steele, ping-pong buffers).
-    const uint32_t* src = sh.hist;
-    for (int off = 1, b = 0; off < kRadixBins; off <<= 1, b ^= 1) {
-      uint32_t* dst = sh.scan[b];
-      ex.each([&](int t) { dst[t] = src[t] + (t + off < kRadixBins ? src[t + off] : 0u); });
-      src = dst;
-    }
-    // The bin holding the remaining-th largest key: exactly one t has
-    // suffix[t] >= remaining > suffix[t + 1].
-    ex.each([&](int t) {
-      const uint32_t here = src[t], next = t + 1 < kRadixBins ? src[t + 1] : 0u;
-      if (here >= remaining && next < remaining) {
-        sh.digit = uint32_t(t);
-        sh.above = next;
-        sh.count = sh.hist[t];
-      }
-    });
-    remaining -= sh.above;
-    prefix |= topk_key(sh.digit) << shift;
-    mask |= topk_key(0xff) << shift;
-    if (sh.count == remaining) break;  // the whole bin is taken; always true at shift 0 (unique keys)
-  }
-
+template <class Exec>
+SSAE_FN void merge_splits(Exec& ex, SelectShared& sh, const MergeRow& a) {
   ex.each([&](int t) {
-    for (int64_t base = 0; base < total; base += T) {
-      const int64_t i = base + t;
-      topk_key key = 0;
-      bool keep = false;
-      if (i < total) {
-        key = key_at(i);
-        keep = (key & mask) >= prefix;
-      }
-      const uint32_t slot = ex.append(&sh.nout, keep);
-      if (keep) {
-        a.state_out[slot] = key;
-        ex.atomic_min(&sh.kmin, key);
-      }
+    if (t == 0) {
+      sh.nout = 0;
+      sh.kmin = ~topk_key(0);
     }
   });
-  ex.each([&](int t) {
-    if (t == 0) *a.row_min = sh.kmin;
-  });
+  // split_keys() without a division per key: stride is a power of two.
+  const int64_t full = (a.M / a.chunk) * a.seg, rest = a.M % a.chunk;
+  int shift = 0;
+  while ((int64_t(1) << shift) < a.stride) ++shift;
+  const auto keys_of = [&](int64_t s) {
+    const int64_t n = split_latents_from(full, rest, a.seg, s);
+    return n < a.k ? n : a.k;
+  };
+  int64_t total = 0;
+  for (int64_t s = 0; s < a.splits; ++s) total += keys_of(s);
+  const auto key_at = [&](int64_t i) -> topk_key {
+    const int64_t s = i >> shift, j = i & (a.stride - 1);
+    return j < keys_of(s) ? a.states[i] : topk_key(0);
+  };
+  select_top(ex, sh, a.splits * a.stride, total, a.k, key_at, a.out, a.row_min);
 }
 
 // Sorts a row's k keys in descending order and emits them through
