@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # Wheels for gpu_check.py's `peers` stage, downloaded here (the GPU machine reaches no registry) into
-# .whl/, which git ignores through .git/info/exclude. They are eai-sparsify, the peer bench_gpu.py
-# compares with, and what `import sparsify` needs that the GPU machine's image lacks (its package list
-# is in the device tool's KINDS.md): all pure Python, for that machine's Python 3.12. Then pass
+# .whl/, which .gitignore lists. They are eai-sparsify, the peer bench_gpu.py
+# compares with, and what `import sparsify` needs that the GPU machine's image lacks:
+# all pure Python, for that machine's Python 3.12. Then pass
 # carry [".whl"] to the device tool's run (docs/benchmarks.md); gpu_check installs them into a
 # temporary folder. Without them the benchmark records sparsify as not importable and goes on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 rm -rf .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

