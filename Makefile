@@ -45,7 +45,8 @@ bench: peers
 bench-full: peers
 	$(PY) benchmarks/bench_step.py
 
-test: setup test-python test-cpp test-triton-aot
+# The peers are installed so that the format tests can load exported SAEs with their own loaders.
+test: setup peers test-python test-cpp test-triton-aot
 
 test-python:
 	$(PY) -m pytest -q

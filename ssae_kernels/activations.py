@@ -89,7 +89,7 @@ def harvest(model, tokenizer, texts: list[str], layer: int, *, context: int = 25
             keep[:, 0] = False  # BOS / first position
             acts.append(captured.pop("h").float().cpu()[keep])
             tokens.append(ids[keep])
-            bar.update(int(keep.sum()))
+            bar.update(min(int(keep.sum()), total - bar.n))  # the last batch may pass max_tokens
             if max_tokens is not None and sum(a.shape[0] for a in acts) >= max_tokens:
                 break
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 
 import torch
@@ -77,19 +76,18 @@ def downstream_losses(model, saes: dict[str, TopKSAE], chunks: list[list[int]], 
     device = next(model.parameters()).device
     bar = tqdm(total=len(chunks), desc="downstream loss", unit="seq", disable=not progress)
     for start in range(0, len(chunks), batch_size):
-        batch = [c for c in chunks[start:start + batch_size] if len(c) >= 3]
-        if not batch:
-            continue
-        width = min(len(c) for c in batch)  # equal lengths: no padding in the loss
-        ids = torch.tensor([c[:width] for c in batch], device=device)
-        for name, replace in variants.items():
-            with splice(model, layer, replace) if replace is not None else contextlib.nullcontext():
-                logits = model(input_ids=ids, use_cache=False).logits[:, 1:-1].float()
-            # positions 1.. predict their next token (position 0 is left untouched everywhere)
-            totals[name] += float(torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 2:].reshape(-1), reduction="sum"))
-        count += ids[:, 2:].numel()
-        bar.update(len(batch))
+        batch = [c for c in chunks[start:start + batch_size] if len(c) >= 3]  # shorter ones predict nothing
+        if batch:
+            width = min(len(c) for c in batch)  # equal lengths: no padding in the loss
+            ids = torch.tensor([c[:width] for c in batch], device=device)
+            for name, replace in variants.items():
+                with splice(model, layer, replace) if replace is not None else contextlib.nullcontext():
+                    logits = model(input_ids=ids, use_cache=False).logits[:, 1:-1].float()
+                # positions 1.. predict their next token (position 0 is left untouched everywhere)
+                totals[name] += float(torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), ids[:, 2:].reshape(-1), reduction="sum"))
+            count += ids[:, 2:].numel()
+        bar.update(len(chunks[start:start + batch_size]))
     bar.close()
     ce = {k: v / max(count, 1) for k, v in totals.items()}
     ce["tokens"] = count

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .ops import sparse_decode, sparse_decode_mse, topk_encode
+from .storage import (MANIFEST, CorruptFileError, atomic_write, atomic_write_text, read_checksums, verify_checksums,
+                      write_checksums)
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -156,20 +158,107 @@ class TopKSAE(torch.nn.Module):
     # ---- files -------------------------------------------------------------------------
 
     def save(self, directory: str) -> None:
-        """``directory/cfg.json`` and ``directory/sae.safetensors`` (written atomically)."""
+        """``directory/sae.safetensors`` and ``directory/cfg.json``, each written atomically and fsynced, and
+        the sha256 of the weights in ``directory/checksums.json`` (verified by ``load``)."""
         os.makedirs(directory, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic(os.path.join(directory, WEIGHTS_FILE), lambda p: save_file(tensors, p))
-        _atomic(os.path.join(directory, CONFIG_FILE), lambda p: _write_text(p, json.dumps(dataclasses.asdict(self.cfg), indent=2)))
+        # A stale checksum of the old weights goes first: a crash between the writes below then leaves a
+        # directory that loads unverified, never one that fails its check.
+        try:
+            manifest = read_checksums(directory)
+        except ValueError:  # an unreadable manifest is replaced
+            os.remove(os.path.join(directory, MANIFEST))
+            manifest = None
+        if manifest is not None and manifest.pop(WEIGHTS_FILE, None) is not None:
+            atomic_write_text(os.path.join(directory, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
+        atomic_write(os.path.join(directory, WEIGHTS_FILE), lambda p: save_file(tensors, p))
+        atomic_write_text(os.path.join(directory, CONFIG_FILE), json.dumps(dataclasses.asdict(self.cfg), indent=2))
+        write_checksums(directory, [WEIGHTS_FILE])
 
     @classmethod
     def load(cls, directory: str, device: str | torch.device = "cpu") -> "TopKSAE":
-        """Loads our format; SAELens and sparsify directories are read by ``ssae_kernels.formats.load_sae``."""
-        with open(os.path.join(directory, CONFIG_FILE)) as f:
-            cfg = SAEConfig(**json.load(f))
+        """Loads our format, checked: the weights against ``checksums.json`` (CorruptFileError; directories
+        written before checksums existed have none and load unchecked), ``cfg.json`` (ValueError naming a
+        missing, unknown or invalid key) and every tensor's shape against the config (ValueError).
+        SAELens and sparsify directories are read by ``ssae_kernels.formats.load_sae``."""
+        cfg_path, weights_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
+        raw = read_json_object(cfg_path)
+        missing = [key for key in ("d_in", "num_latents", "k") if key not in raw]
+        if missing:
+            raise ValueError(f"{cfg_path}: missing key {missing[0]!r} (required: d_in, num_latents, k)")
+        known = {f.name for f in dataclasses.fields(SAEConfig)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{cfg_path}: unknown keys {unknown} (known: {sorted(known)})")
+        for key in ("d_in", "num_latents", "k"):
+            if isinstance(raw[key], bool) or not isinstance(raw[key], int):
+                raise ValueError(f"{cfg_path}: key {key!r} must be a positive int, got {raw[key]!r}")
+        try:
+            cfg = SAEConfig(**raw)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{cfg_path}: {e}") from None
+        if not os.path.isfile(weights_path):
+            raise FileNotFoundError(f"{weights_path}: missing ({directory} has {CONFIG_FILE} but no weights)")
+        verify_weights(directory, WEIGHTS_FILE)
+        tensors = read_safetensors(weights_path)
+        check_shapes(weights_path, tensors, {"W_enc": ("num_latents", "d_in"), "W_dec": ("num_latents", "d_in"),
+                                             "b_enc": ("num_latents",), "b_dec": ("d_in",), "input_scale": (),
+                                             "tokens_since_fired": ("num_latents",)},
+                     {"d_in": cfg.d_in, "num_latents": cfg.num_latents}, cfg_path)
         sae = cls(cfg)
-        sae.load_state_dict(load_file(os.path.join(directory, WEIGHTS_FILE), device=str(device)))
+        sae.load_state_dict(tensors)
         return sae.to(device)
+
+
+def read_json_object(path: str) -> dict:
+    """The JSON object in ``path``; ValueError naming the file when it is not valid JSON or not an object."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def verify_weights(directory: str, name: str) -> bool:
+    """``storage.verify_checksums`` of one file (CorruptFileError naming it when it differs); also a
+    CorruptFileError, naming the manifest, when ``checksums.json`` itself is unreadable. False without one."""
+    try:
+        return verify_checksums(directory, [name])
+    except CorruptFileError:
+        raise
+    except (ValueError, AttributeError, TypeError) as e:  # not JSON, or not a JSON object of names
+        raise CorruptFileError(f"{os.path.join(directory, MANIFEST)}: unreadable checksum manifest ({e})") from None
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (on the CPU); CorruptFileError naming the file when it cannot be parsed."""
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError on a truncated file)
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CorruptFileError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def check_shapes(weights_path: str, tensors: dict[str, torch.Tensor], spec: dict[str, tuple[str, ...]],
+                 dims: dict[str, int], cfg_path: str) -> None:
+    """ValueError naming the weights file and the tensor when a tensor is missing, unexpected or not of its
+    shape. ``spec`` gives each tensor's shape as config keys, ``dims`` their values read from ``cfg_path``."""
+    missing = [name for name in spec if name not in tensors]
+    if missing:
+        raise ValueError(f"{weights_path}: missing tensor {missing[0]!r} (expected {sorted(spec)})")
+    extra = sorted(set(tensors) - set(spec))
+    if extra:
+        raise ValueError(f"{weights_path}: unexpected tensors {extra} (expected {sorted(spec)})")
+    for name, keys in spec.items():
+        expected, found = [dims[key] for key in keys], list(tensors[name].shape)
+        if found != expected:
+            source = ", ".join(f"{key}={dims[key]}" for key in dict.fromkeys(keys)) or "a scalar"
+            raise ValueError(f"{weights_path}: tensor {name!r} has shape {found}, expected {expected} "
+                             f"({source} in {cfg_path})")
 
 
 def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-6) -> torch.Tensor:
@@ -182,14 +271,3 @@ def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-6) -> tor
             return new
         point = new
     return point
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)

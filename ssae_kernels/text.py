@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Iterator
 
 BUILTIN = "builtin:python-docs"
+_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
 def builtin_python_docs() -> list[str]:
@@ -16,6 +18,33 @@ def builtin_python_docs() -> list[str]:
     from pydoc_data.topics import topics
 
     return [topics[key] for key in sorted(topics)]
+
+
+def check_source(source: str, field: str = "text") -> None:
+    """Raises a ValueError naming ``source`` when it cannot be read, before anything slow is loaded."""
+    if source == BUILTIN:
+        return
+    if os.path.isdir(source):
+        if not any(n.endswith(_SUFFIXES) for n in os.listdir(source)):
+            raise ValueError(f"text source {source}: the directory holds no {'/'.join(_SUFFIXES)} file")
+    elif os.path.exists(source):
+        if not source.endswith(_SUFFIXES):
+            raise ValueError(f"text source {source}: unsupported file type; use {', '.join(_SUFFIXES)}")
+    elif source.endswith(_SUFFIXES) or os.sep in source and not _looks_like_hub_id(source):
+        raise ValueError(f"text source {source}: no such file")
+    else:
+        from .models import hub_reachable
+
+        if importlib.util.find_spec("datasets") is None:
+            raise ValueError(f"text source {source}: not a local file; reading it as a Hugging Face dataset "
+                             "needs `pip install datasets`")
+        if not hub_reachable():
+            raise ValueError(f"text source {source}: not a local file, and the Hugging Face hub is unreachable "
+                             "(offline?)")
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~"))
 
 
 def read_texts(source: str, *, field: str = "text", split: str = "train", limit: int | None = None) -> list[str]:
@@ -28,7 +57,7 @@ def read_texts(source: str, *, field: str = "text", split: str = "train", limit:
                 for d in _read_file(os.path.join(source, name), field)]
     elif os.path.isfile(source):
         docs = list(_read_file(source, field))
-    elif source.endswith((".txt", ".jsonl", ".parquet")):
+    elif source.endswith(_SUFFIXES):
         raise FileNotFoundError(f"text source {source!r} does not exist")
     else:
         docs = _read_hub_dataset(source, field, split, limit)
@@ -41,6 +70,13 @@ def read_texts(source: str, *, field: str = "text", split: str = "train", limit:
 
 
 def _read_file(path: str, field: str) -> Iterator[str]:
+    try:
+        yield from _read_records(path, field)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def _read_records(path: str, field: str) -> Iterator[str]:
     if path.endswith(".txt"):
         with open(path, encoding="utf-8") as f:
             # blank-line separated paragraphs grouped into documents of reasonable size
@@ -49,9 +85,16 @@ def _read_file(path: str, field: str) -> Iterator[str]:
         with open(path, encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
                 if line.strip():
-                    record = json.loads(line)
-                    if field not in record:
-                        raise KeyError(f"{path}:{line_no} has no field {field!r} (fields: {', '.join(record)})")
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
+                    if not isinstance(record, dict) or field not in record:
+                        fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                        raise ValueError(f"{path}:{line_no} has no field {field!r} (found: {fields}); "
+                                         "see --text-field")
+                    if not isinstance(record[field], str):
+                        raise ValueError(f"{path}:{line_no}: field {field!r} is not a string")
                     yield record[field]
     elif path.endswith(".parquet"):
         import pyarrow.parquet as pq

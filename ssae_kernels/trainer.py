@@ -15,10 +15,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import storage
 from .ops import StreamingTERM
 from .sae import SAEConfig, TopKSAE
 
 CHECKPOINT = "checkpoint"
+OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINER_FILE = "trainer.json"
 
 
 @dataclass
@@ -29,6 +32,9 @@ class TrainConfig:
     warmup_steps: int | None = None  # default 5% of steps
     decay_start: float = 0.8  # linear decay to 0 over the last 20% of steps
     grad_clip: float = 1.0
+    # Gao et al.'s value (openai/sparse_autoencoder's training code): with a tiny eps, Adam's step size stays
+    # independent of the gradient's scale even for latents that fire rarely and get tiny gradients.
+    adam_eps: float = 6.25e-10
     tilt: float = 0.0  # TERM tilt t; 0 is plain ERM
     streaming_term: bool = False  # TERM's stochastic form (running normalizer) instead of the batch tilt
     term_decay: float = 0.1
@@ -117,7 +123,7 @@ class Trainer:
         self.sae, self.acts, self.cfg, self.out_dir = sae, acts, cfg, out_dir
         self.progress = progress
         self.lr = cfg.learning_rate(sae.cfg.num_latents)
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10)
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=cfg.adam_eps)
         self.sampler = BatchSampler(acts.shape[0], cfg.batch_size, cfg.seed)
         self.term = StreamingTERM(cfg.tilt, cfg.term_decay) if cfg.streaming_term else None
         self.step = 0
@@ -127,10 +133,24 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------
 
+    def begin(self, *, resume: bool) -> None:
+        """Starts a fresh run (an empty metrics file) or, with ``resume``, continues from the newest complete
+        checkpoint in out_dir, with the metrics file cut back to that checkpoint's step."""
+        if not resume:
+            storage.atomic_write_text(self.metrics_file, "")
+            return
+        directory = recover_checkpoint(self.out_dir)
+        if directory is None:
+            raise FileNotFoundError(f"{self.out_dir} holds no complete checkpoint to resume from")
+        self.load_checkpoint(directory)
+        cut_metrics(self.metrics_file, self.step)
+
     def save_checkpoint(self) -> str:
-        """Writes out_dir/checkpoint atomically (a new directory renamed over the old one)."""
+        """Writes out_dir/checkpoint so that a crash at any point leaves a complete one behind: a new
+        directory (each file fsynced, checksums last) is renamed over the old one, which is kept as
+        checkpoint.old until the rename is durable. ``recover_checkpoint`` finishes an interrupted rotation."""
         final = os.path.join(self.out_dir, CHECKPOINT)
-        tmp = final + ".tmp"
+        tmp, old = final + ".tmp", final + ".old"
         shutil.rmtree(tmp, ignore_errors=True)
         self.sae.save(tmp)
         state = {}
@@ -139,30 +159,39 @@ class Trainer:
             for p in group["params"]:
                 for key, value in self.optimizer.state.get(p, {}).items():
                     state[f"{names[id(p)]}.{key}"] = value.detach().reshape(-1).clone() if key == "step" else value
-        save_file(state, os.path.join(tmp, "optimizer.safetensors"))
-        with open(os.path.join(tmp, "trainer.json"), "w") as f:
-            json.dump({"step": self.step, "train": dataclasses.asdict(self.cfg),
-                       "term": self.term.state_dict() if self.term else None}, f, indent=2)
-        old = final + ".old"
+        storage.atomic_write(os.path.join(tmp, OPTIMIZER_FILE), lambda path: save_file(state, path))
+        storage.atomic_write_text(os.path.join(tmp, TRAINER_FILE), json.dumps(
+            {"step": self.step, "train": dataclasses.asdict(self.cfg),
+             "term": self.term.state_dict() if self.term else None}, indent=2))
+        storage.write_checksums(tmp, [OPTIMIZER_FILE, TRAINER_FILE])  # last: marks the directory complete
+        storage.fsync(tmp)
         if os.path.exists(final):
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
+            storage.fsync(self.out_dir)
         os.replace(tmp, final)
+        storage.fsync(self.out_dir)
         shutil.rmtree(old, ignore_errors=True)
         return final
 
     def load_checkpoint(self, directory: str | None = None) -> None:
         directory = directory or os.path.join(self.out_dir, CHECKPOINT)
+        if checkpoint_step(directory) is None:
+            raise ValueError(f"{directory} is not a complete checkpoint")
         loaded = TopKSAE.load(directory)
-        if dataclasses.asdict(loaded.cfg) != dataclasses.asdict(self.sae.cfg):
+        # The dead-latent horizon was fixed when the run started (it follows the first step count), so a
+        # resume that extends the run keeps it; everything else must match.
+        if dataclasses.replace(loaded.cfg, dead_tokens=self.sae.cfg.dead_tokens) != self.sae.cfg:
             raise ValueError(f"checkpoint {directory} has SAE config {loaded.cfg}, not {self.sae.cfg}")
+        self.sae.cfg = loaded.cfg
         self.sae.load_state_dict(loaded.state_dict())
-        state = load_file(os.path.join(directory, "optimizer.safetensors"))
+        state = load_file(os.path.join(directory, OPTIMIZER_FILE))
         for name, p in self.sae.named_parameters():
             entry = {key.split(".", 1)[1]: value for key, value in state.items() if key.split(".", 1)[0] == name}
             if entry:
                 entry["step"] = entry["step"].reshape(())
                 self.optimizer.state[p] = entry
-        with open(os.path.join(directory, "trainer.json")) as f:
+        with open(os.path.join(directory, TRAINER_FILE)) as f:
             meta = json.load(f)
         self.step = meta["step"]
         if self.term and meta["term"]:
@@ -214,7 +243,7 @@ class Trainer:
         interrupted = []
         previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
-        log = open(self.metrics_file, "a")
+        log = open(self.metrics_file, "a")  # begin() created or cut it
         started, start_step = time.perf_counter(), self.step
         try:
             while self.step < cfg.steps and not interrupted:
@@ -268,3 +297,52 @@ def new_sae(acts: torch.Tensor, num_latents: int, k: int, *, seed: int = 0, **cf
     sample = acts[torch.randperm(acts.shape[0], generator=g)[:8192]]
     sae.init_from_data(sample)
     return sae
+
+
+def checkpoint_step(directory: str) -> int | None:
+    """The step of a complete checkpoint directory (all files written and matching their checksums), else None."""
+    manifest = storage.read_checksums(directory) if os.path.isdir(directory) else None
+    if not manifest or not {OPTIMIZER_FILE, TRAINER_FILE} <= set(manifest):
+        return None
+    try:
+        storage.verify_checksums(directory)
+    except storage.CorruptFileError:
+        return None
+    with open(os.path.join(directory, TRAINER_FILE)) as f:
+        return int(json.load(f)["step"])
+
+
+def recover_checkpoint(out_dir: str) -> str | None:
+    """Finishes a checkpoint rotation that a crash interrupted: of checkpoint, checkpoint.tmp and
+    checkpoint.old, the complete one with the highest step becomes out_dir/checkpoint and the others are
+    removed. Returns its path, or None when none is complete."""
+    final = os.path.join(out_dir, CHECKPOINT)
+    found = [(step, path) for path in (final, final + ".tmp", final + ".old")
+             if (step := checkpoint_step(path)) is not None]
+    if not found:
+        return None
+    _, best = max(found, key=lambda f: (f[0], f[1] == final))  # the newest; the settled one on a tie
+    if best != final:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(best, final)
+        storage.fsync(out_dir)
+    for leftover in (final + ".tmp", final + ".old"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return final
+
+
+def cut_metrics(path: str, step: int) -> None:
+    """Drops the records after ``step`` (written after the checkpoint a run resumes from) and any torn last line."""
+    if not os.path.exists(path):
+        storage.atomic_write_text(path, "")
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(json.dumps(record) + "\n")
+    storage.atomic_write_text(path, "".join(kept))

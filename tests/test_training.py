@@ -1,14 +1,12 @@
-"""The training layer on a tiny Llama built from a config: activations, SAE, trainer, formats, CLI."""
+"""The training layer on a tiny Llama built from a config: activations, SAE, trainer, CLI (formats: test_formats.py)."""
 
 import json
 import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-import ssae_kernels
-from ssae_kernels import activations, cli, formats
+from ssae_kernels import activations, cli
 from ssae_kernels.evaluate import reconstruction_metrics
 from ssae_kernels.sae import SAEConfig, TopKSAE
 from ssae_kernels.trainer import BatchSampler, NonFiniteLoss, TrainConfig, Trainer, new_sae
@@ -216,104 +214,30 @@ def test_streaming_term_training_runs(tmp_path):
     assert trainer.term.risk is not None and torch.isfinite(sae.W_dec).all()
 
 
-# ---- formats ------------------------------------------------------------------------------
-
-
-def _trained_like_sae(d=12, M=40, k=5):
-    torch.manual_seed(3)
-    sae = TopKSAE(SAEConfig(d_in=d, num_latents=M, k=k))
-    with torch.no_grad():
-        sae.W_enc.normal_()
-        sae.b_enc.normal_()
-        sae.b_dec.normal_()
-    return sae
-
-
-def test_our_format_round_trip(tmp_path):
-    sae = _trained_like_sae()
-    sae.save(str(tmp_path))
-    x = torch.randn(30, 12)
-    torch.testing.assert_close(formats.load_sae(str(tmp_path))(x), sae(x))
-
-
-def test_loads_saelens_directories(tmp_path):
-    sae = _trained_like_sae()
-    save_file({"W_enc": sae.W_enc.detach().T.contiguous(), "b_enc": sae.b_enc.detach(), "W_dec": sae.W_dec.detach(),
-               "b_dec": sae.b_dec.detach()}, str(tmp_path / "sae_weights.safetensors"))
-    (tmp_path / "cfg.json").write_text(json.dumps({"d_in": 12, "d_sae": 40, "k": 5, "architecture": "topk",
-                                                   "apply_b_dec_to_input": True, "normalize_activations": "none",
-                                                   "rescale_acts_by_decoder_norm": False}))
-    assert formats.detect_format(str(tmp_path)) == "saelens"
-    x = torch.randn(30, 12)
-    torch.testing.assert_close(formats.load_sae(str(tmp_path))(x), sae(x))
-
-
-def test_loads_saelens_without_b_dec_on_the_input(tmp_path):
-    sae = _trained_like_sae()
-    save_file({"W_enc": sae.W_enc.detach().T.contiguous(), "b_enc": sae.b_enc.detach(), "W_dec": sae.W_dec.detach(),
-               "b_dec": sae.b_dec.detach()}, str(tmp_path / "sae_weights.safetensors"))
-    (tmp_path / "cfg.json").write_text(json.dumps({"d_in": 12, "d_sae": 40, "k": 5, "architecture": "topk",
-                                                   "apply_b_dec_to_input": False}))
-    x = torch.randn(30, 12)
-    pre = x @ sae.W_enc.detach().T + sae.b_enc.detach()  # SAELens: the encoder sees x itself
-    top = pre.topk(5, dim=1)
-    expected = ssae_kernels.reference.sparse_decode(torch.relu(top.values), top.indices, sae.W_dec.detach(), sae.b_dec.detach())
-    torch.testing.assert_close(formats.load_sae(str(tmp_path))(x), expected, rtol=1e-4, atol=1e-4)
-
-
-def test_loads_sparsify_directories(tmp_path):
-    sae = _trained_like_sae()
-    save_file({"encoder.weight": sae.W_enc.detach(), "encoder.bias": sae.b_enc.detach(), "W_dec": sae.W_dec.detach(),
-               "b_dec": sae.b_dec.detach()}, str(tmp_path / "sae.safetensors"))
-    (tmp_path / "cfg.json").write_text(json.dumps({"activation": "topk", "expansion_factor": 32, "normalize_decoder": True,
-                                                   "num_latents": 40, "k": 5, "multi_topk": False,
-                                                   "skip_connection": False, "transcode": False, "d_in": 12}))
-    assert formats.detect_format(str(tmp_path)) == "sparsify"
-    x = torch.randn(30, 12)
-    torch.testing.assert_close(formats.load_sae(str(tmp_path))(x), sae(x))
-
-
-def test_unsupported_checkpoints_are_rejected(tmp_path):
-    (tmp_path / "cfg.json").write_text(json.dumps({"d_in": 4, "d_sae": 8, "architecture": "jumprelu"}))
-    save_file({"W_enc": torch.zeros(4, 8)}, str(tmp_path / "sae_weights.safetensors"))
-    with pytest.raises(ValueError, match="not a TopK SAE"):
-        formats.load_sae(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="no cfg.json"):
-        formats.load_sae(str(tmp_path / "missing"))
-
-
 # ---- CLI ---------------------------------------------------------------------------------
 
 
 def _train_args(tiny_dir, corpus, out, *extra):
     return ["train", "--model", tiny_dir, "--layer", "1", "--text", corpus, "--max-tokens", "3000", "--context", "32",
             "--latents", "64", "--k", "4", "--steps", "30", "--batch-size", "256", "--eval-fraction", "0.2",
-            "--ce-sequences", "4", "--quiet", "--out", str(out), *extra]
+            "--eval-min-tokens", "0", "--ce-sequences", "4", "--quiet", "--out", str(out), *extra]
 
 
 def test_cli_train_end_to_end(tmp_path, tiny_dir):
     corpus = write_corpus(str(tmp_path))
     assert cli.main(_train_args(tiny_dir, corpus, tmp_path / "run")) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    for key in ("fvu", "l0", "k", "dead_fraction", "ce_loss_recovered", "tokens", "tokens_per_s"):
+    for key in ("fvu", "l0", "k", "dead_fraction", "ce_loss_recovered", "tokens", "tokens_per_s", "passes",
+                "eval_tokens", "eval_documents"):
         assert key in report
     assert 0 <= report["fvu"] < 1 and report["l0"] <= 4 and report["tokens"] == 30 * 256
+    assert report["passes"] == pytest.approx(30 * 256 / report["unique_training_tokens"])
     for name in ("report.md", "training_curves.png", "latent_frequency.png", "metrics.jsonl",
                  "sae/cfg.json", "sae/sae.safetensors", "checkpoint/trainer.json"):
         assert (tmp_path / "run" / name).exists(), name
     # resume: more steps from the checkpoint
     assert cli.main(_train_args(tiny_dir, corpus, tmp_path / "run", "--resume", "--steps", "40")) == 0
     assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == 40
-
-
-@pytest.mark.parametrize("extra,message", [
-    (["--layer", "7"], r"layer must be in \[0, 3\)"),
-    (["--k", "100"], "--k 100 must not exceed --latents 64"),
-])
-def test_cli_bad_arguments(tmp_path, tiny_dir, capsys, extra, message):
-    corpus = write_corpus(str(tmp_path))
-    assert cli.main(_train_args(tiny_dir, corpus, tmp_path / "run", *extra)) == 2
-    assert __import__("re").search(message, capsys.readouterr().err)
 
 
 def test_cli_empty_text(tmp_path, tiny_dir, capsys):

@@ -49,7 +49,7 @@ def project_subspace_(G, U, complement=False, *, check=False):
 
     For gradients and updates, e.g. ``project_subspace_(p.grad, U)`` before an optimizer
     step, or on ``delta = p - p0`` after one (then ``p.copy_(p0 + delta)``, as
-    :class:`ssae_kernels.subspace.ProjectedGradient` does). Not differentiable: G must
+    :class:`ssae_kernels.recipes.subspace.ProjectedGradient` does). Not differentiable: G must
     not require grad while autograd records (call it under ``torch.no_grad()``).
     G must not have overlapping elements (an ``expand``-ed view).
     """

@@ -4,7 +4,7 @@
 # against a CUDA build of torch, in a venv outside the repo. No GPU is needed.
 # The result is built outside the repo: the repo's own _C is untouched.
 #
-#   python/check_cuda_build.sh            # venv: $SSAE_CUDA_VENV or /tmp/cuda-venv (created on first use)
+#   tools/check_cuda_build.sh            # venv: $SSAE_CUDA_VENV or /tmp/cuda-venv (created on first use)
 #
 # Environment: SSAE_CUDA_VENV, SSAE_CUDA_BUILD_DIR (default /tmp/ssae-cuda-build),
 # SSAE_CUDA_TORCH (default torch==2.14.1, a CUDA 13

@@ -1,0 +1,149 @@
+"""``ssae subspace --tune``: hyperparameters chosen on the behaviour's dev split, never on the eval prompts."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..common import UsageError
+from .adapters import subspaces_from_features
+from .features import select_features
+from .finetuning import FinetuneConfig, evaluate_behaviour, training_examples
+from .stages import SIGNS, feature_means, setup, stopwatch, train_method
+
+if TYPE_CHECKING:
+    from .pipeline import SubspaceConfig
+
+
+def pick_setting(rows: list[dict], *, max_ppl_rise: float = 0.05) -> dict | None:
+    """The rule by which :func:`tune` picks a setting from dev results: among rows whose neutral
+    perplexity rises by less than ``max_ppl_rise``, the highest dev target rate minus dev
+    over-refusal (``control_target_rate``, 0 without control prompts); ties go to the smaller
+    perplexity rise, then to the earlier row. None when no row keeps perplexity within bounds."""
+    ok = [(i, r) for i, r in enumerate(rows) if r["ppl_rise"] < max_ppl_rise]
+    if not ok:
+        return None
+
+    def key(item):
+        i, r = item
+        return (-(r["target_metric"] - r.get("control_target_rate", 0.0)), r["ppl_rise"], i)
+    return min(ok, key=key)[1]
+
+
+def _positive_floats(spec: str, flag: str) -> list[float]:
+    try:
+        values = [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} must be comma-separated numbers, got {spec!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise UsageError(f"{flag} needs positive values, got {spec!r}")
+    return values
+
+
+def tune(cfg: SubspaceConfig) -> dict:
+    """Evaluates the subspace adapter for every (--tune-signs, --tune-lrs) and, when projected gradients
+    are among the methods, the projected variant for every lr at the chosen signs, on the behaviour's
+    **dev** split only (dev prompts, dev control prompts, and neutral chunks after the ones
+    :func:`~.pipeline.run` reports on). One SAE and one feature ranking serve every setting. Picks by
+    :func:`pick_setting`, prints the table and writes ``cfg.out``/tune.json."""
+    started = time.perf_counter()
+    times, lap = stopwatch()
+    progress = not cfg.quiet
+    lrs = _positive_floats(cfg.tune_lrs, "--tune-lrs")
+    signs_grid = [x.strip() for x in cfg.tune_signs.split(",") if x.strip()]
+    for sg in signs_grid:
+        if sg not in SIGNS:
+            raise UsageError(f"--tune-signs: unknown value {sg!r} ({', '.join(SIGNS)})")
+    if not signs_grid:
+        raise UsageError("--tune-signs is empty")
+    ctx = setup(cfg, lap)
+    behaviour, model, tokenizer = ctx.behaviour, ctx.model, ctx.tokenizer
+    behaviour.split_prompts("dev")  # fails early without a dev split
+    # neutral chunks disjoint from the ones run() reports perplexity on
+    dev_chunks = ctx.neutral_chunks[cfg.ppl_sequences: 2 * cfg.ppl_sequences]
+    if not dev_chunks:
+        raise UsageError(f"--neutral-text has {len(ctx.neutral_chunks)} chunks of {cfg.context} tokens: none left "
+                         f"for dev perplexity after the {cfg.ppl_sequences} reported ones")
+    base = evaluate_behaviour(model, tokenizer, behaviour, dev_chunks, max_new_tokens=cfg.max_new_tokens, split="dev")
+    lap("dev_base")
+    base_summary = {"target_metric": base["target_metric"], "control_target_rate": base.get("control_target_rate"),
+                    "ppl": base["ppl"]}
+    print(f"[subspace] dev base: {base_summary}", flush=True)
+    mean_t, mean_c = feature_means(ctx, progress)
+    encoded = training_examples(tokenizer, behaviour)
+    subspaces, rows = {}, []
+
+    def trial(method, signs, lr):
+        train_cfg = FinetuneConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, lr=lr)
+        torch.manual_seed(cfg.seed)
+        result, cleanup = train_method(method, model, tokenizer, subspaces[signs], encoded, train_cfg, progress)
+        dev = evaluate_behaviour(model, tokenizer, behaviour, dev_chunks, max_new_tokens=cfg.max_new_tokens,
+                                 split="dev")
+        cleanup(None)
+        row = {"method": method, "signs": signs, "lr": lr,
+               "rank": {str(k): s.rank for k, s in subspaces[signs].items()},
+               "target_metric": dev["target_metric"], "control_target_rate": dev.get("control_target_rate", 0.0),
+               "ppl": dev["ppl"], "ppl_rise": dev["ppl"] / base["ppl"] - 1,
+               "max_out_of_span": result["max_out_of_span"], "loss_last_epoch": result["loss_last_epoch"],
+               "examples": dev["examples"]}
+        rows.append(row)
+        lap(f"{method} signs={signs} lr={lr:g}")
+        print(f"[subspace] dev: target {row['target_metric']:.3f}, over-refusal {row['control_target_rate']:.3f}, "
+              f"ppl {row['ppl_rise']:+.2%}", flush=True)
+        with open(os.path.join(cfg.out, "tune_rows.json"), "w") as f:  # partial results of a long search
+            json.dump({"base": base_summary, "rows": rows}, f, indent=2)
+        return row
+
+    for signs in signs_grid:
+        selections = select_features(mean_t, mean_c, per_layer=cfg.features_per_layer, signs=signs)
+        subspaces[signs] = subspaces_from_features(ctx.saes, selections, cfg.variance)
+        for lr in lrs:
+            trial("subspace", signs, lr)
+    best = pick_setting([r for r in rows if r["method"] == "subspace"], max_ppl_rise=cfg.tune_max_ppl_rise)
+    best_projected = None
+    if "projected" in ctx.methods and best is not None:
+        for lr in lrs:
+            trial("projected", best["signs"], lr)
+        best_projected = pick_setting([r for r in rows if r["method"] == "projected"],
+                                      max_ppl_rise=cfg.tune_max_ppl_rise)
+    flags = {}
+    if best is not None:
+        flags.update({"--signs": best["signs"], "--lr": best["lr"]})
+    if best_projected is not None:
+        flags["--projected-lr"] = best_projected["lr"]
+    report = {
+        "split": "dev", "dev_prompts": len(behaviour.dev_prompts),
+        "dev_control_prompts": len(behaviour.dev_control_prompts),
+        "ppl_text": f"{cfg.neutral_text}: {len(dev_chunks)} sequences x {cfg.context} tokens after the "
+                    f"{cfg.ppl_sequences} reported on",
+        "rule": f"among settings with dev ppl rise < {cfg.tune_max_ppl_rise:.0%}: max dev target rate - dev "
+                "over-refusal; ties: smaller ppl rise, then the earlier setting",
+        "base": base_summary,
+        "rows": rows, "chosen": flags, "model": cfg.model, "layers": ctx.layers, "epochs": cfg.epochs,
+        "seconds": times, "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    with open(os.path.join(cfg.out, "tune.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(format_tune_table(report))
+    return report
+
+
+def format_tune_table(report: dict) -> str:
+    b = report["base"]
+    lines = [f"dev split: {report['dev_prompts']} target prompts, {report['dev_control_prompts']} control prompts; "
+             f"base: target {b['target_metric']:.3f}, over-refusal {b['control_target_rate'] or 0:.3f}, "
+             f"ppl {b['ppl']:.2f}",
+             f"{'method':<10} {'signs':<7} {'lr':>7} {'rank':>5} {'target':>7} {'over-ref':>8} {'ppl rise':>9} "
+             f"{'out-of-span':>12}"]
+    for r in report["rows"]:
+        lines.append(f"{r['method']:<10} {r['signs']:<7} {r['lr']:>7g} {','.join(map(str, r['rank'].values())):>5} "
+                     f"{r['target_metric']:>7.3f} {r['control_target_rate']:>8.3f} {r['ppl_rise']:>+9.2%} "
+                     f"{r['max_out_of_span']:>12.1e}")
+    lines.append(f"rule: {report['rule']}")
+    lines.append("chosen: " + (" ".join(f"{k} {v}" for k, v in report["chosen"].items()) or "none within bounds"))
+    return "\n".join(lines)
+

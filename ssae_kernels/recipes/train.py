@@ -1,0 +1,208 @@
+"""``ssae train``: harvest a model's activations, train a TopK SAE on them, evaluate it on held-out documents."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .. import models, text
+from .common import (HelpFormatter, UsageError, add_model_args, add_out_args, check_positive, check_sources, config_from_args,
+                     dead_tokens_for, harvest_cached, keep_mask, require_package, run_settings, set_threads)
+from .rundir import open_run
+
+# Settings a resumed run may change; every other one must match the run's, or the report would describe a
+# run that never happened.
+MAY_CHANGE_ON_RESUME = frozenset({"steps", "checkpoint_every", "threads", "device", "log_to", "ce_sequences",
+                                  "activation_cache"})
+SUMMARY_KEYS = ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "tokens", "passes", "tokens_per_s",
+                "total_seconds")
+
+
+@dataclass
+class TrainRunConfig:
+    out: str
+    model: str = models.BUILTIN
+    layer: int = 15
+    text: str = text.BUILTIN
+    text_field: str = "text"
+    max_tokens: int = 100_000
+    context: int = 256
+    eval_fraction: float = 0.05
+    eval_min_tokens: int = 5000
+    activation_cache: str | None = None
+    latents: int = 4608
+    k: int = 32
+    steps: int = 800
+    batch_size: int = 4096
+    lr: float | None = None
+    tilt: float = 0.0
+    streaming_term: bool = False
+    outlier_factor: float = 10.0
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None
+    checkpoint_every: int = 500
+    log_to: tuple[str, ...] = ()
+    ce_sequences: int = 16
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+
+
+
+def add_subcommands(sub) -> None:
+    p = sub.add_parser("train", help="train a TopK SAE on a model's activations, evaluate, report",
+                       description="Harvests the residual stream after --layer, trains a TopK SAE on it and "
+                                   "evaluates it on held-out documents.", formatter_class=HelpFormatter)
+    add_model_args(p)
+    p.add_argument("--text", default=text.BUILTIN,
+                   help="text: 'builtin:python-docs', a .txt/.jsonl/.parquet file or directory, or a hub dataset name")
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/hub records")
+    p.add_argument("--max-tokens", type=int, default=100_000, help="activations to harvest for training")
+    p.add_argument("--context", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="fraction of documents held out for evaluation")
+    p.add_argument("--eval-min-tokens", type=int, default=5000,
+                   help="hold out more documents until they give at least this many evaluation tokens")
+    p.add_argument("--activation-cache", default=None, help="directory to reuse (or write) harvested activations")
+    p.add_argument("--latents", type=int, default=4608, help="dictionary size M")
+    p.add_argument("--k", type=int, default=32, help="active latents per token")
+    p.add_argument("--steps", type=int, default=800, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (None: 2e-4 / sqrt(M / 2^14))")
+    p.add_argument("--tilt", type=float, default=0.0, help="TERM tilt t (0: ERM)")
+    p.add_argument("--streaming-term", action="store_true", help="TERM's stochastic form with a running normalizer")
+    p.add_argument("--outlier-factor", type=float, default=10.0,
+                   help="exclude tokens whose norm exceeds this many times the median (0: keep all)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype of the SAE kernels")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--log-to", nargs="*", default=[], choices=("tensorboard", "wandb"),
+                   help="also log metrics to TensorBoard (OUT/tensorboard) and/or wandb (installed separately)")
+    p.add_argument("--ce-sequences", type=int, default=16, help="held-out sequences for the downstream loss")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")
+    add_out_args(p, "checkpoint, sae/, report.json, report.md, plots", resume=True)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_handler)
+
+
+def _handler(args) -> None:
+    cfg = config_from_args(TrainRunConfig, args)
+    cfg.log_to = tuple(cfg.log_to)
+    report = run(cfg)
+    print(json.dumps({k: report[k] for k in SUMMARY_KEYS}, indent=2))
+    print(f"report: {os.path.join(cfg.out, 'report.md')}")
+
+
+def check(cfg: TrainRunConfig) -> None:
+    """Everything that can be checked before the model is loaded."""
+    check_positive(latents=cfg.latents, k=cfg.k, steps=cfg.steps, batch_size=cfg.batch_size,
+                   max_tokens=cfg.max_tokens, checkpoint_every=cfg.checkpoint_every)
+    if cfg.k > cfg.latents:
+        raise UsageError(f"--k {cfg.k} must not exceed --latents {cfg.latents}")
+    if cfg.context < 2:
+        raise UsageError(f"--context must be >= 2, got {cfg.context}")
+    if not 0 < cfg.eval_fraction < 1:
+        raise UsageError(f"--eval-fraction must be in (0, 1), got {cfg.eval_fraction}")
+    if cfg.eval_min_tokens < 0 or cfg.ce_sequences < 0 or cfg.outlier_factor < 0:
+        raise UsageError("--eval-min-tokens, --ce-sequences and --outlier-factor must be >= 0")
+    if cfg.layer < 0:
+        raise UsageError(f"--layer must be >= 0, got {cfg.layer}")
+    for sink, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if sink in cfg.log_to:
+            require_package(package, f"--log-to {sink}")
+    check_sources(cfg.model, (cfg.text,), cfg.text_field)
+
+
+def split_documents(docs: list[str], token_counts: list[int], eval_fraction: float,
+                    min_eval_tokens: int = 0) -> tuple[list[str], list[str]]:
+    """(train, held-out) documents: a fixed pseudo-random set holding at least ``eval_fraction`` of the
+    documents and at least ``min_eval_tokens`` tokens, never more than half of all tokens."""
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(0)).tolist()
+    want_docs = max(1, round(eval_fraction * len(docs)))
+    held, tokens = set(), 0
+    for i in order:
+        if len(held) >= want_docs and tokens >= min_eval_tokens:
+            break
+        held.add(i)
+        tokens += token_counts[i]
+    total = sum(token_counts)
+    if len(held) == len(docs) or tokens > total / 2 or tokens < min_eval_tokens:
+        raise UsageError(f"the text holds {len(docs)} documents and {total} tokens: too few to hold out "
+                         f"{eval_fraction:.0%} of the documents and {min_eval_tokens} tokens for evaluation "
+                         "(lower --eval-fraction or --eval-min-tokens, or give more text)")
+    return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+
+
+def run(cfg: TrainRunConfig) -> dict:
+    """Trains and evaluates; writes OUT/sae, OUT/report.json (returned), report.md and plots."""
+    check(cfg)
+    set_threads(cfg.threads)
+    from ..trainer import recover_checkpoint
+
+    with open_run(cfg.out, "train", run_settings(cfg), resume=cfg.resume, overwrite=cfg.overwrite,
+                  may_change=MAY_CHANGE_ON_RESUME, has_checkpoint=recover_checkpoint):
+        return _train(cfg)
+
+
+def _train(cfg: TrainRunConfig) -> dict:
+    from ..activations import harvest, token_chunks
+    from ..evaluate import downstream_loss, reconstruction_metrics, write_report
+    from ..trainer import TrainConfig, Trainer, new_sae, recover_checkpoint
+
+    progress = not cfg.quiet
+    started = time.perf_counter()
+    model, tokenizer = models.load_model(cfg.model, device=cfg.device, progress=progress)
+    models.check_layer(model, cfg.layer)
+    docs = text.read_texts(cfg.text, field=cfg.text_field)
+    counts = [len(ids) for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]]
+    train_docs, eval_docs = split_documents(docs, counts, cfg.eval_fraction, cfg.eval_min_tokens)
+    data = harvest_cached(model, tokenizer, train_docs, cfg.layer, context=cfg.context, max_tokens=cfg.max_tokens,
+                          cache=cfg.activation_cache, progress=progress, model_name=cfg.model)
+    harvested = time.perf_counter()
+    eval_data = harvest(model, tokenizer, eval_docs, cfg.layer, context=cfg.context, progress=progress)
+    keep = keep_mask(data.acts, cfg.outlier_factor)
+    eval_keep = keep_mask(eval_data.acts, cfg.outlier_factor)
+    acts = data.acts[keep].to(cfg.device)
+
+    train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, tilt=cfg.tilt,
+                            streaming_term=cfg.streaming_term, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
+                            log_to=cfg.log_to)
+    sae = new_sae(acts, cfg.latents, cfg.k, seed=cfg.seed, compute_dtype=cfg.dtype,
+                  dead_tokens=dead_tokens_for(cfg.steps, cfg.batch_size)).to(cfg.device)
+    trainer = Trainer(sae, acts, train_cfg, cfg.out, progress=progress)
+    # A resumed run that died before its first checkpoint starts again from step 0.
+    trainer.begin(resume=cfg.resume and recover_checkpoint(cfg.out) is not None)
+    train_started = time.perf_counter()
+    trainer.train()
+    train_time = time.perf_counter() - train_started
+    sae.save(os.path.join(cfg.out, "sae"))
+
+    recon = reconstruction_metrics(sae, eval_data.acts[eval_keep].to(cfg.device))
+    recon_all = reconstruction_metrics(sae, eval_data.acts.to(cfg.device))
+    chunks = token_chunks(tokenizer, eval_docs, cfg.context)[: cfg.ce_sequences]
+    ce = downstream_loss(model, sae, chunks, cfg.layer, progress=progress)
+    tokens = trainer.step * cfg.batch_size
+    report = {
+        "fvu": recon["fvu"], "l0": recon["l0"], "k": cfg.k, "num_latents": cfg.latents,
+        "dead_fraction": float(sae.dead_mask().float().mean()),
+        "never_fired_on_eval_fraction": recon["never_fired_fraction"],
+        "dense_fraction": recon["dense_fraction"],
+        "ce_loss_recovered": ce["ce_loss_recovered"], "ce_clean": ce["ce_clean"], "ce_sae": ce["ce_sae"],
+        "ce_zero_ablation": ce["ce_zero"], "ce_tokens": ce["ce_tokens"],
+        "fvu_including_outliers": recon_all["fvu"],
+        "outliers_excluded_fraction": float(1 - keep.double().mean()),
+        "outlier_rule": f"tokens with norm > {cfg.outlier_factor} x median excluded from training and fvu"
+        if cfg.outlier_factor > 0 else "none",
+        "tokens": tokens, "unique_training_tokens": int(acts.shape[0]), "passes": tokens / acts.shape[0],
+        "eval_documents": len(eval_docs), "eval_tokens": int(eval_keep.sum()), "tokens_per_s": trainer.tokens_per_s,
+        "train_seconds": train_time, "harvest_seconds": harvested - started,
+        "total_seconds": time.perf_counter() - started, "threads": torch.get_num_threads(),
+        **run_settings(cfg), "steps": trainer.step,
+    }
+    write_report(cfg.out, report, metrics_file=trainer.metrics_file, latent_frequency=recon["latent_frequency"])
+    return report
