@@ -61,3 +61,23 @@ def test_no_module_is_a_god_file():
 def test_the_checker_sees_relative_imports(tmp_path):
     assert "recipes" in _imported_package_modules(PACKAGE / "cli.py")
     assert "ops" in _imported_package_modules(PACKAGE / "sae.py")
+
+
+def test_example_scripts_stay_thin():
+    scripts = PACKAGE.parent / "python"
+    sizes = {p.name: len(p.read_text().splitlines()) for p in scripts.glob("*.py")}
+    assert sizes and {name: n for name, n in sizes.items() if n > 30} == {}
+
+
+def test_every_pipeline_registers_its_subcommands():
+    import argparse
+    import importlib
+
+    from ssae_kernels.recipes import PIPELINES
+
+    for name in PIPELINES:
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(f"ssae_kernels.recipes.{name}").add_subcommands(sub)
+        assert sub.choices, name
+        for command, parser in sub.choices.items():
+            assert callable(parser.get_default("handler")), (name, command)
