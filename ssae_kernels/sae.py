@@ -143,9 +143,12 @@ class TopKSAE(torch.nn.Module):
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
         """Drops the gradient component along each decoder row, which the renormalisation would undo."""
-        if self.W_dec.grad is not None:
-            W = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            self.W_dec.grad -= (self.W_dec.grad * W).sum(1, keepdim=True) * W
+        W, grad = self.W_dec, self.W_dec.grad
+        if grad is not None:
+            # grad -= <grad, w> w / |w|^2 per row, without an [M, d] temporary (the batched 1 x d by d x 1
+            # products and the in-place addcmul allocate O(M))
+            dots = torch.bmm(grad.unsqueeze(1), W.unsqueeze(2)).view(-1, 1)
+            grad.addcmul_(W, dots / W.norm(dim=1, keepdim=True).square().clamp_min(1e-24), value=-1)
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor, *, target_norm: float | None = None) -> None:

@@ -123,7 +123,9 @@ class Trainer:
         self.sae, self.acts, self.cfg, self.out_dir = sae, acts, cfg, out_dir
         self.progress = progress
         self.lr = cfg.learning_rate(sae.cfg.num_latents)
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=cfg.adam_eps)
+        # fused: one pass over each parameter and its states, no temporaries of the parameter's size
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=cfg.adam_eps,
+                                          fused=True)
         self.sampler = BatchSampler(acts.shape[0], cfg.batch_size, cfg.seed)
         self.term = StreamingTERM(cfg.tilt, cfg.term_decay) if cfg.streaming_term else None
         self.step = 0

@@ -118,6 +118,24 @@ def check(cfg: TrainRunConfig) -> None:
     check_sources(cfg.model, (cfg.text,), cfg.text_field)
 
 
+def check_memory(cfg: TrainRunConfig, d_in: int) -> None:
+    """UsageError before anything of the SAE's size is allocated when the memory planner says the run does
+    not fit in what the device has free (the process itself, with the model loaded, already runs)."""
+    from .. import memory
+
+    free = memory.available_bytes(cfg.device)
+    if free is None:
+        return
+    planned = memory.plan(cfg.latents, d_in, cfg.batch_size, cfg.k, compute_dtype=cfg.dtype, device=cfg.device,
+                          dataset_tokens=cfg.max_tokens, runtime_bytes=0)
+    if planned.total > free:
+        raise UsageError(
+            f"--latents {cfg.latents} at d_in {d_in} with --batch-size {cfg.batch_size} and --max-tokens "
+            f"{cfg.max_tokens} needs {planned.total / 1e9:.1f} GB by the memory planner (ssae plan --latents "
+            f"{cfg.latents} --d {d_in} --batch {cfg.batch_size} --k {cfg.k} --dtype {cfg.dtype} --tokens "
+            f"{cfg.max_tokens}), but {free / 1e9:.1f} GB are free on {cfg.device}")
+
+
 def split_documents(docs: list[str], token_counts: list[int], eval_fraction: float,
                     min_eval_tokens: int = 0) -> tuple[list[str], list[str]]:
     """(train, held-out) documents: a fixed pseudo-random set holding at least ``eval_fraction`` of the
@@ -158,6 +176,7 @@ def _train(cfg: TrainRunConfig) -> dict:
     started = time.perf_counter()
     model, tokenizer = models.load_model(cfg.model, device=cfg.device, progress=progress)
     models.check_layer(model, cfg.layer)
+    check_memory(cfg, model.config.hidden_size)
     docs = text.read_texts(cfg.text, field=cfg.text_field)
     counts = [len(ids) for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]]
     train_docs, eval_docs = split_documents(docs, counts, cfg.eval_fraction, cfg.eval_min_tokens)
