@@ -49,7 +49,7 @@ bench-full: peers
 test: setup peers test-python test-cpp test-triton-aot
 
 test-python:
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 # The torch-free kernels standalone: C++ unit tests (ctest), and the CUDA kernels compiled for
 # sm_80/sm_90 with a spill check whenever nvcc is found.

@@ -156,8 +156,9 @@ def test_help_shows_every_default_and_version_exists(capsys):
     sub = next(a for a in parser._actions if a.dest == "command")
     for name, command in sub.choices.items():
         for action in command._actions:
-            if action.help in (None, "==SUPPRESS==") or not action.option_strings or action.dest == "help":
+            if action.help == "==SUPPRESS==" or not action.option_strings or action.dest == "help":
                 continue
+            assert action.help, f"ssae {name} {action.option_strings[0]} has no help (argparse then shows no default)"
             rendered = command.formatter_class(name)._expand_help(action)
             assert "(default: " in rendered or action.required, f"ssae {name} {action.option_strings[0]}: {rendered}"
     with pytest.raises(SystemExit) as stop:

@@ -60,8 +60,9 @@ def add_subcommands(sub) -> None:
     p.add_argument("--batch", type=int, default=4096, help="tokens per step")
     p.add_argument("--k", type=int, default=32, help="active latents per token")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype of the kernels")
-    p.add_argument("--optimizer", choices=sorted(memory.OPTIMIZER_STATES), default="adam")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--optimizer", choices=sorted(memory.OPTIMIZER_STATES), default="adam",
+                   help="optimizer whose states to plan for")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device to plan for")
     p.add_argument("--device-memory", default=None,
                    help="memory to plan for, e.g. 24GB or 80GiB (None: what this machine has free now)")
     p.add_argument("--tokens", type=int, default=0, help="training activations held in memory")

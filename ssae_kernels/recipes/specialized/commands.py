@@ -90,7 +90,8 @@ def add_select_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", default=d.exclude,
                    help=f"evaluation text that selected chunks must not near-duplicate (default {BUILTIN_EVAL} "
                         "with the built-in corpus; 'none' to skip)")
-    p.add_argument("--strategy", choices=STRATEGIES, default=d.strategy)
+    p.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
+                   help="dense retrieval with sentence embeddings, or lexical BM25")
     p.add_argument("--search", choices=retrieval.SEARCHES, default=d.search,
                    help="dense strategy: exact search (fused topk_encode), or faiss for corpora too large to scan "
                         "(approximate inverted-file index; needs faiss-cpu)")
@@ -145,7 +146,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -231,7 +232,7 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="activations to harvest from the data")
     p.add_argument("--activation-cache", default=d.activation_cache,
                    help="directory to reuse (or write) harvested activations")
-    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="tokens per step")
     p.add_argument("--lr", type=float, default=d.lr, help="default 2e-4 / sqrt(M / 2^14)")
     p.add_argument("--tilt", type=parse_tilt, default=d.tilt,
@@ -244,8 +245,8 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
                         "general constructs the selected text lacks are not forgotten (0: none)")
     p.add_argument("--replay-activations", default=d.replay_activations,
                    help="activation cache of general-corpus text for --replay (e.g. the general SAE's training data)")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the batch order and the replay mix")
     add_out_args(p, "checkpoint, sae/, metrics.jsonl, finetune.json", resume=True)
     _add_device_args(p)
 

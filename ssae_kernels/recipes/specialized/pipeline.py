@@ -330,30 +330,32 @@ def add_specialized_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--general", default=d.general, help="reuse this general SAE (ours, SAELens or sparsify)")
     g.add_argument("--general-tokens", type=int, default=d.general_tokens,
                    help="general-corpus activations to harvest")
-    g.add_argument("--latents", type=int, default=d.latents)
-    g.add_argument("--k", type=int, default=d.k)
-    g.add_argument("--general-steps", type=int, default=d.general_steps)
+    g.add_argument("--latents", type=int, default=d.latents, help="dictionary size M of the general SAE")
+    g.add_argument("--k", type=int, default=d.k, help="active latents per token")
+    g.add_argument("--general-steps", type=int, default=d.general_steps, help="training steps of the general SAE")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="tokens per step of the general SAE")
     g = p.add_argument_group("selection")
-    g.add_argument("--strategy", choices=STRATEGIES, default=d.strategy)
-    g.add_argument("--aggregate", choices=retrieval.AGGREGATES, default=d.aggregate)
+    g.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
+                   help="dense retrieval with sentence embeddings, or lexical BM25")
+    g.add_argument("--aggregate", choices=retrieval.AGGREGATES, default=d.aggregate,
+                   help="a chunk's score over the seeds: max (union of per-seed neighbours) or mean (centroid)")
     g.add_argument("--search", choices=retrieval.SEARCHES, default=d.search,
                    help="exact (fused topk_encode) or faiss (approximate, for corpora too large to scan)")
     g.add_argument("--select-top", type=int, default=d.select_top, help="chunks to select")
-    g.add_argument("--chunk-chars", type=int, default=d.chunk_chars)
+    g.add_argument("--chunk-chars", type=int, default=d.chunk_chars, help="maximum characters per chunk")
     g.add_argument("--embedder", default=d.embedder,
                    help="sentence-embedding model directory (default all-MiniLM-L6-v2)")
     g.add_argument("--select-tokens", type=int, default=d.select_tokens,
                    help="selected-text activations to harvest at most")
     g = p.add_argument_group("finetuning")
-    g.add_argument("--finetune-steps", type=int, default=d.finetune_steps)
-    g.add_argument("--finetune-batch-size", type=int, default=d.finetune_batch_size)
+    g.add_argument("--finetune-steps", type=int, default=d.finetune_steps, help="steps of each finetune")
+    g.add_argument("--finetune-batch-size", type=int, default=d.finetune_batch_size, help="tokens per finetuning step")
     g.add_argument("--finetune-lr", type=float, default=d.finetune_lr, help="default: the general SAE's default")
     g.add_argument("--tilt", type=parse_tilt, default=d.tilt,
                    help="TERM tilt t of the TERM finetune, or 'auto': the t at which a batch's tilted weights have "
                         "an effective sample size of --tilt-ess x the batch on the general SAE's errors over the "
                         "selected data (t = 500 is a pure max at this loss scale: see the notes)")
-    g.add_argument("--tilt-ess", type=float, default=d.tilt_ess)
+    g.add_argument("--tilt-ess", type=float, default=d.tilt_ess, help="effective-sample-size fraction for --tilt auto")
     g.add_argument("--replay", type=float, default=d.replay,
                    help="fraction of every finetune's rows drawn from the general SAE's training activations "
                         "(replay). The selected chunks can lack general constructs that held-out subdomain text "
@@ -367,11 +369,14 @@ def add_specialized_args(p: argparse.ArgumentParser) -> None:
                    help="also continue the general SAE on general data for the finetuning budget "
                         "(separates the effect of the subdomain data from that of more steps)")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
-    g.add_argument("--ce-sequences", type=int, default=d.ce_sequences)
-    g.add_argument("--coverage-threshold", type=float, default=d.coverage_threshold)
-    g.add_argument("--outlier-factor", type=float, default=d.outlier_factor)
-    p.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="evaluation activations to harvest at most")
+    g.add_argument("--ce-sequences", type=int, default=d.ce_sequences,
+                   help="held-out sequences for the downstream loss (0: skip)")
+    g.add_argument("--coverage-threshold", type=float, default=d.coverage_threshold,
+                   help="a latent covers a token when its contribution is at least this fraction of ||x - b_dec||")
+    g.add_argument("--outlier-factor", type=float, default=d.outlier_factor,
+                   help="exclude tokens whose norm exceeds this many times the median (0: keep all)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of every initialisation and batch order")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
