@@ -399,14 +399,9 @@ def latest_run(records: list[dict], benchmark: str | None = None) -> list[dict]:
 
 
 def mem_available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from ssae_kernels.memory import available_bytes
+
+    return available_bytes("cpu")
 
 
 def fmt_mb(nbytes) -> str:

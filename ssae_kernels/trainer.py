@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import storage
 from .ops import StreamingTERM
-from .sae import SAEConfig, TopKSAE
+from .sae import WEIGHTS_FILE, SAEConfig, TopKSAE
 
 CHECKPOINT = "checkpoint"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -180,13 +180,14 @@ class Trainer:
         directory = directory or os.path.join(self.out_dir, CHECKPOINT)
         if checkpoint_step(directory) is None:
             raise ValueError(f"{directory} is not a complete checkpoint")
-        loaded = TopKSAE.load(directory)
+        loaded = TopKSAE.load(directory)  # verifies the weights' checksum
         # The dead-latent horizon was fixed when the run started (it follows the first step count), so a
         # resume that extends the run keeps it; everything else must match.
         if dataclasses.replace(loaded.cfg, dead_tokens=self.sae.cfg.dead_tokens) != self.sae.cfg:
             raise ValueError(f"checkpoint {directory} has SAE config {loaded.cfg}, not {self.sae.cfg}")
         self.sae.cfg = loaded.cfg
         self.sae.load_state_dict(loaded.state_dict())
+        storage.verify_checksums(directory, [OPTIMIZER_FILE])
         state = load_file(os.path.join(directory, OPTIMIZER_FILE))
         for name, p in self.sae.named_parameters():
             entry = {key.split(".", 1)[1]: value for key, value in state.items() if key.split(".", 1)[0] == name}
@@ -302,12 +303,13 @@ def new_sae(acts: torch.Tensor, num_latents: int, k: int, *, seed: int = 0, **cf
 
 
 def checkpoint_step(directory: str) -> int | None:
-    """The step of a complete checkpoint directory (all files written and matching their checksums), else None."""
+    """The step of a complete checkpoint directory, else None. Complete: the checksums (written last) list
+    every file. Only trainer.json is verified here; the weight files are verified once, when loaded."""
     manifest = storage.read_checksums(directory) if os.path.isdir(directory) else None
-    if not manifest or not {OPTIMIZER_FILE, TRAINER_FILE} <= set(manifest):
+    if not manifest or not {WEIGHTS_FILE, OPTIMIZER_FILE, TRAINER_FILE} <= set(manifest):
         return None
     try:
-        storage.verify_checksums(directory)
+        storage.verify_checksums(directory, [TRAINER_FILE])
     except storage.CorruptFileError:
         return None
     with open(os.path.join(directory, TRAINER_FILE)) as f:

@@ -243,13 +243,21 @@ def test_resume_recovers_from_a_crash_at_every_point_of_the_rotation(tmp_path):
         assert again.step == checkpoint_step(path)
 
 
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def test_a_corrupt_checkpoint_is_not_resumed_from(tmp_path):
     trainer, acts = _trained(tmp_path, 2)
     trainer.train()
-    weights = tmp_path / CHECKPOINT / "optimizer.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    _flip_last_byte(tmp_path / CHECKPOINT / "optimizer.safetensors")
+    assert checkpoint_step(str(tmp_path / CHECKPOINT)) == 2  # complete; its weights are verified when loaded
+    with pytest.raises(storage.CorruptFileError, match="optimizer.safetensors"):
+        Trainer(new_sae(acts, 32, 4), acts, TrainConfig(steps=4, batch_size=100), str(tmp_path),
+                progress=False).begin(resume=True)
+    _flip_last_byte(tmp_path / CHECKPOINT / "trainer.json")
     assert checkpoint_step(str(tmp_path / CHECKPOINT)) is None
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         Trainer(new_sae(acts, 32, 4), acts, TrainConfig(steps=4, batch_size=100), str(tmp_path),

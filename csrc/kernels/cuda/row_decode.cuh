@@ -37,10 +37,26 @@ struct Vec16<float> {
   }
 };
 
+// 16-bit types: eight values, two per 32-bit word; Halves::word widens a word, Halves::pair narrows two
+// floats into one.
+template <typename Halves>
+struct Vec16Halves {
+  static constexpr int n = 8;
+  __device__ __forceinline__ static void unpack(const uint4& q, float* f) {
+    Halves::word(q.x, f);
+    Halves::word(q.y, f + 2);
+    Halves::word(q.z, f + 4);
+    Halves::word(q.w, f + 6);
+  }
+  __device__ __forceinline__ static uint4 pack(const float* f) {
+    return make_uint4(Halves::pair(f[0], f[1]), Halves::pair(f[2], f[3]), Halves::pair(f[4], f[5]),
+                      Halves::pair(f[6], f[7]));
+  }
+};
+
 // bfloat16 is the high half of a float32: widening is a shift.
 template <>
-struct Vec16<__nv_bfloat16> {
-  static constexpr int n = 8;
+struct Vec16<__nv_bfloat16> : Vec16Halves<Vec16<__nv_bfloat16>> {
   __device__ __forceinline__ static void word(uint32_t w, float* f) {
     f[0] = __uint_as_float(w << 16);
     f[1] = __uint_as_float(w & 0xffff0000u);
@@ -49,35 +65,16 @@ struct Vec16<__nv_bfloat16> {
     return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
            (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
   }
-  __device__ __forceinline__ static void unpack(const uint4& q, float* f) {
-    word(q.x, f);
-    word(q.y, f + 2);
-    word(q.z, f + 4);
-    word(q.w, f + 6);
-  }
-  __device__ __forceinline__ static uint4 pack(const float* f) {
-    return make_uint4(pair(f[0], f[1]), pair(f[2], f[3]), pair(f[4], f[5]), pair(f[6], f[7]));
-  }
 };
 
 template <>
-struct Vec16<__half> {
-  static constexpr int n = 8;
+struct Vec16<__half> : Vec16Halves<Vec16<__half>> {
   __device__ __forceinline__ static void word(uint32_t w, float* f) {
     f[0] = __half2float(__ushort_as_half((unsigned short)(w & 0xffffu)));
     f[1] = __half2float(__ushort_as_half((unsigned short)(w >> 16)));
   }
   __device__ __forceinline__ static uint32_t pair(float lo, float hi) {
     return uint32_t(__half_as_ushort(__float2half_rn(lo))) | (uint32_t(__half_as_ushort(__float2half_rn(hi))) << 16);
-  }
-  __device__ __forceinline__ static void unpack(const uint4& q, float* f) {
-    word(q.x, f);
-    word(q.y, f + 2);
-    word(q.z, f + 4);
-    word(q.w, f + 6);
-  }
-  __device__ __forceinline__ static uint4 pack(const float* f) {
-    return make_uint4(pair(f[0], f[1]), pair(f[2], f[3]), pair(f[4], f[5]), pair(f[6], f[7]));
   }
 };
 
