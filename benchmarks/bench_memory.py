@@ -21,13 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import run_isolated, set_threads  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SIZES = [  # latents, d_in, batch, k, compute dtype
+SIZES = [  # latents, d_in, batch, k, compute dtype[, optimizer]
     (65536, 512, 2048, 32, "float32"),
     (131072, 576, 4096, 32, "float32"),
     (131072, 576, 4096, 32, "bfloat16"),
     (16384, 2304, 4096, 64, "float32"),
     (262144, 576, 4096, 32, "float32"),
     (32768, 768, 16384, 32, "float32"),
+    (262144, 576, 4096, 32, "float32", "sparse-adam"),
+    (524288, 256, 2048, 32, "float32", "sparse-adam"),
 ]
 BUDGETS = [("24 GB (this machine: CPU)", "24GB", "cpu", "float32"),
            ("80 GB (H100: bf16 compute)", "80GB", "cuda", "bfloat16"),
@@ -35,7 +37,7 @@ BUDGETS = [("24 GB (this machine: CPU)", "24GB", "cpu", "float32"),
 
 
 def measure_training_peak(latents: int, d_in: int, batch: int, k: int, compute_dtype: str, dataset_tokens: int,
-                          steps: int = 3) -> dict:
+                          steps: int = 3, optimizer: str = "adam") -> dict:
     """(run in a fresh process) Resident memory before any tensor and the peak over ``steps`` training steps."""
     import gc
     import tempfile
@@ -56,23 +58,24 @@ def measure_training_peak(latents: int, d_in: int, batch: int, k: int, compute_d
     reset_peak_rss()
     acts = torch.randn(dataset_tokens, d_in)
     sae = new_sae(acts, latents, k, compute_dtype=compute_dtype)
-    trainer = Trainer(sae, acts, TrainConfig(steps=steps, batch_size=batch, checkpoint_every=10**9, log_every=10**9),
-                      tempfile.mkdtemp(), progress=False)
+    trainer = Trainer(sae, acts, TrainConfig(steps=steps, batch_size=batch, checkpoint_every=10**9, log_every=10**9,
+                                             optimizer=optimizer), tempfile.mkdtemp(), progress=False)
     for _ in range(steps):
         trainer.train_step()
     return {"runtime": runtime, "peak": peak_rss_bytes()}
 
 
-def compare(latents, d_in, batch, k, compute_dtype, threads=2) -> dict:
+def compare(latents, d_in, batch, k, compute_dtype, optimizer="adam", threads=2) -> dict:
     from ssae_kernels import memory
 
     dataset_tokens = 2 * batch
     measured = run_isolated("bench_memory:measure_training_peak", dict(
-        latents=latents, d_in=d_in, batch=batch, k=k, compute_dtype=compute_dtype, dataset_tokens=dataset_tokens),
-        threads=threads, malloc_env=False)
+        latents=latents, d_in=d_in, batch=batch, k=k, compute_dtype=compute_dtype, dataset_tokens=dataset_tokens,
+        optimizer=optimizer), threads=threads, malloc_env=False)
     planned = memory.plan(latents, d_in, batch, k, compute_dtype=compute_dtype, dataset_tokens=dataset_tokens,
-                          runtime_bytes=measured["runtime"])
+                          optimizer=optimizer, runtime_bytes=measured["runtime"])
     return {"latents": latents, "d_in": d_in, "batch": batch, "k": k, "compute_dtype": compute_dtype,
+            "optimizer": optimizer,
             "dataset_tokens": dataset_tokens, "runtime_bytes": measured["runtime"], "measured_peak": measured["peak"],
             "planned_peak": planned.total, "planned_over_measured": planned.total / measured["peak"]}
 
@@ -98,14 +101,14 @@ def main(argv=None) -> None:
     rows = [compare(*size, threads=threads) for size in (SIZES[:2] if args.quick else SIZES)]
     largest = largest_table()
     lines = ["# Memory planner against measured training peaks", "",
-             "`python benchmarks/bench_memory.py`: peak resident memory of 3 training steps (Adam, activations of "
+             "`python benchmarks/bench_memory.py`: peak resident memory of 3 training steps (activations of "
              f"2 batches in memory) in a fresh process, {threads} threads, against `ssae_kernels.memory.plan` given "
              "the process's resident memory before the first tensor (after one step of a tiny SAE, which loads the "
              "kernel libraries).", "",
-             "| latents | d_in | batch | k | compute | measured peak GB | planned GB | planned ÷ measured |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| latents | d_in | batch | k | compute | optimizer | measured peak GB | planned GB | planned ÷ measured |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['latents']} | {r['d_in']} | {r['batch']} | {r['k']} | {r['compute_dtype']} | "
+        lines.append(f"| {r['latents']} | {r['d_in']} | {r['batch']} | {r['k']} | {r['compute_dtype']} | {r['optimizer']} | "
                      f"{r['measured_peak'] / 1e9:.3f} | {r['planned_peak'] / 1e9:.3f} | "
                      f"{r['planned_over_measured']:.3f} |")
     lines += ["", "## Largest dictionary that fits (planner; batch 4096, k = 32, Adam, training data not counted)", "",

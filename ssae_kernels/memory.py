@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 FLOAT32 = 4
 INDEX = 8  # int64 latent indices
-OPTIMIZER_STATES = {"adam": 2, "sgd": 0}  # float32 tensors of each parameter's size
+OPTIMIZER_STATES = {"adam": 2, "sparse-adam": 2, "sgd": 0}  # float32 tensors of each parameter's size
 # Batch tensors of N x d float32 alive at the peak: the sampled batch, its scaled copy, the decode and the
 # residual of the AuxK loss (measured: 3.4 of them on this machine; 3.5 planned).
 BATCH_COPIES = 3.5
@@ -69,8 +69,15 @@ def plan(latents: int, d_in: int, batch: int, k: int, *, compute_dtype: str = "f
     c["weights (float32 master)"] = params + M * INDEX  # + the per-latent firing counters
     if compute_dtype == "bfloat16":
         c["weights (bfloat16 compute copy)"] = M * d * 2  # measured: one of the two matrices' copies at the peak
-    c["gradients (float32)"] = params
-    c[f"optimizer states ({optimizer})"] = OPTIMIZER_STATES[optimizer] * params
+    if optimizer == "sparse-adam":
+        # gradients only for the rows a batch touches (at most N k selected plus the dead latents AuxK may
+        # pick), and the gathered copies of those rows that the loss reads; a step index per latent
+        touched = min(M, N * k + math.ceil(dead_fraction * M))
+        c["gradients (float32, touched rows)"] = 2 * touched * (2 * d + 1) * FLOAT32 + d * FLOAT32
+        c[f"optimizer states ({optimizer})"] = OPTIMIZER_STATES[optimizer] * params + M * INDEX
+    else:
+        c["gradients (float32)"] = params
+        c[f"optimizer states ({optimizer})"] = OPTIMIZER_STATES[optimizer] * params
     c["batch activations"] = int(BATCH_COPIES * N * d * FLOAT32 + SPARSE_COPIES * N * k * (FLOAT32 + INDEX))
     if dead_fraction > 0:
         c["AuxK copies of dead latents"] = int(2 * dead_fraction * M * d * FLOAT32)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
-from .ops import sparse_decode, sparse_decode_mse, topk_encode
+from .ops import encode_selected, sparse_decode, sparse_decode_mse, topk_encode
 from .storage import (MANIFEST, CorruptFileError, atomic_write, atomic_write_text, read_checksums, verify_checksums,
                       write_checksums)
 
@@ -47,12 +47,22 @@ class SAEConfig:
 
 
 @dataclass
+class TouchedRows:
+    """The latents a batch touched (sorted) and differentiable copies of their parameter rows, float32."""
+    rows: torch.Tensor  # [R]
+    W_enc: torch.Tensor  # [R, d]
+    b_enc: torch.Tensor  # [R]
+    W_dec: torch.Tensor  # [R, d]
+
+
+@dataclass
 class Loss:
     total: torch.Tensor
     reconstruction: torch.Tensor  # the (tilted) mean of per-row squared errors
     aux: torch.Tensor
     values: torch.Tensor
-    indices: torch.Tensor
+    indices: torch.Tensor  # latents (global numbering)
+    touched: TouchedRows | None = None  # with loss(..., touched_rows=True): where the weight gradients are
 
 
 class TopKSAE(torch.nn.Module):
@@ -96,37 +106,71 @@ class TopKSAE(torch.nn.Module):
 
     # ---- training ----------------------------------------------------------------------
 
-    def loss(self, x: torch.Tensor, *, t: float = 0.0, sample_weights: torch.Tensor | None = None) -> Loss:
+    def loss(self, x: torch.Tensor, *, t: float = 0.0, sample_weights: torch.Tensor | None = None,
+             touched_rows: bool = False) -> Loss:
         """Reconstruction loss at the normalised scale (per-row squared error, tilted mean with tilt t)
         plus the AuxK loss for dead latents. x is raw; ``sample_weights`` (from StreamingTERM)
-        replaces the tilt when given."""
+        replaces the tilt when given.
+
+        With ``touched_rows``, the latents are selected without autograd and the loss is computed on
+        gathered copies of the rows the batch touched (``Loss.touched``, leaves that require grad): the
+        gradients of W_enc, b_enc and W_dec are then [R, ...] for R touched latents instead of [M, ...],
+        for :class:`ssae_kernels.optim.SparseAdam`. Same value and gradients as without it."""
         W_enc, b_enc, W_dec, b_dec = self._weights()
         xs = (x * self.input_scale).to(self.compute_dtype)
-        values, indices = topk_encode(xs, W_enc, b_enc, self.cfg.k, b_dec=b_dec)
+        dead = self.dead_mask().nonzero().squeeze(1)
+        if not touched_rows:
+            values, indices = topk_encode(xs, W_enc, b_enc, self.cfg.k, b_dec=b_dec)
+            aux_values = aux_indices = None
+            if dead.numel():
+                aux_values, local = topk_encode(xs, W_enc[dead], b_enc[dead], self._k_aux(dead), b_dec=b_dec)
+                aux_indices = dead[local]
+            return self._loss(xs, values, indices, aux_values, aux_indices, W_dec, b_dec, t, sample_weights)
+
+        with torch.no_grad():
+            _, indices = topk_encode(xs, W_enc, b_enc, self.cfg.k, b_dec=b_dec)
+            aux_indices = None
+            if dead.numel():
+                aux_indices = dead[topk_encode(xs, W_enc[dead], b_enc[dead], self._k_aux(dead), b_dec=b_dec)[1]]
+            rows = torch.unique(indices if aux_indices is None else torch.cat([indices.reshape(-1),
+                                                                                aux_indices.reshape(-1)]))
+        touched = TouchedRows(rows, *(p.detach()[rows].requires_grad_() for p in (self.W_enc, self.b_enc,
+                                                                                   self.W_dec)))
+        dt = self.compute_dtype
+        W_enc_r, b_enc_r, W_dec_r = touched.W_enc.to(dt), touched.b_enc.to(dt), touched.W_dec.to(dt)
+        local = torch.searchsorted(rows, indices)
+        values = encode_selected(xs, W_enc_r, b_enc_r, local, b_dec=b_dec)
+        aux_values = aux_local = None
+        if aux_indices is not None:
+            aux_local = torch.searchsorted(rows, aux_indices)
+            aux_values = encode_selected(xs, W_enc_r, b_enc_r, aux_local, b_dec=b_dec)
+        out = self._loss(xs, values, local, aux_values, aux_local, W_dec_r, b_dec, t, sample_weights)
+        out.indices, out.touched = indices, touched
+        return out
+
+    def _k_aux(self, dead: torch.Tensor) -> int:
+        return min(self.cfg.k_aux, dead.numel())
+
+    def _loss(self, xs, values, indices, aux_values, aux_indices, W_dec, b_dec, t, sample_weights) -> Loss:
+        """The loss from a code (and AuxK's code of dead latents, or None) decoded with W_dec."""
         if sample_weights is None:
             recon = sparse_decode_mse(values, indices, W_dec, b_dec, xs, t=t)
         else:
             errors = torch.ops.ssae.sparse_decode_sq_error(values, indices, W_dec, b_dec, xs)
             recon = (sample_weights * errors).mean()
-        aux = self._aux_loss(xs, values, indices, W_enc, b_enc, W_dec, b_dec)
+        aux = torch.zeros((), device=xs.device)
+        if aux_values is not None:
+            # AuxK: the dead latents' top-k_aux code (selected by the fused encode on their rows only,
+            # never the N x M matrix) fitted to what the live code leaves unexplained
+            with torch.no_grad():
+                residual = (xs.float() - sparse_decode(values, indices, W_dec, b_dec).float())
+            aux_hat = sparse_decode(aux_values, aux_indices, W_dec).float()
+            total_variance = ((residual - residual.mean(0)) ** 2).sum().clamp_min(1e-12)
+            aux = ((aux_hat - residual) ** 2).sum() / total_variance
         return Loss(recon + self.cfg.aux_coef * aux, recon, aux, values, indices)
 
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens
-
-    def _aux_loss(self, xs, values, indices, W_enc, b_enc, W_dec, b_dec):
-        dead = self.dead_mask().nonzero().squeeze(1)
-        if dead.numel() == 0:
-            return torch.zeros((), device=xs.device)
-        # The top-k_aux pre-activations among dead latents only: the fused encode on their
-        # rows, never the N x M matrix.
-        k_aux = min(self.cfg.k_aux, dead.numel())
-        with torch.no_grad():
-            residual = (xs.float() - sparse_decode(values, indices, W_dec, b_dec).float())
-        aux_values, aux_local = topk_encode(xs, W_enc[dead], b_enc[dead], k_aux, b_dec=b_dec)
-        aux_hat = sparse_decode(aux_values, aux_local, W_dec[dead]).float()
-        total_variance = ((residual - residual.mean(0)) ** 2).sum().clamp_min(1e-12)
-        return ((aux_hat - residual) ** 2).sum() / total_variance
 
     @torch.no_grad()
     def update_firing(self, values: torch.Tensor, indices: torch.Tensor) -> None:
@@ -136,14 +180,20 @@ class TopKSAE(torch.nn.Module):
         self.tokens_since_fired[fired] = 0
 
     @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        """Decoder rows back to unit norm (after each optimizer step)."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    def normalize_decoder(self, rows: torch.Tensor | None = None) -> None:
+        """Decoder rows (all, or those in ``rows``) back to unit norm, after each optimizer step."""
+        if rows is None:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        else:
+            W = self.W_dec[rows]
+            self.W_dec[rows] = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
-    def remove_parallel_decoder_grad(self) -> None:
-        """Drops the gradient component along each decoder row, which the renormalisation would undo."""
-        W, grad = self.W_dec, self.W_dec.grad
+    def remove_parallel_decoder_grad(self, touched: TouchedRows | None = None) -> None:
+        """Drops the gradient component along each decoder row, which the renormalisation would undo
+        (of W_dec, or of the touched rows' copy)."""
+        W = self.W_dec if touched is None else touched.W_dec
+        grad = W.grad
         if grad is not None:
             # grad -= <grad, w> w / |w|^2 per row, without an [M, d] temporary (the batched 1 x d by d x 1
             # products and the in-place addcmul allocate O(M))

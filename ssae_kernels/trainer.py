@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from . import storage
 from .ops import StreamingTERM
+from .optim import SparseAdam
 from .sae import WEIGHTS_FILE, SAEConfig, TopKSAE
 
 CHECKPOINT = "checkpoint"
@@ -35,6 +36,9 @@ class TrainConfig:
     # Gao et al.'s value (openai/sparse_autoencoder's training code): with a tiny eps, Adam's step size stays
     # independent of the gradient's scale even for latents that fire rarely and get tiny gradients.
     adam_eps: float = 6.25e-10
+    # "adam": torch.optim.Adam over every row each step; "sparse-adam": ssae_kernels.optim.SparseAdam, which
+    # touches only the rows the batch selected and leaves the same state (see its docstring)
+    optimizer: str = "adam"
     tilt: float = 0.0  # TERM tilt t; 0 is plain ERM
     streaming_term: bool = False  # TERM's stochastic form (running normalizer) instead of the batch tilt
     term_decay: float = 0.1
@@ -46,6 +50,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         unknown = set(self.log_to) - set(METRIC_SINKS)
         if unknown:
             raise ValueError(f"log_to: unknown {sorted(unknown)}; choose from {sorted(METRIC_SINKS)}")
@@ -87,6 +93,9 @@ def _wandb_sink(out_dir: str, config: dict):
     return (lambda record: run.log(record, step=record["step"])), run.finish
 
 
+OPTIMIZERS = ("adam", "sparse-adam")
+
+
 # name -> factory(out_dir, config) -> (log(record), close()); the libraries load only when asked for.
 METRIC_SINKS = {"tensorboard": _tensorboard_sink, "wandb": _wandb_sink}
 
@@ -123,12 +132,17 @@ class Trainer:
         self.sae, self.acts, self.cfg, self.out_dir = sae, acts, cfg, out_dir
         self.progress = progress
         self.lr = cfg.learning_rate(sae.cfg.num_latents)
-        # fused: one pass over each parameter and its states, no temporaries of the parameter's size
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=cfg.adam_eps,
-                                          fused=True)
+        if cfg.optimizer == "sparse-adam":
+            self.optimizer = SparseAdam({"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec},
+                                        {"b_dec": sae.b_dec}, lr=self.lr, betas=(0.9, 0.999), eps=cfg.adam_eps)
+        else:
+            # fused: one pass over each parameter and its states, no temporaries of the parameter's size
+            self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=cfg.adam_eps,
+                                              fused=True)
         self.sampler = BatchSampler(acts.shape[0], cfg.batch_size, cfg.seed)
         self.term = StreamingTERM(cfg.tilt, cfg.term_decay) if cfg.streaming_term else None
         self.step = 0
+        self.current_lr = self.lr
         self.tokens_per_s = 0.0
         self.metrics_file = metrics_file or os.path.join(out_dir, "metrics.jsonl")
         os.makedirs(out_dir, exist_ok=True)
@@ -154,13 +168,10 @@ class Trainer:
         final = os.path.join(self.out_dir, CHECKPOINT)
         tmp, old = final + ".tmp", final + ".old"
         shutil.rmtree(tmp, ignore_errors=True)
+        self.flush()
         self.sae.save(tmp)
-        state = {}
-        names = {id(p): n for n, p in self.sae.named_parameters()}
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                for key, value in self.optimizer.state.get(p, {}).items():
-                    state[f"{names[id(p)]}.{key}"] = value.detach().reshape(-1).clone() if key == "step" else value
+        state = {f"{name}.{key}": value.detach().reshape(-1).clone() if key == "step" else value
+                 for name, entry in self.optimizer_state().items() for key, value in entry.items()}
         storage.atomic_write(os.path.join(tmp, OPTIMIZER_FILE), lambda path: save_file(state, path))
         storage.atomic_write_text(os.path.join(tmp, TRAINER_FILE), json.dumps(
             {"step": self.step, "train": dataclasses.asdict(self.cfg),
@@ -188,17 +199,40 @@ class Trainer:
         self.sae.cfg = loaded.cfg
         self.sae.load_state_dict(loaded.state_dict())
         storage.verify_checksums(directory, [OPTIMIZER_FILE])
-        state = load_file(os.path.join(directory, OPTIMIZER_FILE))
-        for name, p in self.sae.named_parameters():
-            entry = {key.split(".", 1)[1]: value for key, value in state.items() if key.split(".", 1)[0] == name}
-            if entry:
-                entry["step"] = entry["step"].reshape(())
-                self.optimizer.state[p] = entry
+        state = {}
+        for key, value in load_file(os.path.join(directory, OPTIMIZER_FILE)).items():
+            name, field = key.split(".", 1)
+            state.setdefault(name, {})[field] = value.reshape(()) if field == "step" else value
+        self.load_optimizer_state(state)
         with open(os.path.join(directory, TRAINER_FILE)) as f:
             meta = json.load(f)
         self.step = meta["step"]
         if self.term and meta["term"]:
             self.term.load_state_dict(meta["term"])
+
+    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """parameter name -> torch.optim.Adam's state of it (exp_avg, exp_avg_sq, step), for either optimizer."""
+        if isinstance(self.optimizer, SparseAdam):
+            return self.optimizer.state_tensors()
+        names = {id(p): n for n, p in self.sae.named_parameters()}
+        return {names[id(p)]: dict(self.optimizer.state[p]) for group in self.optimizer.param_groups
+                for p in group["params"] if p in self.optimizer.state}
+
+    def load_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        if isinstance(self.optimizer, SparseAdam):
+            if state:
+                self.optimizer.load_state_tensors(state)
+            return
+        for name, p in self.sae.named_parameters():
+            if name in state:
+                self.optimizer.state[p] = state[name]
+
+    def flush(self) -> None:
+        """Applies SparseAdam's pending skipped steps, so the weights (and state) are dense Adam's."""
+        if isinstance(self.optimizer, SparseAdam):
+            moved = self.optimizer.flush()
+            if moved.numel():
+                self.sae.normalize_decoder(moved)
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -206,26 +240,40 @@ class Trainer:
         """One optimizer step on the next batch; returns (batch, Loss)."""
         cfg, sae = self.cfg, self.sae
         batch = self.acts[self.sampler.indices(self.step)]
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr * cfg.lr_factor(self.step)
+        lr = self.current_lr = self.lr * cfg.lr_factor(self.step)
+        if isinstance(self.optimizer, SparseAdam):
+            self.optimizer.lr = lr
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         weights = None
         if self.term is not None:
             with torch.no_grad():
                 values, indices = sae.encode(batch)
                 errors = ((sae.decode(values, indices) - batch) ** 2).sum(1) * sae.input_scale**2
             weights = self.term.weights(errors)
-        out = sae.loss(batch, t=0.0 if self.term else cfg.tilt, sample_weights=weights)
+        sparse = isinstance(self.optimizer, SparseAdam)
+        out = sae.loss(batch, t=0.0 if self.term else cfg.tilt, sample_weights=weights, touched_rows=sparse)
         if not torch.isfinite(out.total):
             raise NonFiniteLoss(
                 f"non-finite loss {float(out.total.detach())} at step {self.step} (reconstruction "
                 f"{float(out.reconstruction.detach())}, aux {float(out.aux.detach())}); the last good checkpoint "
                 f"is in {os.path.join(self.out_dir, CHECKPOINT)}. Try a lower learning rate or a smaller tilt.")
         out.total.backward()
-        sae.remove_parallel_decoder_grad()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        sae.normalize_decoder()
+        sae.remove_parallel_decoder_grad(out.touched)
+        if sparse:
+            rows = out.touched
+            # the global norm over the touched rows is the dense one: every other row's gradient is zero
+            torch.nn.utils.clip_grad_norm_([rows.W_enc, rows.b_enc, rows.W_dec, sae.b_dec], cfg.grad_clip)
+            self.optimizer.step(rows.rows, {"W_enc": rows.W_enc.grad, "b_enc": rows.b_enc.grad,
+                                            "W_dec": rows.W_dec.grad}, {"b_dec": sae.b_dec.grad})
+            sae.b_dec.grad = None
+            sae.normalize_decoder(rows.rows)
+        else:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            sae.normalize_decoder()
         sae.update_firing(out.values, out.indices)
         self.step += 1
         return batch, out
@@ -289,7 +337,7 @@ class Trainer:
                 "aux": float(out.aux), "fvu": float(errors.sum() / variance.sum()),
                 "l0": float((out.values > 0).sum(1).float().mean()),
                 "dead_fraction": float(self.sae.dead_mask().float().mean()),
-                "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": self.tokens_per_s}
+                "lr": self.current_lr, "tokens_per_s": self.tokens_per_s}
 
 
 def new_sae(acts: torch.Tensor, num_latents: int, k: int, *, seed: int = 0, **cfg) -> TopKSAE:

@@ -12,8 +12,9 @@ import bench_memory  # noqa: E402
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from /proc (Linux)")
-@pytest.mark.parametrize("size", [(65536, 512, 2048, 32, "float32"), (98304, 384, 4096, 32, "bfloat16")],
-                         ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("size", [(65536, 512, 2048, 32, "float32"), (98304, 384, 4096, 32, "bfloat16"),
+                                  (262144, 256, 1024, 32, "float32", "sparse-adam")],
+                         ids=["float32", "bfloat16", "sparse-adam"])
 def test_the_plan_is_within_10_percent_of_the_measured_peak(size):
     result = bench_memory.compare(*size)
     # what the SAE adds to the process, planned and measured: the runtime is the same figure on both sides
@@ -29,6 +30,9 @@ def test_components_follow_the_sizes():
     assert fp32.components["gradients (float32)"] == params
     assert fp32.components["optimizer states (adam)"] == 2 * params
     assert memory.plan(1 << 20, 576, 4096, 32, optimizer="sgd").components["optimizer states (sgd)"] == 0
+    sparse = memory.plan(1 << 20, 576, 4096, 32, optimizer="sparse-adam").components
+    assert sparse["gradients (float32, touched rows)"] == 2 * 4096 * 32 * (2 * 576 + 1) * 4 + 576 * 4
+    assert sparse["optimizer states (sparse-adam)"] == 2 * params + (1 << 20) * 8  # + a step index per latent
     bf16 = memory.plan(1 << 20, 576, 4096, 32, compute_dtype="bfloat16")
     assert bf16.total - fp32.total == (1 << 20) * 576 * 2
     with_data = memory.plan(1 << 20, 576, 4096, 32, dataset_tokens=100_000)

@@ -11,6 +11,10 @@
 #include <ATen/MemoryOverlap.h>
 
 #include <algorithm>
+#include <cmath>
+#include <initializer_list>
+#include <utility>
+#include <vector>
 #include <optional>
 
 namespace ssae::checks {
@@ -210,6 +214,58 @@ void project_in_place(const at::Tensor& G, const at::Tensor& U, bool complement,
     run(dense, U, complement, dense);
     G.copy_(dense);
   }
+}
+
+// sparse_adam_(param, exp_avg, exp_avg_sq [M, d], rows [R] int64, grad [R, d]?, catchup [R, 4], ...)
+inline void adam_args(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                      const at::Tensor& rows, const std::optional<at::Tensor>& grad, const at::Tensor& catchup,
+                      double lr, double beta1, double beta2, double eps, int64_t step, c10::DeviceType type) {
+  on_device(param, type, "param");
+  dim(param, 2, "param", "[M, d]");
+  TORCH_CHECK_TYPE(param.scalar_type() == at::kFloat || param.scalar_type() == at::kDouble,
+                   "param must be float32 or float64, got ", param.scalar_type());
+  for (const auto& [t, name] : {std::pair{&exp_avg, "exp_avg"}, std::pair{&exp_avg_sq, "exp_avg_sq"}}) {
+    same_device(*t, param, name, "param");
+    dim(*t, 2, name, "[M, d]");
+    same_dtype(*t, param, name, "param");
+    TORCH_CHECK_VALUE(t->sizes() == param.sizes(), name, " must have the shape of param: expected ", param.sizes(),
+                      ", got ", t->sizes());
+  }
+  dim(rows, 1, "rows", "[R]");
+  int64_indices(rows, param, "rows", "param");
+  const int64_t R = rows.size(0), d = param.size(1);
+  if (grad) {
+    same_device(*grad, param, "grad", "param");
+    dim(*grad, 2, "grad", "[R, d]");
+    same_dtype(*grad, param, "grad", "param");
+    TORCH_CHECK_VALUE(grad->size(0) == R && grad->size(1) == d, "grad must be [R, d] (R = rows.shape[0], d = "
+                      "param.shape[1]): expected [", R, ", ", d, "], got ", grad->sizes());
+  }
+  same_device(catchup, param, "catchup", "param");
+  dim(catchup, 2, "catchup", "[R, 4]");
+  same_dtype(catchup, param, "catchup", "param");
+  TORCH_CHECK_VALUE(catchup.size(0) == R && catchup.size(1) == 4, "catchup must be [R, 4] (drift, decay1, decay2, "
+                    "eps_skip): expected [", R, ", 4], got ", catchup.sizes());
+  TORCH_CHECK_VALUE(lr >= 0 && std::isfinite(lr), "lr must be finite and >= 0, got ", lr);
+  TORCH_CHECK_VALUE(beta1 >= 0 && beta1 < 1, "beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK_VALUE(beta2 >= 0 && beta2 < 1, "beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK_VALUE(step >= 1, "step must be >= 1, got ", step);
+  for (const auto& [t, name] : {std::pair{&param, "param"}, std::pair{&exp_avg, "exp_avg"},
+                                std::pair{&exp_avg_sq, "exp_avg_sq"}})
+    TORCH_CHECK_VALUE(at::has_internal_overlap(*t) != at::MemOverlap::Yes, name,
+                      " has overlapping elements (an expanded view); sparse_adam_ cannot write it");
+}
+
+// Runs run(tensors) on rows_strided versions of the tensors it writes: each one that is not
+// (e.g. a transposed view) is computed in a contiguous copy that is copied back after.
+template <typename Run>
+void with_rows_strided(std::initializer_list<at::Tensor> written, Run&& run) {
+  std::vector<at::Tensor> originals(written), usable;
+  for (const auto& t : originals) usable.push_back(rows_strided(t) ? t : t.contiguous());
+  run(usable);
+  for (size_t i = 0; i < originals.size(); ++i)
+    if (!usable[i].is_same(originals[i])) originals[i].copy_(usable[i]);
 }
 
 }  // namespace ssae::checks

@@ -22,7 +22,7 @@
 #define SSAE_COMPILED_OPS(X)                                                                                  \
   X(topk_encode) X(sparse_decode) X(sampled_dot) X(latent_transpose) X(sparse_transpose_matmul)              \
   X(tilted_group_stats) X(row_sq_error) X(sparse_decode_sq_error) X(sparse_decode_residual) X(project_subspace) \
-  X(project_subspace_)
+  X(project_subspace_) X(sparse_adam_)
 
 TORCH_LIBRARY_IMPL(ssae, CPU, m) {
 #define SSAE_CPU_IMPL(op) SSAE_ROUTED_IMPL(m, op, "cpu", ssae::route::cpu_serves, ssae::op##_cpu);

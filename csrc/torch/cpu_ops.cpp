@@ -10,6 +10,7 @@
 #include "arg_checks.h"
 #include "../kernels/cpu/dot_tile.h"
 #include "../kernels/cpu/project_subspace.h"
+#include "../kernels/cpu/sparse_adam.h"
 #include "../kernels/cpu/sparse_backward.h"
 #include "../kernels/cpu/sparse_decode.h"
 #include "../kernels/cpu/tilted_loss.h"
@@ -387,6 +388,36 @@ at::Tensor project_subspace_cpu(const at::Tensor& G, const at::Tensor& U, bool c
 void project_subspace__cpu(const at::Tensor& G, const at::Tensor& U, bool complement) {
   checks::project_args(G, U, kCPU);
   checks::project_in_place(G, U, complement, run_project);
+}
+
+void sparse_adam__cpu(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                      const at::Tensor& rows, const std::optional<at::Tensor>& grad, const at::Tensor& catchup,
+                      double lr, double beta1, double beta2, double eps, int64_t step) {
+  checks::adam_args(param, exp_avg, exp_avg_sq, rows, grad, catchup, lr, beta1, beta2, eps, step, kCPU);
+  const auto dense_rows = rows.contiguous();
+  bool duplicate = false;
+  const int64_t* r = dense_rows.data_ptr<int64_t>();
+  const int64_t bad = cpu::find_bad_row(r, dense_rows.numel(), param.size(0), &duplicate);
+  TORCH_CHECK_VALUE(bad == dense_rows.numel() || !duplicate,
+                    "rows must be distinct: a row listed twice would be updated twice (row ", r[bad],
+                    " at position ", bad, ")");
+  TORCH_CHECK_INDEX(bad == dense_rows.numel(), "rows must lie in [0, ", param.size(0), "), got ", r[bad],
+                    " at flat position ", bad);
+  if (dense_rows.numel() == 0) return;
+  checks::with_rows_strided({param, exp_avg, exp_avg_sq}, [&](const std::vector<at::Tensor>& t) {
+    const auto g = grad ? std::optional<at::Tensor>(checks::rows_strided(*grad) ? *grad : grad->contiguous())
+                        : std::nullopt;
+    const auto c = catchup.contiguous();
+    dispatch_dtype(param.scalar_type(), "param", [&](auto tag) {
+      using T = decltype(tag);
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+        cpu::sparse_adam<T>({ptr<T>(t[0]), checks::row_stride(t[0]), ptr<T>(t[1]), checks::row_stride(t[1]),
+                             ptr<T>(t[2]), checks::row_stride(t[2]), r, dense_rows.numel(),
+                             g ? ptr<T>(*g) : nullptr, g ? checks::row_stride(*g) : 0, ptr<T>(c), param.size(1),
+                             lr, beta1, beta2, eps, step});
+      }
+    });
+  });
 }
 
 }  // namespace ssae

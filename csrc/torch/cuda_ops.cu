@@ -10,6 +10,7 @@
 #include "arg_checks.h"
 #include "../kernels/cuda/launch.h"
 #include "../kernels/cuda/project_subspace.cuh"
+#include "../kernels/cuda/sparse_adam.cuh"
 #include "../kernels/cuda/sparse_backward.cuh"
 #include "../kernels/cuda/sparse_decode.cuh"
 #include "../kernels/cuda/tilted_loss.cuh"
@@ -423,6 +424,30 @@ at::Tensor project_subspace_cuda(const at::Tensor& G, const at::Tensor& U, bool 
 void project_subspace__cuda(const at::Tensor& G, const at::Tensor& U, bool complement) {
   check_project_args(G, U);
   checks::project_in_place(G, U, complement, run_project);
+}
+
+// ---- sparse_adam_ --------------------------------------------------------------------------------
+
+void sparse_adam__cuda(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                       const at::Tensor& rows, const std::optional<at::Tensor>& grad, const at::Tensor& catchup,
+                       double lr, double beta1, double beta2, double eps, int64_t step) {
+  checks::adam_args(param, exp_avg, exp_avg_sq, rows, grad, catchup, lr, beta1, beta2, eps, step, kCUDA);
+  TORCH_CHECK_TYPE(param.scalar_type() == at::kFloat, "param must be float32 on the cuda backend, got ",
+                   param.scalar_type(), " (float64 runs on the cpu and reference backends)");
+  // rows are neither range- nor duplicate-checked here (a sync per call, as for every index on this
+  // backend): the kernel skips a row out of range, and SSAE_CHECK_INDICES=1 has the router check both.
+  if (rows.numel() == 0 || param.size(1) == 0) return;
+  c10::cuda::CUDAGuard guard(param.device());
+  const auto ix = rows.contiguous(), c = catchup.contiguous();  // O(R)
+  const auto g = grad ? unit_column_stride(*grad) : at::Tensor();  // only read: any row stride
+  checks::with_rows_strided({param, exp_avg, exp_avg_sq}, [&](const std::vector<at::Tensor>& t) {
+    C10_CUDA_CHECK(cuda::sparse_adam(
+        {ptr<float>(t[0]), checks::row_stride(t[0]), ptr<float>(t[1]), checks::row_stride(t[1]), ptr<float>(t[2]),
+         checks::row_stride(t[2]), ix.data_ptr<int64_t>(), ix.numel(), param.size(0),
+         g.defined() ? ptr<float>(g) : nullptr, g.defined() ? activation_row_stride(g) : 0, ptr<float>(c),
+         param.size(1), lr, beta1, beta2, eps, step},
+        c10::cuda::getCurrentCUDAStream()));
+  });
 }
 
 }  // namespace ssae

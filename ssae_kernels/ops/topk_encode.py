@@ -133,3 +133,56 @@ OP = define(
     limits={"cpu": _int32_latents("cpu"), "triton": _int32_latents("triton"), "cuda": _cuda_limit},
     backward=_backward, setup_context=_setup_context,
 )
+
+
+# ---- encode_selected: the same code for latents chosen beforehand ------------------------------------
+
+
+def encode_selected(x, W_enc, b_enc, indices, *, b_dec=None):
+    """``ReLU(pre[n, indices[n, j]])``: the values of a code whose latents are already chosen.
+
+    With the indices of :func:`topk_encode` this gives its values and the same gradients, at
+    O(N * k * d): the encode of a training step can select under ``torch.no_grad()`` and take
+    the values' gradient from here, e.g. on a gathered copy of just the rows the batch touched
+    (``TopKSAE.loss(..., touched_rows=True)``), so that the weight gradients are [R, d] and not [M, d].
+
+    Args: as :func:`topk_encode`, with ``indices`` [N, k] int64 in [0, M) instead of k.
+    Returns: [N, k], dtype of x. Differentiable in x, W_enc, b_enc and b_dec.
+    """
+    checks.tensors(("x", x), ("W_enc", W_enc), ("b_enc", b_enc, None), ("indices", indices), ("b_dec", b_dec, None))
+    return call("encode_selected", (x, W_enc, b_enc, indices, b_dec), differentiable=(x, W_enc, b_enc, b_dec))
+
+
+def encode_selected_reference(x, W_enc, b_enc, indices, b_dec=None):
+    return torch.relu(pre_activations(x, W_enc, b_enc, b_dec).gather(1, indices)).to(x.dtype)
+
+
+def _check_selected(x, W_enc, b_enc, indices, b_dec=None):
+    checks.tensor(indices, "indices", 2, "[N, k]")
+    checks.indices(indices, "indices", x, "x")
+    _check(x, W_enc, b_enc, 1, b_dec)
+    checks.same_size(indices.shape[0], x.shape[0], "indices.shape[0] (rows) must equal x.shape[0]")
+    checks.index_range(indices, W_enc.shape[0], "indices")
+
+
+def _encode_selected_kernel(x, W_enc, b_enc, indices, b_dec=None):
+    _check_selected(x, W_enc, b_enc, indices, b_dec)
+    rows = x if b_dec is None else x - b_dec
+    pre = torch.ops.ssae.sampled_dot.default(rows, indices, W_enc)
+    return torch.relu(pre if b_enc is None else pre + b_enc[indices])
+
+
+def _setup_selected(ctx, inputs, output):
+    x, W_enc, b_enc, indices, b_dec = (*inputs, None)[:5]
+    ctx.save_for_backward(x, W_enc, b_dec, output, indices)
+
+
+def _backward_selected(ctx, grad_values):
+    return _backward(ctx, grad_values, None)  # topk_encode's formulas: they depend only on the selection
+
+
+# A composite: the backend-specific work is the sampled_dot it calls (and, backward, topk_encode's ops).
+define("encode_selected", "(Tensor x, Tensor W_enc, Tensor? b_enc, Tensor indices, Tensor? b_dec=None) -> Tensor",
+       module=__name__.rsplit(".", 1)[-1], check=_check_selected, fake=lambda x, W_enc, b_enc, indices, b_dec=None: x.new_empty(indices.shape),
+       reference=encode_selected_reference, dtypes={}, composite=_encode_selected_kernel,
+       backward=_backward_selected, setup_context=_setup_selected)

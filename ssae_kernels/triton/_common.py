@@ -120,3 +120,14 @@ def rne_bf16(x):
     bits = x.to(tl.int32, bitcast=True)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
     return tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
+
+
+def rows_strided(t: torch.Tensor) -> bool:
+    """Unit column stride and rows apart: the kernels read and write t through its row stride."""
+    d, n = t.shape
+    return (n <= 1 or t.stride(1) == 1) and (d <= 1 or t.stride(0) >= max(n, 1))
+
+
+def row_stride(t: torch.Tensor) -> int:
+    """The row stride of a rows_strided t (any value where there is one row)."""
+    return max(t.shape[1], 1) if t.shape[0] <= 1 else t.stride(0)

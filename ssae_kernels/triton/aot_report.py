@@ -45,6 +45,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from . import sparse_backward, sparse_decode, topk_encode  # noqa: E402
 from . import tilted_loss  # noqa: E402
 from . import project_subspace  # noqa: E402
+from . import sparse_adam  # noqa: E402
 
 # Largest dynamic shared memory per block (bytes): A100 163 KB, H100 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -241,7 +242,8 @@ def _tilted_specs():
 
 
 def all_specs() -> list[Spec]:
-    return _encode_specs() + _decode_specs() + _backward_specs() + _tilted_specs() + project_subspace.aot_specs()
+    return (_encode_specs() + _decode_specs() + _backward_specs() + _tilted_specs() + project_subspace.aot_specs()
+            + sparse_adam.aot_specs())
 
 
 _PTXAS_USED = re.compile(r"Used (\d+) registers")

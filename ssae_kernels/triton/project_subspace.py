@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, check_dtype, fp32_dot_precision, guarded, interpreting, next_power_of_2
-from ._common import rne_bf16, round_bf16_in_kernel
+from ._common import rne_bf16, round_bf16_in_kernel, row_stride, rows_strided
 
 # Largest r served by the fused kernel (C is BLOCK_R x BLOCK_N float32 in registers).
 MAX_FUSED_R = 128
@@ -138,16 +138,6 @@ def _block_r(r: int) -> int:
     return max(16, next_power_of_2(r))  # tl.dot needs every dimension >= 16
 
 
-def _rows_strided(t: torch.Tensor) -> bool:
-    """Unit column stride and rows apart: the kernels read and write t through its row stride."""
-    d, n = t.shape
-    return (n <= 1 or t.stride(1) == 1) and (d <= 1 or t.stride(0) >= max(n, 1))
-
-
-def _row_stride(t: torch.Tensor) -> int:
-    return max(t.shape[1], 1) if t.shape[0] <= 1 else t.stride(0)
-
-
 def _launch(G, U, complement, out, fused_max_r):
     d, n = G.shape
     r = U.shape[1]
@@ -161,15 +151,15 @@ def _launch(G, U, complement, out, fused_max_r):
         block_r = _block_r(r)
         cfg = GPU_CONFIGS[block_r] if gpu else INTERPRET_CONFIG
         _project_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-            G, U, out, d, r, n, _row_stride(G), _row_stride(out), COMPLEMENT=complement, BLOCK_R=block_r,
+            G, U, out, d, r, n, row_stride(G), row_stride(out), COMPLEMENT=complement, BLOCK_R=block_r,
             PRECISION=precision, ROUND_BF16=round_bf16, **cfg)
         return
     cfg = GPU_TWO_PASS if gpu else INTERPRET_TWO_PASS
     c = torch.empty(r, n, dtype=torch.float32, device=G.device)
     _utg_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(r, cfg["BLOCK_R"]))](
-        G, U, c, d, r, n, _row_stride(G), PRECISION=precision, **cfg)
+        G, U, c, d, r, n, row_stride(G), PRECISION=precision, **cfg)
     _apply_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(d, cfg["BLOCK_D"]))](
-        G, U, c, out, d, r, n, _row_stride(G), _row_stride(out), COMPLEMENT=complement, PRECISION=precision,
+        G, U, c, out, d, r, n, row_stride(G), row_stride(out), COMPLEMENT=complement, PRECISION=precision,
         ROUND_BF16=round_bf16, **cfg)
 
 
@@ -188,7 +178,7 @@ def project_subspace(G, U, complement=False, *, fused_max_r=MAX_FUSED_R):
     """
     _check(G, U)
     out = torch.empty(G.shape, dtype=G.dtype, device=G.device)
-    _launch(G if _rows_strided(G) else G.contiguous(), U, complement, out, fused_max_r)
+    _launch(G if rows_strided(G) else G.contiguous(), U, complement, out, fused_max_r)
     return out
 
 
@@ -196,7 +186,7 @@ def project_subspace(G, U, complement=False, *, fused_max_r=MAX_FUSED_R):
 def project_subspace_(G, U, complement=False, *, fused_max_r=MAX_FUSED_R):
     """In-place launcher with the schema's signature (writes G, returns None)."""
     _check(G, U)
-    if _rows_strided(G):
+    if rows_strided(G):
         _launch(G, U, complement, G, fused_max_r)
     else:  # e.g. a transposed view: compute densely, then copy back through G's strides
         dense = G.contiguous()

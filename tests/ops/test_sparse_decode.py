@@ -228,7 +228,8 @@ def test_triton_launchers_run_on_their_tensors_device(monkeypatch):
                  "sparse_backward": ["sampled_dot", "latent_transpose", "sparse_transpose_matmul"],
                  "tilted_loss": ["tilted_group_stats", "row_sq_error", "sparse_decode_sq_error",
                                  "sparse_decode_residual"],
-                 "project_subspace": ["project_subspace", "project_subspace_"]}
+                 "project_subspace": ["project_subspace", "project_subspace_"],
+                 "sparse_adam": ["sparse_adam_"]}
     for module, names in launchers.items():
         for name in names:
             assert getattr(getattr(triton_module(module), name), "__wrapped__", None) is not None, (module, name)

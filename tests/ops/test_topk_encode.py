@@ -300,6 +300,46 @@ def test_opcheck(with_b_dec):
     torch.library.opcheck(torch.ops.ssae.topk_encode.default, (x, W, b, 4, bd))
 
 
+# ---- encode_selected: the values and gradients of a code chosen beforehand --------------------------
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16))
+@pytest.mark.parametrize("with_b_dec", [True, False])
+def test_encode_selected_has_topk_encodes_values_and_gradients(backend, dtype, with_b_dec):
+    require(backend, "topk_encode", "sampled_dot", "sparse_transpose_matmul", dtype=dtype)
+    dev = device_of(backend)
+    x, W, b, bd = make_encode_inputs(11, 9, 37, dtype, b_dec=with_b_dec, requires_grad=True, device=dev)
+    values, indices = ssae_kernels.topk_encode(x, W, b, 5, b_dec=bd)
+    again = ssae_kernels.ops.encode_selected(x, W, b, indices, b_dec=bd)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(again, values, **tol)
+    grad = torch.randn_like(values)
+    inputs = [t for t in (x, W, b, bd) if t is not None]
+    expected = torch.autograd.grad((values * grad).sum(), inputs)
+    for got, want in zip(torch.autograd.grad((again * grad).sum(), inputs), expected):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_encode_selected_gradcheck_and_opcheck():
+    x, W, b, bd = make_encode_inputs(6, 5, 13, torch.float64, b_dec=True, requires_grad=True)
+    indices = torch.randint(0, 13, (6, 3))  # any latents, repeats and all: the formula does not care
+    assert torch.autograd.gradcheck(lambda *a: ssae_kernels.ops.encode_selected(*a[:3], indices, b_dec=a[3]),
+                                    (x, W, b, bd))
+    torch.library.opcheck(torch.ops.ssae.encode_selected.default,
+                          (x.detach().float().requires_grad_(), W.detach().float(), b.detach().float(), indices,
+                           bd.detach().float()))
+
+
+def test_encode_selected_bad_input():
+    x, W, b, _ = make_encode_inputs(4, 3, 10, torch.float32)
+    with pytest.raises(IndexError, match=r"indices must lie in \[0, 10\)"):
+        ssae_kernels.ops.encode_selected(x, W, b, torch.tensor([[0], [1], [10], [2]]))
+    with pytest.raises(ValueError, match=r"indices.shape\[0\] \(rows\) must equal x.shape\[0\]"):
+        ssae_kernels.ops.encode_selected(x, W, b, torch.zeros(3, 2, dtype=torch.int64))
+    with pytest.raises(TypeError, match="indices must be int64"):
+        ssae_kernels.ops.encode_selected(x, W, b, torch.zeros(4, 2, dtype=torch.int32))
+
+
 # ---- the training step: encode -> decode -> loss, forward and backward ----------------------------
 
 

@@ -1,0 +1,32 @@
+// Adam on selected rows of a parameter, CPU, after catching each row up on the
+// steps it skipped (formulas: ssae_kernels/ops/sparse_adam.py). param, exp_avg,
+// exp_avg_sq are row-major with their own row strides (unit column stride);
+// grad (may be null: catch-up only) is [R, d] with row stride ldg; catchup is
+// [R, 4] dense: drift, decay1, decay2, eps_skip. rows must be distinct and in range.
+#pragma once
+
+#include <cstdint>
+
+namespace ssae::cpu {
+
+template <typename T>
+struct AdamRows {
+  T* param; int64_t ld_param;
+  T* exp_avg; int64_t ld_exp_avg;
+  T* exp_avg_sq; int64_t ld_exp_avg_sq;
+  const int64_t* rows; int64_t num_rows;
+  const T* grad; int64_t ld_grad;
+  const T* catchup;
+  int64_t d;
+  double lr, beta1, beta2, eps;
+  int64_t step;
+};
+
+template <typename T>
+void sparse_adam(const AdamRows<T>& a);
+
+// The first position of a row outside [0, num_latents) or listed twice (num_rows when none);
+// *duplicate tells which. Uses one bit of scratch per latent.
+int64_t find_bad_row(const int64_t* rows, int64_t num_rows, int64_t num_latents, bool* duplicate);
+
+}  // namespace ssae::cpu
