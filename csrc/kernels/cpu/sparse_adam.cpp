@@ -1,6 +1,8 @@
 #include "sparse_adam.h"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "scalar.h"
@@ -8,30 +10,51 @@
 namespace ssae::cpu {
 namespace {
 
-// One row's catch-up and update. Where m is zero the skipped steps moved nothing (0 / 0 otherwise).
+// The movement of a row's skipped steps at one element. Where m is zero they moved nothing; the
+// floor on the denominator keeps 0 / 0 out when eps_skip is zero too (a max, so loops stay vectorised).
 template <typename T>
-inline void adam_row(T* p, T* m, T* v, const T* g, int64_t d, const T* c, T beta1, T beta2, T step_size,
-                     T bc2_sqrt, T eps) {
+inline T skipped_move(T m0, T v0, T drift, T eps_skip) {
+  return drift * m0 / std::max(std::sqrt(v0) + eps_skip, std::numeric_limits<T>::min());
+}
+
+// One row's catch-up and update. Rows caught up on nothing (drift 0: touched the step before) skip
+// that term's square root and division.
+template <typename T>
+inline void adam_row(T* __restrict__ p, T* __restrict__ m, T* __restrict__ v, const T* __restrict__ g, int64_t d,
+                     const T* c, T beta1, T beta2, T step_size, T bc2_sqrt, T eps) {
   const T drift = c[0], decay1 = c[1], decay2 = c[2], eps_skip = c[3];
   if (g == nullptr) {
+#pragma omp simd
     for (int64_t i = 0; i < d; ++i) {
       const T m0 = m[i], v0 = v[i];
-      p[i] -= m0 == T(0) ? T(0) : drift * m0 / (std::sqrt(v0) + eps_skip);
+      p[i] -= skipped_move(m0, v0, drift, eps_skip);
       m[i] = decay1 * m0;
       v[i] = decay2 * v0;
     }
     return;
   }
-  const T keep1 = beta1 * decay1, keep2 = beta2 * decay2;
+  const T keep1 = beta1 * decay1, keep2 = beta2 * decay2, new1 = T(1) - beta1, new2 = T(1) - beta2;
+  // torch.optim.Adam's order of operations: p - step_size * (m / (sqrt(v) / sqrt(bc2) + eps))
+  if (drift == T(0)) {
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) {
+      const T gi = g[i];
+      const T m1 = keep1 * m[i] + new1 * gi;
+      const T v1 = keep2 * v[i] + new2 * gi * gi;
+      m[i] = m1;
+      v[i] = v1;
+      p[i] = p[i] - step_size * (m1 / (std::sqrt(v1) / bc2_sqrt + eps));
+    }
+    return;
+  }
 #pragma omp simd
   for (int64_t i = 0; i < d; ++i) {
     const T m0 = m[i], v0 = v[i], gi = g[i];
-    const T skipped = m0 == T(0) ? T(0) : drift * m0 / (std::sqrt(v0) + eps_skip);
-    const T m1 = keep1 * m0 + (T(1) - beta1) * gi;
-    const T v1 = keep2 * v0 + (T(1) - beta2) * gi * gi;
+    const T skipped = skipped_move(m0, v0, drift, eps_skip);
+    const T m1 = keep1 * m0 + new1 * gi;
+    const T v1 = keep2 * v0 + new2 * gi * gi;
     m[i] = m1;
     v[i] = v1;
-    // torch.optim.Adam's order of operations: p - step_size * (m / (sqrt(v) / sqrt(bc2) + eps))
     p[i] = p[i] - skipped - step_size * (m1 / (std::sqrt(v1) / bc2_sqrt + eps));
   }
 }
