@@ -1,9 +1,8 @@
 """Large dictionaries: the optimizer step and the whole training step at M = 262,144 and 1,048,576.
 
 Shape: d = 576, N = 4096 tokens a step, k = 32 (float32). Every case runs in a fresh process
-(``harness.run_isolated``) whose address space is capped at the memory free when it starts, so a
-case that does not fit fails with an allocation error, recorded as its result, instead of waking
-the OOM killer.
+(``harness.run_isolated``) that makes itself the OOM killer's first choice: a case that does not fit
+fails (an allocation error, or killed when memory runs out), and that is recorded as its result.
 
 - ``optimizer``: one optimizer step alone. Dense: ``torch.optim.Adam(fused=True)`` (what ``ssae train
   --optimizer adam`` runs) over W_enc, W_dec [M, d], b_enc, b_dec with dense gradients. Sparse:
@@ -12,8 +11,9 @@ the OOM killer.
   M = 1,048,576. Uniform draws touch the most distinct rows for a given N k; real firing is skewed
   toward fewer.
 - ``step``: whole training steps (encode, decode, backward, optimizer) on random activations: ours
-  through ``Trainer.train_step`` (dense and sparse optimizer, AuxK on), eai-sparsify's SparseCoder
-  and the dense PyTorch formulation (N x M pre-activations, topk, scatter, matmul), each with fused Adam.
+  through ``Trainer.train_step`` (dense and sparse optimizer), eai-sparsify's SparseCoder and the dense
+  PyTorch formulation (N x M pre-activations, topk, scatter, matmul), each with fused Adam. No AuxK
+  on any side (no latent is dead in the first steps; the peers run with it off).
 
     python benchmarks/bench_large.py                       # both parts -> results/large.{md,json}
     python benchmarks/bench_large.py --part optimizer      # the optimizer step only
@@ -38,28 +38,26 @@ LATENTS = (262144, 1048576)
 STEP_PROVIDERS = ("ssae (adam)", "ssae (sparse-adam)", "eai-sparsify", "dense pytorch")
 
 
-def _cap_memory() -> None:
-    """Caps this process's address space at what it maps now plus the memory free now."""
-    import resource
-
-    from ssae_kernels.memory import available_bytes
-
-    with open("/proc/self/status") as f:
-        mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-    limit = mapped + int(0.95 * (available_bytes("cpu") or 0))
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+def _first_to_go() -> None:
+    """Makes this process the kernel's first choice when memory runs out, so that a case that does not fit
+    is the one killed (recorded as out of memory) and nothing else on the machine is."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
 
 
 def optimizer_worker(latents: int, optimizer: str, warmup: int, repeats: int, *, d: int = D, batch: int = BATCH,
-                     k: int = K, seed: int = 0, cap_memory: bool = True) -> dict:
+                     k: int = K, seed: int = 0, first_to_go: bool = True) -> dict:
     """(fresh process) Median seconds of one optimizer step, and the rows a step touched."""
     import torch
 
     from harness import median, peak_rss_bytes, time_fn
     from ssae_kernels.optim import SparseAdam
 
-    if cap_memory:
-        _cap_memory()
+    if first_to_go:
+        _first_to_go()
     g = torch.Generator().manual_seed(seed)
     M = latents
     params = {"W_enc": torch.randn(M, d, generator=g) / d**0.5, "b_enc": torch.zeros(M),
@@ -93,7 +91,7 @@ def optimizer_worker(latents: int, optimizer: str, warmup: int, repeats: int, *,
 
 
 def step_worker(latents: int, provider: str, warmup: int, repeats: int, *, d: int = D, batch: int = BATCH,
-                k: int = K, seed: int = 0, cap_memory: bool = True) -> dict:
+                k: int = K, seed: int = 0, first_to_go: bool = True) -> dict:
     """(fresh process) Median seconds of one whole training step, and the process's peak memory."""
     import tempfile
 
@@ -102,8 +100,8 @@ def step_worker(latents: int, provider: str, warmup: int, repeats: int, *, d: in
 
     from harness import median, peak_rss_bytes, time_fn
 
-    if cap_memory:
-        _cap_memory()
+    if first_to_go:
+        _first_to_go()
     torch.manual_seed(seed)
     M = latents
     acts = torch.randn(2 * batch, d)
@@ -111,7 +109,9 @@ def step_worker(latents: int, provider: str, warmup: int, repeats: int, *, d: in
         from ssae_kernels.trainer import TrainConfig, Trainer, new_sae
 
         optimizer = provider.split("(")[1].rstrip(")")
-        trainer = Trainer(new_sae(acts, M, k, dead_tokens=batch), acts,
+        # no latent is dead within the few steps timed (the default horizon is 10^6 tokens): AuxK stays off,
+        # as it is for the peers (peers.py)
+        trainer = Trainer(new_sae(acts, M, k), acts,
                           TrainConfig(steps=10**6, batch_size=batch, optimizer=optimizer, checkpoint_every=10**9,
                                       log_every=10**9), tempfile.mkdtemp(), progress=False)
         step = trainer.train_step
@@ -150,9 +150,12 @@ def _run(target: str, kwargs: dict, threads: int) -> dict:
     try:
         return run_isolated(target, kwargs, threads=threads, malloc_env=False)
     except IsolatedRunError as e:
+        if "signal 9" in str(e):
+            return {"error": "out of memory (killed by the OOM killer)"}
+        if any(s in str(e) for s in ("can't allocate memory", "out of memory", "MemoryError")):
+            return {"error": "out of memory (allocation failed)"}
         lines = str(e).splitlines()
-        oom = any(s in str(e) for s in ("can't allocate memory", "out of memory", "MemoryError", "signal 9"))
-        return {"error": ("out of memory: " if oom else "failed: ") + (lines[-1] if lines else "")}
+        return {"error": "failed: " + (lines[-1] if lines else "")}
 
 
 def main(argv=None) -> None:
@@ -216,10 +219,11 @@ def markdown(results: dict) -> str:
     step = results.get("step", {})
     if step:
         lines += ["", "## One training step (encode, decode, backward, optimizer)", "",
-                  "| M | provider | step (s) | peak GB |", "|---|---|---|---|"]
+                  "| M | provider | step (s) | timed steps | peak GB |", "|---|---|---|---|---|"]
         for key, row in sorted(step.items(), key=lambda kv: (int(kv[0].split("/")[0]), kv[0])):
             M, provider = key.split("/", 1)
-            lines.append(f"| {int(M):,} | {provider} | {_cell(row, 'seconds', '.2f')} | {_gb(row)} |")
+            timed = len(row["samples"]) if "samples" in row else "-"
+            lines.append(f"| {int(M):,} | {provider} | {_cell(row, 'seconds', '.2f')} | {timed} | {_gb(row)} |")
     return "\n".join(lines) + "\n"
 
 

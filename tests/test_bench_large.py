@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_large  # noqa: E402
 from peers import available_peers  # noqa: E402
 
-TOY = dict(d=16, batch=64, k=4, cap_memory=False)
+TOY = dict(d=16, batch=64, k=4, first_to_go=False)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sparse-adam"])
@@ -33,9 +33,9 @@ def test_report_and_last_line():
                "optimizer": {f"{M}/adam": {"seconds": 2.0, "peak_bytes": 2e10, "touched_rows": M},
                              f"{M}/sparse-adam": {"seconds": 0.3, "peak_bytes": 1.5e10, "touched_rows": 123456}},
                "step": {f"{M}/ssae (sparse-adam)": {"seconds": 80.0, "peak_bytes": 1.6e10},
-                        f"{M}/dense pytorch": {"error": "out of memory: can't allocate memory"}}}
+                        f"{M}/dense pytorch": {"error": "out of memory (allocation failed)"}}}
     text = bench_large.markdown(results)
     assert "| 1,048,576 | 2.000 | 0.300 | 0.150 | 11.8% | 20.00 / 15.00 |" in text
-    assert "| 1,048,576 | dense pytorch | out of memory: can't allocate memory | - |" in text
+    assert "| 1,048,576 | dense pytorch | out of memory (allocation failed) | - | - |" in text
     assert bench_large.last_line(results) == "peak_gb=16.00 step_s=80.00 opt_sparse/dense=0.150"
     assert bench_large.last_line({"environment": {}}) == "peak_gb=- step_s=- opt_sparse/dense=-"
