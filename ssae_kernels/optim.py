@@ -118,15 +118,10 @@ class SparseAdam:
         """One update: ``grads[name]`` [R, ...] are the gradient rows of ``params[name][rows]`` (rows distinct);
         every other row has zero gradient this step. ``dense_grads[name]`` is a dense parameter's gradient."""
         t = self.step_count + 1
-        kw = dict(lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, step=t)
         if rows.numel():
-            some = next(iter(self.params.values()))
-            catchup = self.skipped.table(self.last[rows], t - 1, some.dtype)
-            for name, p in self.params.items():
-                m, v = self.state[name]
-                sparse_adam_(self._rows_view(p), self._rows_view(m), self._rows_view(v), rows,
-                             self._rows_view(grads[name]), catchup, **kw)
+            self._update_rows(rows, grads, upto=t - 1, step=t)
             self.last[rows] = t
+        kw = dict(lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, step=t)
         for name, p in self.dense.items():  # one row, touched every step
             m, v = self.state[name]
             nothing = torch.tensor([[0.0, 1.0, 1.0, 1.0]], dtype=p.dtype, device=p.device)
@@ -135,18 +130,21 @@ class SparseAdam:
         self.skipped.record(t, self.lr)
         self.step_count = t
 
+    def _update_rows(self, rows: torch.Tensor, grads: dict[str, torch.Tensor] | None, *, upto: int, step: int):
+        """Catches ``rows`` up through step ``upto``, then (with ``grads``) applies update ``step`` to them."""
+        catchup = self.skipped.table(self.last[rows], upto, next(iter(self.params.values())).dtype)
+        for name, p in self.params.items():
+            m, v = self.state[name]
+            grad = None if grads is None else self._rows_view(grads[name])
+            sparse_adam_(self._rows_view(p), self._rows_view(m), self._rows_view(v), rows, grad, catchup,
+                         lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, step=step)
+
     @torch.no_grad()
     def flush(self) -> torch.Tensor:
         """Catches every row up to the current step (dense Adam's state); returns the rows it moved."""
         stale = (self.last < self.step_count).nonzero().squeeze(1)
         if stale.numel():
-            some = next(iter(self.params.values()))
-            catchup = self.skipped.table(self.last[stale], self.step_count, some.dtype)
-            for name, p in self.params.items():
-                m, v = self.state[name]
-                sparse_adam_(self._rows_view(p), self._rows_view(m), self._rows_view(v), stale, None, catchup,
-                             lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
-                             step=max(1, self.step_count))
+            self._update_rows(stale, None, upto=self.step_count, step=max(1, self.step_count))
             self.last[stale] = self.step_count
         self.skipped = SkippedSteps(*self.betas, self.eps, self.last.device, first_step=self.step_count)
         return stale
