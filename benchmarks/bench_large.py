@@ -6,10 +6,12 @@ fails (an allocation error, or killed when memory runs out), and that is recorde
 
 - ``optimizer``: one optimizer step alone. Dense: ``torch.optim.Adam(fused=True)`` (what ``ssae train
   --optimizer adam`` runs) over W_enc, W_dec [M, d], b_enc, b_dec with dense gradients. Sparse:
-  ``SparseAdam.step`` (catch-up table included) with the gradient rows of the latents a batch touched.
+  ``SparseAdam.step`` (catch-up table included) with the gradient rows of the latents a batch touched,
+  with float32 and with bfloat16 moments (``--optimizer-state bfloat16``).
   The touched rows are the distinct latents of N x k uniform draws, redrawn each step: about 11.8% of
   M = 1,048,576. Uniform draws touch the most distinct rows for a given N k; real firing is skewed
-  toward fewer.
+  toward fewer. Timing starts after ``--optimizer-warmup`` steps, when most rows have been touched
+  and carry moments, as in a running training (the first steps catch up nothing).
 - ``step``: whole training steps (encode, decode, backward, optimizer) on random activations: ours
   through ``Trainer.train_step`` (dense and sparse optimizer), eai-sparsify's SparseCoder and the dense
   PyTorch formulation (N x M pre-activations, topk, scatter, matmul), each with fused Adam. No AuxK
@@ -36,6 +38,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 D, BATCH, K = 576, 4096, 32
 LATENTS = (262144, 1048576)
 STEP_PROVIDERS = ("ssae (adam)", "ssae (sparse-adam)", "eai-sparsify", "dense pytorch")
+
+
+OPTIMIZERS = ("adam", "sparse-adam", "sparse-adam-bf16")  # the last: SparseAdam with bfloat16 moments
 
 
 def _first_to_go() -> None:
@@ -69,9 +74,9 @@ def optimizer_worker(latents: int, optimizer: str, warmup: int, repeats: int, *,
             p.grad = torch.randn(p.shape, generator=g) * 1e-3
         adam = torch.optim.Adam(leaves, lr=1e-4, eps=6.25e-10, fused=True)
         step = adam.step
-    else:
+    else:  # "sparse-adam", or "sparse-adam-bf16": its moments in bfloat16
         opt = SparseAdam({n: params[n] for n in ("W_enc", "b_enc", "W_dec")}, {"b_dec": params["b_dec"]},
-                         lr=1e-4, eps=6.25e-10)
+                         lr=1e-4, eps=6.25e-10, state_dtype=torch.bfloat16 if optimizer.endswith("bf16") else None)
 
         def step():
             rows = torch.unique(torch.randint(0, M, (batch * k,), generator=g))
@@ -163,8 +168,10 @@ def main(argv=None) -> None:
     ap.add_argument("--part", choices=("optimizer", "step", "all"), default="all")
     ap.add_argument("--latents", type=int, nargs="+", default=list(LATENTS))
     ap.add_argument("--providers", nargs="+", default=list(STEP_PROVIDERS), choices=STEP_PROVIDERS)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5, help="timed optimizer steps (training steps: --step-repeats)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed training steps")
+    ap.add_argument("--optimizer-warmup", type=int, default=10,
+                    help="untimed optimizer steps: enough for most rows to have been touched, as in a running training")
+    ap.add_argument("--repeats", type=int, default=9, help="timed optimizer steps (training steps: --step-repeats)")
     ap.add_argument("--step-repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -175,9 +182,9 @@ def main(argv=None) -> None:
     if args.part in ("optimizer", "all"):
         rows = results.setdefault("optimizer", {})
         for M in args.latents:
-            for optimizer in ("adam", "sparse-adam"):
+            for optimizer in OPTIMIZERS:
                 rows[f"{M}/{optimizer}"] = r = _run("bench_large:optimizer_worker", dict(
-                    latents=M, optimizer=optimizer, warmup=args.warmup, repeats=args.repeats), threads)
+                    latents=M, optimizer=optimizer, warmup=args.optimizer_warmup, repeats=args.repeats), threads)
                 print(f"optimizer M={M} {optimizer}: {r}", flush=True)
     if args.part in ("step", "all"):
         rows = results.setdefault("step", {})
@@ -205,17 +212,18 @@ def markdown(results: dict) -> str:
     lines = ["# Large dictionaries (d = 576, N = 4096, k = 32, float32)", "",
              f"`python benchmarks/bench_large.py` on {env.get('cpu', '?')}, {env.get('threads')} threads; medians.", "",
              "## One optimizer step", "",
-             "| M | dense Adam (s) | SparseAdam (s) | sparse / dense | rows touched | peak GB dense / sparse |",
-             "|---|---|---|---|---|---|"]
+             "| M | dense Adam (s) | SparseAdam (s) | sparse / dense | SparseAdam, bf16 moments (s) | bf16 / dense "
+             "| rows touched | peak GB dense / sparse / bf16 moments |",
+             "|---|---|---|---|---|---|---|---|"]
     opt = results.get("optimizer", {})
+    ok = lambda r: r is not None and "error" not in r  # noqa: E731
     for M in sorted({int(key.split("/")[0]) for key in opt}):
-        dense, sparse = opt.get(f"{M}/adam"), opt.get(f"{M}/sparse-adam")
-        ratio = (f"{sparse['seconds'] / dense['seconds']:.3f}" if dense and sparse and "error" not in dense
-                 and "error" not in sparse else "-")
-        touched = f"{sparse['touched_rows'] / M:.1%}" if sparse and "error" not in sparse else "-"
-        peaks = f"{_gb(dense)} / {_gb(sparse)}"
-        lines.append(f"| {M:,} | {_cell(dense, 'seconds', '.3f')} | {_cell(sparse, 'seconds', '.3f')} | {ratio} | "
-                     f"{touched} | {peaks} |")
+        dense, sparse, half = (opt.get(f"{M}/{name}") for name in OPTIMIZERS)
+        ratio = lambda r: f"{r['seconds'] / dense['seconds']:.3f}" if ok(dense) and ok(r) else "-"  # noqa: E731
+        touched = f"{sparse['touched_rows'] / M:.1%}" if ok(sparse) else "-"
+        peaks = f"{_gb(dense)} / {_gb(sparse)} / {_gb(half)}"
+        lines.append(f"| {M:,} | {_cell(dense, 'seconds', '.3f')} | {_cell(sparse, 'seconds', '.3f')} | "
+                     f"{ratio(sparse)} | {_cell(half, 'seconds', '.3f')} | {ratio(half)} | {touched} | {peaks} |")
     step = results.get("step", {})
     if step:
         lines += ["", "## One training step (encode, decode, backward, optimizer)", "",

@@ -1,7 +1,7 @@
 """How much memory training a TopK SAE needs, component by component, and the largest sizes that fit.
 
 The model follows what a training step holds at its peak (the optimizer step): float32 master weights,
-their float32 gradients, Adam's two float32 moments, the batch's activations, and, with bfloat16 compute,
+their float32 gradients, Adam's two moments (float32, or bfloat16 with sparse-adam), the batch's activations, and, with bfloat16 compute,
 the bfloat16 copy of the weights that the kernels read. Nothing in it grows with N × M: the fused encode
 never stores the pre-activations. ``benchmarks/bench_memory.py`` compares it with the measured peak on
 this machine; ``tests/test_memory.py`` holds it to 10%.
@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 FLOAT32 = 4
 INDEX = 8  # int64 latent indices
-OPTIMIZER_STATES = {"adam": 2, "sparse-adam": 2, "sgd": 0}  # float32 tensors of each parameter's size
+OPTIMIZER_STATES = {"adam": 2, "sparse-adam": 2, "sgd": 0}  # moments of each parameter's size
+STATE_BYTES = {"float32": 4, "bfloat16": 2}  # bytes of a moment's element
 # Batch tensors of N x d float32 alive at the peak: the sampled batch, its scaled copy, the decode and the
 # residual of the AuxK loss (measured: 3.4 of them on this machine; 3.5 planned).
 BATCH_COPIES = 3.5
@@ -48,13 +49,18 @@ class MemoryPlan:
 
 
 def plan(latents: int, d_in: int, batch: int, k: int, *, compute_dtype: str = "float32", optimizer: str = "adam",
-         device: str = "cpu", dataset_tokens: int = 0, dead_fraction: float = 0.0,
+         optimizer_state: str = "float32", device: str = "cpu", dataset_tokens: int = 0, dead_fraction: float = 0.0,
          runtime_bytes: int | None = None) -> MemoryPlan:
     """The memory of training an SAE of ``latents`` x ``d_in`` on batches of ``batch`` tokens, by component.
-    ``dataset_tokens`` activations held in memory count as the training data; ``dead_fraction`` of the
-    latents in the AuxK loss add copies of their encoder and decoder rows."""
+    ``optimizer_state`` is the moments' dtype ('bfloat16' with sparse-adam only); ``dataset_tokens``
+    activations held in memory count as the training data; ``dead_fraction`` of the latents in the AuxK
+    loss add copies of their encoder and decoder rows."""
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}")
+    if optimizer_state not in STATE_BYTES:
+        raise ValueError(f"optimizer_state must be one of {sorted(STATE_BYTES)}, got {optimizer_state!r}")
+    if optimizer_state != "float32" and optimizer != "sparse-adam":
+        raise ValueError(f"optimizer_state {optimizer_state!r} needs optimizer 'sparse-adam', got {optimizer!r}")
     if compute_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}")
     device_type = device.split(":")[0]
@@ -74,7 +80,9 @@ def plan(latents: int, d_in: int, batch: int, k: int, *, compute_dtype: str = "f
         # pick), and the gathered copies of those rows that the loss reads; a step index per latent
         touched = min(M, N * k + math.ceil(dead_fraction * M))
         c["gradients (float32, touched rows)"] = 2 * touched * (2 * d + 1) * FLOAT32 + d * FLOAT32
-        c[f"optimizer states ({optimizer})"] = OPTIMIZER_STATES[optimizer] * params + M * INDEX
+        moments = "" if optimizer_state == "float32" else f", {optimizer_state} moments"
+        c[f"optimizer states ({optimizer}{moments})"] = (
+            OPTIMIZER_STATES[optimizer] * params // FLOAT32 * STATE_BYTES[optimizer_state] + M * INDEX)
     else:
         c["gradients (float32)"] = params
         c[f"optimizer states ({optimizer})"] = OPTIMIZER_STATES[optimizer] * params

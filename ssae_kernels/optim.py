@@ -21,7 +21,11 @@ Two approximations, both small and bounded:
 - sums are cut after ``horizon`` steps, where r^horizon < 2^-32.
 
 What differs from dense Adam is when rows move, not where they end up: between touches the
-forward pass sees a row without its pending momentum tail. This is the lazy-update choice;
+forward pass sees a row without its pending momentum tail.
+
+``state_dtype=torch.bfloat16`` holds the moments in bfloat16 (half their memory, a third of the
+training state with float32 weights), computed in float32 and stored with stochastic rounding
+(``ops/sparse_adam.py``): equal to the float32 optimizer in expectation, not bit for bit. This is the lazy-update choice;
 the alternative, lazy Adam with per-row step counts (TensorFlow's LazyAdam), drops the
 tail altogether and changes the moments' meaning, so checkpoints would not be Adam's.
 """
@@ -90,7 +94,7 @@ class SparseAdam:
     """
 
     def __init__(self, params: dict[str, torch.Tensor], dense: dict[str, torch.Tensor], *, lr: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, state_dtype: torch.dtype | None = None):
         beta1, beta2 = betas
         if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
@@ -101,10 +105,17 @@ class SparseAdam:
         rows = {p.shape[0] for p in params.values()}
         if len(rows) != 1:
             raise ValueError(f"params must share their first dimension (latents), got sizes {sorted(rows)}")
+        dtypes = {p.dtype for p in {**params, **dense}.values()}
+        if state_dtype not in (None, *dtypes) and not (state_dtype == torch.bfloat16 and dtypes == {torch.float32}):
+            raise ValueError(f"state_dtype must be the parameters' dtype or bfloat16 (with float32 parameters), "
+                             f"got {state_dtype} for parameters of {sorted(map(str, dtypes))}")
         self.params, self.dense = params, dense
         self.lr, self.betas, self.eps = lr, betas, eps
         self.step_count = 0
-        self.state = {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in {**params, **dense}.items()}
+        self.state = {name: (torch.zeros_like(p, dtype=state_dtype), torch.zeros_like(p, dtype=state_dtype))
+                      for name, p in {**params, **dense}.items()}
+        # each parameter's own stochastic-rounding bits (bfloat16 moments)
+        self.seeds = {name: i for i, name in enumerate(self.state)}
         device = next(iter(params.values())).device
         self.last = torch.zeros(rows.pop(), dtype=torch.int64, device=device)  # each row is current through this step
         self.skipped = SkippedSteps(beta1, beta2, eps, device)
@@ -126,7 +137,7 @@ class SparseAdam:
             m, v = self.state[name]
             nothing = torch.tensor([[0.0, 1.0, 1.0, 1.0]], dtype=p.dtype, device=p.device)
             sparse_adam_(p.view(1, -1), m.view(1, -1), v.view(1, -1), torch.zeros(1, dtype=torch.int64,
-                         device=p.device), dense_grads[name].reshape(1, -1), nothing, **kw)
+                         device=p.device), dense_grads[name].reshape(1, -1), nothing, seed=self.seeds[name], **kw)
         self.skipped.record(t, self.lr)
         self.step_count = t
 
@@ -137,7 +148,8 @@ class SparseAdam:
             m, v = self.state[name]
             grad = None if grads is None else self._rows_view(grads[name])
             sparse_adam_(self._rows_view(p), self._rows_view(m), self._rows_view(v), rows, grad, catchup,
-                         lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, step=step)
+                         lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, step=step,
+                         seed=self.seeds[name])
 
     @torch.no_grad()
     def flush(self) -> torch.Tensor:
@@ -152,14 +164,16 @@ class SparseAdam:
     # ---- checkpoints: torch.optim.Adam's per-parameter state, after a flush -------------------------
 
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """name -> {"exp_avg", "exp_avg_sq", "step"} as torch.optim.Adam holds them (call :meth:`flush` first)."""
+        """name -> {"exp_avg", "exp_avg_sq", "step"} as torch.optim.Adam holds them (call :meth:`flush` first;
+        bfloat16 moments stay bfloat16)."""
         if bool((self.last < self.step_count).any()):
             raise RuntimeError("SparseAdam has rows with pending skipped steps: flush() before saving its state")
         step = torch.tensor(float(self.step_count))
         return {name: {"exp_avg": m, "exp_avg_sq": v, "step": step} for name, (m, v) in self.state.items()}
 
     def load_state_tensors(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        """The inverse of :meth:`state_tensors` (also reads torch.optim.Adam's state of the same parameters)."""
+        """The inverse of :meth:`state_tensors` (also reads torch.optim.Adam's state of the same parameters;
+        moments are converted to this optimizer's state dtype)."""
         steps = {int(entry["step"]) for entry in state.values()}
         if len(steps) != 1:
             raise ValueError(f"the optimizer state holds different step counts {sorted(steps)}")

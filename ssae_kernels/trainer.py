@@ -39,6 +39,8 @@ class TrainConfig:
     # "adam": torch.optim.Adam over every row each step; "sparse-adam": ssae_kernels.optim.SparseAdam, which
     # touches only the rows the batch selected and leaves the same state (see its docstring)
     optimizer: str = "adam"
+    # the dtype of Adam's moments: "bfloat16" (sparse-adam only) halves them, stored with stochastic rounding
+    optimizer_state: str = "float32"
     tilt: float = 0.0  # TERM tilt t; 0 is plain ERM
     streaming_term: bool = False  # TERM's stochastic form (running normalizer) instead of the batch tilt
     term_decay: float = 0.1
@@ -52,6 +54,11 @@ class TrainConfig:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATES}, got {self.optimizer_state!r}")
+        if self.optimizer_state != "float32" and self.optimizer != "sparse-adam":
+            raise ValueError(f"optimizer_state {self.optimizer_state!r} needs optimizer 'sparse-adam' "
+                             f"(torch.optim.Adam keeps its moments in the parameters' dtype)")
         unknown = set(self.log_to) - set(METRIC_SINKS)
         if unknown:
             raise ValueError(f"log_to: unknown {sorted(unknown)}; choose from {sorted(METRIC_SINKS)}")
@@ -94,6 +101,7 @@ def _wandb_sink(out_dir: str, config: dict):
 
 
 OPTIMIZERS = ("adam", "sparse-adam")
+OPTIMIZER_STATES = ("float32", "bfloat16")
 
 
 # name -> factory(out_dir, config) -> (log(record), close()); the libraries load only when asked for.
@@ -134,7 +142,8 @@ class Trainer:
         self.lr = cfg.learning_rate(sae.cfg.num_latents)
         if cfg.optimizer == "sparse-adam":
             self.optimizer = SparseAdam({"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec},
-                                        {"b_dec": sae.b_dec}, lr=self.lr, betas=(0.9, 0.999), eps=cfg.adam_eps)
+                                        {"b_dec": sae.b_dec}, lr=self.lr, betas=(0.9, 0.999), eps=cfg.adam_eps,
+                                        state_dtype=getattr(torch, cfg.optimizer_state))
         else:
             # fused: one pass over each parameter and its states, no temporaries of the parameter's size
             self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=cfg.adam_eps,
@@ -224,8 +233,9 @@ class Trainer:
                 self.optimizer.load_state_tensors(state)
             return
         for name, p in self.sae.named_parameters():
-            if name in state:
-                self.optimizer.state[p] = state[name]
+            if name in state:  # (moments saved in bfloat16 by SparseAdam come back in the parameter's dtype)
+                self.optimizer.state[p] = {key: value if key == "step" else value.to(p.dtype)
+                                           for key, value in state[name].items()}
 
     def flush(self) -> None:
         """Applies SparseAdam's pending skipped steps, so the weights (and state) are dense Adam's."""

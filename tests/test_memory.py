@@ -33,6 +33,10 @@ def test_components_follow_the_sizes():
     sparse = memory.plan(1 << 20, 576, 4096, 32, optimizer="sparse-adam").components
     assert sparse["gradients (float32, touched rows)"] == 2 * 4096 * 32 * (2 * 576 + 1) * 4 + 576 * 4
     assert sparse["optimizer states (sparse-adam)"] == 2 * params + (1 << 20) * 8  # + a step index per latent
+    half = memory.plan(1 << 20, 576, 4096, 32, optimizer="sparse-adam", optimizer_state="bfloat16").components
+    assert half["optimizer states (sparse-adam, bfloat16 moments)"] == params + (1 << 20) * 8
+    with pytest.raises(ValueError, match="needs optimizer 'sparse-adam'"):
+        memory.plan(1 << 20, 576, 4096, 32, optimizer="adam", optimizer_state="bfloat16")
     bf16 = memory.plan(1 << 20, 576, 4096, 32, compute_dtype="bfloat16")
     assert bf16.total - fp32.total == (1 << 20) * 576 * 2
     with_data = memory.plan(1 << 20, 576, 4096, 32, dataset_tokens=100_000)
@@ -87,3 +91,16 @@ def test_train_refuses_a_size_that_does_not_fit_before_allocating(tmp_path, monk
     err = capsys.readouterr().err
     assert "by the memory planner (ssae plan --latents 16777216 --d 32" in err and "1.0 GB are free" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_ssae_plan_bfloat16_moments_fit_a_larger_dictionary(capsys):
+    largest = {}
+    for state in ("float32", "bfloat16"):
+        assert cli.main(["plan", "--latents", "1048576", "--d", "576", "--device-memory", "24GB", "--optimizer",
+                         "sparse-adam", "--optimizer-state", state]) == 0
+        largest[state] = int(capsys.readouterr().out.split("at this width and batch: ")[1].split(" latents")[0]
+                             .replace(",", ""))
+    assert largest["bfloat16"] > 1.3 * largest["float32"]
+    assert cli.main(["plan", "--latents", "1024", "--d", "64", "--device-memory", "24GB",
+                     "--optimizer-state", "bfloat16"]) == 2
+    assert "needs optimizer 'sparse-adam'" in capsys.readouterr().err

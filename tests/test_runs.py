@@ -114,6 +114,7 @@ def test_a_failed_run_leaves_no_directory(tmp_path, tiny_dir, corpus, capsys):
     (["--eval-fraction", "1.5"], r"--eval-fraction must be in \(0, 1\)"),
     (["--model", "no/such/dir"], "--model no/such/dir: no such directory"),
     (["--text", "missing.jsonl"], "text source missing.jsonl: no such file"),
+    (["--optimizer-state", "bfloat16"], "--optimizer-state bfloat16 needs --optimizer sparse-adam"),
 ])
 def test_bad_arguments_fail_before_the_model_loads(tmp_path, tiny_dir, corpus, capsys, monkeypatch, extra, pattern):
     def no_model(*args, **kwargs):

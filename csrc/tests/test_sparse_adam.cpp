@@ -48,7 +48,7 @@ void run(int64_t M, int64_t d, int64_t R, int64_t pad, bool with_grad) {
   const auto p0 = p, m0 = m, v0 = v;
   const double lr = 1e-2, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
   const int64_t step = 7;
-  ssae::cpu::sparse_adam<T>({p.data(), ld, m.data(), ld, v.data(), ld, rows.data(), R,
+  ssae::cpu::sparse_adam<T, T>({p.data(), ld, m.data(), ld, v.data(), ld, rows.data(), R,
                              with_grad ? grad.data() : nullptr, d, catchup.data(), d, lr, beta1, beta2, eps, step});
   std::vector<bool> listed(size_t(M), false);
   for (int64_t r = 0; r < R; ++r) listed[size_t(rows[size_t(r)])] = true;

@@ -224,10 +224,15 @@ inline void adam_args(const at::Tensor& param, const at::Tensor& exp_avg, const 
   dim(param, 2, "param", "[M, d]");
   TORCH_CHECK_TYPE(param.scalar_type() == at::kFloat || param.scalar_type() == at::kDouble,
                    "param must be float32 or float64, got ", param.scalar_type());
+  // the moments: param's dtype, or bfloat16 beside a float32 param (both the same)
+  same_dtype(exp_avg_sq, exp_avg, "exp_avg_sq", "exp_avg");
+  TORCH_CHECK_TYPE(exp_avg.scalar_type() == param.scalar_type() ||
+                   (exp_avg.scalar_type() == at::kBFloat16 && param.scalar_type() == at::kFloat),
+                   "exp_avg and exp_avg_sq must have param's dtype (or bfloat16 with a float32 param), got ",
+                   exp_avg.scalar_type(), " with param ", param.scalar_type());
   for (const auto& [t, name] : {std::pair{&exp_avg, "exp_avg"}, std::pair{&exp_avg_sq, "exp_avg_sq"}}) {
     same_device(*t, param, name, "param");
     dim(*t, 2, name, "[M, d]");
-    same_dtype(*t, param, name, "param");
     TORCH_CHECK_VALUE(t->sizes() == param.sizes(), name, " must have the shape of param: expected ", param.sizes(),
                       ", got ", t->sizes());
   }

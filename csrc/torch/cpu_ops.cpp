@@ -392,7 +392,7 @@ void project_subspace__cpu(const at::Tensor& G, const at::Tensor& U, bool comple
 
 void sparse_adam__cpu(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                       const at::Tensor& rows, const std::optional<at::Tensor>& grad, const at::Tensor& catchup,
-                      double lr, double beta1, double beta2, double eps, int64_t step) {
+                      double lr, double beta1, double beta2, double eps, int64_t step, int64_t seed) {
   checks::adam_args(param, exp_avg, exp_avg_sq, rows, grad, catchup, lr, beta1, beta2, eps, step, kCPU);
   const auto dense_rows = rows.contiguous();
   bool duplicate = false;
@@ -408,15 +408,17 @@ void sparse_adam__cpu(const at::Tensor& param, const at::Tensor& exp_avg, const 
     const auto g = grad ? std::optional<at::Tensor>(checks::rows_strided(*grad) ? *grad : grad->contiguous())
                         : std::nullopt;
     const auto c = catchup.contiguous();
-    dispatch_dtype(param.scalar_type(), "param", [&](auto tag) {
-      using T = decltype(tag);
-      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-        cpu::sparse_adam<T>({ptr<T>(t[0]), checks::row_stride(t[0]), ptr<T>(t[1]), checks::row_stride(t[1]),
-                             ptr<T>(t[2]), checks::row_stride(t[2]), r, dense_rows.numel(),
-                             g ? ptr<T>(*g) : nullptr, g ? checks::row_stride(*g) : 0, ptr<T>(c), param.size(1),
-                             lr, beta1, beta2, eps, step});
-      }
-    });
+    const auto run = [&](auto param_tag, auto state_tag) {
+      using T = decltype(param_tag);
+      using S = decltype(state_tag);
+      cpu::sparse_adam<T, S>({ptr<T>(t[0]), checks::row_stride(t[0]), ptr<S>(t[1]), checks::row_stride(t[1]),
+                              ptr<S>(t[2]), checks::row_stride(t[2]), r, dense_rows.numel(),
+                              g ? ptr<T>(*g) : nullptr, g ? checks::row_stride(*g) : 0, ptr<T>(c), param.size(1),
+                              lr, beta1, beta2, eps, step, seed});
+    };
+    if (param.scalar_type() == at::kDouble) run(double{}, double{});
+    else if (exp_avg.scalar_type() == at::kBFloat16) run(float{}, bf16{});
+    else run(float{}, float{});
   });
 }
 

@@ -49,6 +49,6 @@ void project_subspace__cpu(const at::Tensor& G, const at::Tensor& U, bool comple
 // Adam on param[rows] in place after each row's catch-up (ssae_kernels/ops/sparse_adam.py).
 void sparse_adam__cpu(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                       const at::Tensor& rows, const std::optional<at::Tensor>& grad, const at::Tensor& catchup,
-                      double lr, double beta1, double beta2, double eps, int64_t step);
+                      double lr, double beta1, double beta2, double eps, int64_t step, int64_t seed);
 
 }  // namespace ssae

@@ -430,7 +430,7 @@ void project_subspace__cuda(const at::Tensor& G, const at::Tensor& U, bool compl
 
 void sparse_adam__cuda(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                        const at::Tensor& rows, const std::optional<at::Tensor>& grad, const at::Tensor& catchup,
-                       double lr, double beta1, double beta2, double eps, int64_t step) {
+                       double lr, double beta1, double beta2, double eps, int64_t step, int64_t seed) {
   checks::adam_args(param, exp_avg, exp_avg_sq, rows, grad, catchup, lr, beta1, beta2, eps, step, kCUDA);
   TORCH_CHECK_TYPE(param.scalar_type() == at::kFloat, "param must be float32 on the cuda backend, got ",
                    param.scalar_type(), " (float64 runs on the cpu and reference backends)");
@@ -441,12 +441,17 @@ void sparse_adam__cuda(const at::Tensor& param, const at::Tensor& exp_avg, const
   const auto ix = rows.contiguous(), c = catchup.contiguous();  // O(R)
   const auto g = grad ? unit_column_stride(*grad) : at::Tensor();  // only read: any row stride
   checks::with_rows_strided({param, exp_avg, exp_avg_sq}, [&](const std::vector<at::Tensor>& t) {
-    C10_CUDA_CHECK(cuda::sparse_adam(
-        {ptr<float>(t[0]), checks::row_stride(t[0]), ptr<float>(t[1]), checks::row_stride(t[1]), ptr<float>(t[2]),
-         checks::row_stride(t[2]), ix.data_ptr<int64_t>(), ix.numel(), param.size(0),
-         g.defined() ? ptr<float>(g) : nullptr, g.defined() ? activation_row_stride(g) : 0, ptr<float>(c),
-         param.size(1), lr, beta1, beta2, eps, step},
-        c10::cuda::getCurrentCUDAStream()));
+    const auto run = [&](auto state_tag) {
+      using S = decltype(state_tag);
+      C10_CUDA_CHECK(cuda::sparse_adam<S>(
+          {ptr<float>(t[0]), checks::row_stride(t[0]), ptr<S>(t[1]), checks::row_stride(t[1]), ptr<S>(t[2]),
+           checks::row_stride(t[2]), ix.data_ptr<int64_t>(), ix.numel(), param.size(0),
+           g.defined() ? ptr<float>(g) : nullptr, g.defined() ? activation_row_stride(g) : 0, ptr<float>(c),
+           param.size(1), lr, beta1, beta2, eps, step, seed},
+          c10::cuda::getCurrentCUDAStream()));
+    };
+    if (exp_avg.scalar_type() == at::kBFloat16) run(uint16_t{});
+    else run(float{});
   });
 }
 

@@ -40,6 +40,6 @@ void project_subspace__cuda(const at::Tensor& G, const at::Tensor& U, bool compl
 // Adam on param[rows] in place after each row's catch-up (ssae_kernels/ops/sparse_adam.py); float32 only.
 void sparse_adam__cuda(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                        const at::Tensor& rows, const std::optional<at::Tensor>& grad, const at::Tensor& catchup,
-                       double lr, double beta1, double beta2, double eps, int64_t step);
+                       double lr, double beta1, double beta2, double eps, int64_t step, int64_t seed);
 
 }  // namespace ssae

@@ -17,13 +17,14 @@ class PlanConfig:
     k: int = 32
     dtype: str = "float32"
     optimizer: str = "adam"
+    optimizer_state: str = "float32"
     device: str = "cpu"
     device_memory: str | None = None  # e.g. "24GB"; None: what this machine has free now
     tokens: int = 0  # training activations held in memory
 
     def sizes(self) -> dict:
         return dict(latents=self.latents, d_in=self.d, batch=self.batch, k=self.k, compute_dtype=self.dtype,
-                    optimizer=self.optimizer, device=self.device, dataset_tokens=self.tokens)
+                    optimizer=self.optimizer, optimizer_state=self.optimizer_state, device=self.device, dataset_tokens=self.tokens)
 
 
 def run(cfg: PlanConfig) -> dict:
@@ -62,6 +63,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype of the kernels")
     p.add_argument("--optimizer", choices=sorted(memory.OPTIMIZER_STATES), default="adam",
                    help="optimizer whose states to plan for")
+    p.add_argument("--optimizer-state", choices=sorted(memory.STATE_BYTES), default="float32",
+                   help="dtype of the optimizer's moments (bfloat16: sparse-adam only)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device to plan for")
     p.add_argument("--device-memory", default=None,
                    help="memory to plan for, e.g. 24GB or 80GiB (None: what this machine has free now)")

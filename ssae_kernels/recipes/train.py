@@ -12,14 +12,14 @@ import torch
 from .. import models, text
 from .common import (HelpFormatter, UsageError, add_model_args, add_out_args, check_positive, check_sources, config_from_args,
                      dead_tokens_for, harvest_cached, keep_mask, require_package, run_settings, set_threads)
-from ..trainer import OPTIMIZERS
+from ..trainer import OPTIMIZER_STATES, OPTIMIZERS
 from .rundir import open_run
 
 # Settings a resumed run may change; every other one must match the run's, or the report would describe a
 # run that never happened.
 # (Both optimizers leave torch.optim.Adam's state in a checkpoint, so either resumes the other's.)
 MAY_CHANGE_ON_RESUME = frozenset({"steps", "checkpoint_every", "threads", "device", "log_to", "ce_sequences",
-                                  "activation_cache", "optimizer"})
+                                  "activation_cache", "optimizer", "optimizer_state"})
 SUMMARY_KEYS = ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "tokens", "passes", "tokens_per_s",
                 "total_seconds")
 
@@ -42,6 +42,7 @@ class TrainRunConfig:
     batch_size: int = 4096
     lr: float | None = None
     optimizer: str = "adam"
+    optimizer_state: str = "float32"
     tilt: float = 0.0
     streaming_term: bool = False
     outlier_factor: float = 10.0
@@ -80,6 +81,9 @@ def add_subcommands(sub) -> None:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                    help="adam: every row each step; sparse-adam: only the rows the batch touched, same state "
                         "(docs/design.md)")
+    p.add_argument("--optimizer-state", choices=OPTIMIZER_STATES, default="float32",
+                   help="dtype of Adam's moments; bfloat16 (with --optimizer sparse-adam) halves them, stored with "
+                        "stochastic rounding")
     p.add_argument("--tilt", type=float, default=0.0, help="TERM tilt t (0: ERM)")
     p.add_argument("--streaming-term", action="store_true", help="TERM's stochastic form with a running normalizer")
     p.add_argument("--outlier-factor", type=float, default=10.0,
@@ -118,6 +122,9 @@ def check(cfg: TrainRunConfig) -> None:
         raise UsageError("--eval-min-tokens, --ce-sequences and --outlier-factor must be >= 0")
     if cfg.layer < 0:
         raise UsageError(f"--layer must be >= 0, got {cfg.layer}")
+    if cfg.optimizer_state != "float32" and cfg.optimizer != "sparse-adam":
+        raise UsageError(f"--optimizer-state {cfg.optimizer_state} needs --optimizer sparse-adam (torch.optim.Adam, "
+                         f"--optimizer {cfg.optimizer}, keeps its moments in float32)")
     for sink, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
         if sink in cfg.log_to:
             require_package(package, f"--log-to {sink}")
@@ -133,13 +140,14 @@ def check_memory(cfg: TrainRunConfig, d_in: int) -> None:
     if free is None:
         return
     planned = memory.plan(cfg.latents, d_in, cfg.batch_size, cfg.k, compute_dtype=cfg.dtype, device=cfg.device,
-                          optimizer=cfg.optimizer, dataset_tokens=cfg.max_tokens, runtime_bytes=0)
+                          optimizer=cfg.optimizer, optimizer_state=cfg.optimizer_state,
+                          dataset_tokens=cfg.max_tokens, runtime_bytes=0)
     if planned.total > free:
         raise UsageError(
             f"--latents {cfg.latents} at d_in {d_in} with --batch-size {cfg.batch_size} and --max-tokens "
             f"{cfg.max_tokens} needs {planned.total / 1e9:.1f} GB by the memory planner (ssae plan --latents "
             f"{cfg.latents} --d {d_in} --batch {cfg.batch_size} --k {cfg.k} --dtype {cfg.dtype} --optimizer "
-            f"{cfg.optimizer} --tokens {cfg.max_tokens}), but {free / 1e9:.1f} GB are free on {cfg.device}")
+            f"{cfg.optimizer} --optimizer-state {cfg.optimizer_state} --tokens {cfg.max_tokens}), but {free / 1e9:.1f} GB are free on {cfg.device}")
 
 
 def split_documents(docs: list[str], token_counts: list[int], eval_fraction: float,
@@ -194,7 +202,8 @@ def _train(cfg: TrainRunConfig) -> dict:
     eval_keep = keep_mask(eval_data.acts, cfg.outlier_factor)
     acts = data.acts[keep].to(cfg.device)
 
-    train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer, tilt=cfg.tilt,
+    train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
+                            optimizer_state=cfg.optimizer_state, tilt=cfg.tilt,
                             streaming_term=cfg.streaming_term, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
                             log_to=cfg.log_to)
     sae = new_sae(acts, cfg.latents, cfg.k, seed=cfg.seed, compute_dtype=cfg.dtype,

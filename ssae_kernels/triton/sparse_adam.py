@@ -12,6 +12,9 @@ The tensors are read through their row strides (unit column stride); one that is
 row-strided (a transposed view) is computed in a contiguous copy, then copied back.
 A row outside [0, M) is left alone: ranges (and distinctness) are checked by the op's
 checks on request (SSAE_CHECK_INDICES=1), as for every index of the GPU backends.
+
+bfloat16 moments (STATE_BF16) are loaded into float32 and stored with stochastic rounding, from
+the random bits every backend derives from (seed, step, row, column): csrc/kernels/stochastic_round.h.
 """
 
 from __future__ import annotations
@@ -34,9 +37,30 @@ MIN_BLOCK_D = 16  # four 16-byte vectors: narrower rows are padded to it
 
 
 @triton.jit
+def _mix32(x):
+    """Wellons' lowbias32 on uint32 (stochastic_round.h's mix32)."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _bf16_stochastic(x, random16):
+    """float32 -> bfloat16, rounded up when the 16 dropped bits plus random16 carry; infinities stay, NaN stays NaN."""
+    u = x.to(tl.uint32, bitcast=True)
+    special = (u & 0x7F800000) == 0x7F800000
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    bits = tl.where(nan, (u >> 16) | 0x40, tl.where(special, u, u + random16) >> 16)
+    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _adam_kernel(p_ptr, m_ptr, v_ptr, rows_ptr, g_ptr, c_ptr, R, M, D, stride_p, stride_m, stride_v, stride_g,
-                 beta1, beta2, step_size, bc2_sqrt, eps,
-                 HAS_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                 beta1, beta2, step_size, bc2_sqrt, eps, seed, step,
+                 HAS_GRAD: tl.constexpr, STATE_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     i_ok = i < R
     row = tl.load(rows_ptr + i, mask=i_ok, other=0)
@@ -51,8 +75,8 @@ def _adam_kernel(p_ptr, m_ptr, v_ptr, rows_ptr, g_ptr, c_ptr, R, M, D, stride_p,
     m_at = m_ptr + row[:, None] * stride_m + cols[None, :]
     v_at = v_ptr + row[:, None] * stride_v + cols[None, :]
     p = tl.load(p_at, mask=mask, other=0.0)
-    m = tl.load(m_at, mask=mask, other=0.0)
-    v = tl.load(v_at, mask=mask, other=0.0)
+    m = tl.load(m_at, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_at, mask=mask, other=0.0).to(tl.float32)
     # IEEE sqrt and division (not Triton's approximate ones), as torch.optim.Adam and the other backends.
     # Where m is zero the skipped steps moved nothing (0 / 0 otherwise; the inner guard keeps that 0 / 0
     # out of the discarded lanes, on which the interpreter warns).
@@ -69,8 +93,14 @@ def _adam_kernel(p_ptr, m_ptr, v_ptr, rows_ptr, g_ptr, c_ptr, R, M, D, stride_p,
         m = decay1 * m
         v = decay2 * v
     tl.store(p_at, p, mask=mask)
-    tl.store(m_at, m, mask=mask)
-    tl.store(v_at, v, mask=mask)
+    if STATE_BF16:
+        key = _mix32(seed.to(tl.uint32) * 0x9E3779B9 + step.to(tl.uint32))
+        bits = _mix32(_mix32(key ^ row.to(tl.uint32))[:, None] ^ cols.to(tl.uint32)[None, :])
+        tl.store(m_at, _bf16_stochastic(m, bits & 0xFFFF), mask=mask)
+        tl.store(v_at, _bf16_stochastic(v, bits >> 16), mask=mask)
+    else:
+        tl.store(m_at, m, mask=mask)
+        tl.store(v_at, v, mask=mask)
 
 
 def tile_shape(d: int, tile: int, max_block_d: int) -> tuple[int, int]:
@@ -80,8 +110,8 @@ def tile_shape(d: int, tile: int, max_block_d: int) -> tuple[int, int]:
 
 
 @guarded
-def sparse_adam_(param, exp_avg, exp_avg_sq, rows, grad, catchup, lr, beta1, beta2, eps, step, *, tile=None,
-                 max_block_d=None):
+def sparse_adam_(param, exp_avg, exp_avg_sq, rows, grad, catchup, lr, beta1, beta2, eps, step, seed=0, *,
+                 tile=None, max_block_d=None):
     """Launcher with the schema's signature; ``tile`` and ``max_block_d`` override the config (tests)."""
     if param.dtype != torch.float32:
         raise TypeError(f"the triton backend's sparse_adam_ supports float32 only; param has dtype {param.dtype} "
@@ -102,8 +132,8 @@ def sparse_adam_(param, exp_avg, exp_avg_sq, rows, grad, catchup, lr, beta1, bet
     p, m, v = written
     _adam_kernel[(triton.cdiv(R, block_r), triton.cdiv(d, block_d))](
         p, m, v, rows, g, catchup, R, param.shape[0], d, row_stride(p), row_stride(m), row_stride(v), stride_g,
-        beta1, beta2, step_size, bc2_sqrt, eps, HAS_GRAD=grad is not None, BLOCK_R=block_r, BLOCK_D=block_d,
-        num_warps=cfg["num_warps"])
+        beta1, beta2, step_size, bc2_sqrt, eps, seed & 0xFFFFFFFF, step & 0xFFFFFFFF, HAS_GRAD=grad is not None,
+        STATE_BF16=exp_avg.dtype == torch.bfloat16, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=cfg["num_warps"])
     for original, used in zip((param, exp_avg, exp_avg_sq), written):
         if used is not original:
             original.copy_(used)
@@ -117,14 +147,17 @@ def aot_specs():
     block_d = MIN_BLOCK_D
     while block_d <= GPU_CONFIG["MAX_BLOCK_D"]:
         block_r, _ = tile_shape(block_d, GPU_CONFIG["TILE"], GPU_CONFIG["MAX_BLOCK_D"])
-        for has_grad in (True, False):
+        for has_grad, state in ((True, "fp32"), (False, "fp32"), (True, "bf16"), (False, "bf16")):
             specs.append(Spec(
                 "sparse_adam._adam_kernel", _adam_kernel,
-                f"fp32 BLOCK_R={block_r} BLOCK_D={block_d} w={GPU_CONFIG['num_warps']}{'' if has_grad else ' no grad'}",
-                dict(p_ptr="*fp32", m_ptr="*fp32", v_ptr="*fp32", rows_ptr="*i64", g_ptr="*fp32", c_ptr="*fp32",
-                     R="i32", M="i32", D="i32", stride_p="i32", stride_m="i32", stride_v="i32", stride_g="i32",
-                     beta1="fp32", beta2="fp32", step_size="fp32", bc2_sqrt="fp32", eps="fp32"),
-                dict(HAS_GRAD=has_grad, BLOCK_R=block_r, BLOCK_D=block_d), GPU_CONFIG["num_warps"],
+                f"fp32 BLOCK_R={block_r} BLOCK_D={block_d} w={GPU_CONFIG['num_warps']} {state} moments"
+                f"{'' if has_grad else ' no grad'}",
+                dict(p_ptr="*fp32", m_ptr=f"*{state}", v_ptr=f"*{state}", rows_ptr="*i64", g_ptr="*fp32",
+                     c_ptr="*fp32", R="i32", M="i32", D="i32", stride_p="i32", stride_m="i32", stride_v="i32",
+                     stride_g="i32", beta1="fp32", beta2="fp32", step_size="fp32", bc2_sqrt="fp32", eps="fp32",
+                     seed="i32", step="i32"),
+                dict(HAS_GRAD=has_grad, STATE_BF16=state == "bf16", BLOCK_R=block_r, BLOCK_D=block_d),
+                GPU_CONFIG["num_warps"],
                 aligned=("D", "stride_p", "stride_m", "stride_v", "stride_g")))
         block_d *= 2
     return specs

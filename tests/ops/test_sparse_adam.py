@@ -76,6 +76,74 @@ def test_equals_torch_adam_when_nothing_was_skipped(backend, dtype):
     torch.testing.assert_close(v, adam.state[theirs]["exp_avg_sq"], rtol=TOL[dtype], atol=TOL[dtype])
 
 
+# ---- bfloat16 moments, stored with stochastic rounding ------------------------------------------------
+
+
+def bf16_moments(args):
+    return [args[0], args[1].bfloat16(), args[2].bfloat16(), *args[3:]]
+
+
+def assert_bf16_rounding_close(out, expected):
+    """bfloat16 moments of a backend against the reference's: the same bits except where the float32 values
+    before rounding straddle a rounding boundary (then by one bfloat16 step). The kernels round 1 - beta2 to
+    float32 (1e-5 relative off the reference's), so about 1e-5 / 2^-8 = 0.3% of the v's flip."""
+    assert out.dtype == torch.bfloat16
+    differ = out.cpu() != expected.cpu()
+    assert differ.float().mean() <= 1e-2, f"{int(differ.sum())} of {differ.numel()} moments differ"
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=0)
+
+
+@pytest.mark.parametrize("M,d,R", SHAPES)
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_bfloat16_moments_match_reference(backend, M, d, R, with_grad):
+    require(backend, "sparse_adam_", dtype=torch.float32)
+    args = bf16_moments(problem(M, d, R, device=device_of(backend)))
+    if not with_grad:
+        args[4] = None
+    expected = [t.clone() for t in args[:3]]
+    reference.sparse_adam_(*expected, *args[3:], step=7, seed=3, **HYPER)
+    before = [t.clone() for t in args[:3]]
+    sparse_adam_(*args, step=7, seed=3, **HYPER)
+    torch.testing.assert_close(args[0], expected[0], rtol=TOL[torch.float32], atol=TOL[torch.float32])
+    for out, exp in zip(args[1:3], expected[1:3]):
+        assert_bf16_rounding_close(out, exp)
+    untouched = torch.ones(M, dtype=torch.bool)
+    untouched[args[3].cpu()] = False
+    for out, old in zip(args[:3], before):
+        assert torch.equal(out[untouched.to(out.device)], old[untouched.to(out.device)])
+
+
+def test_bfloat16_moments_decay_in_expectation(backend):
+    # A moment of 1.0 decayed by 0.999 a step: round-to-nearest would keep it at 1.0 forever (bfloat16's
+    # step below 1 is 2^-8); stochastic rounding follows 0.999^s on average.
+    require(backend, "sparse_adam_", dtype=torch.float32)
+    dev = device_of(backend)
+    M, d, steps = 32, 128, 20
+    p = torch.zeros(M, d, device=dev)
+    m, v = torch.ones(M, d, dtype=torch.bfloat16, device=dev), torch.ones(M, d, dtype=torch.bfloat16, device=dev)
+    rows = torch.arange(M, device=dev)
+    decay = torch.tensor([[0.0, 0.9, 0.999, 1.0]], device=dev).expand(M, 4)
+    for step in range(1, steps + 1):
+        sparse_adam_(p, m, v, rows, None, decay, step=step, **HYPER)
+    # 4096 draws a step: the mean is within a few 1e-5 of its expectation (bound: 6 standard deviations);
+    # round-to-nearest would leave v at 1, 0.02 away
+    assert abs(v.float().mean().item() - 0.999**steps) < 3e-4
+    assert abs(m.float().mean().item() - 0.9**steps) < 0.9**steps * 2e-3
+
+
+def test_bfloat16_rounding_depends_on_seed_and_step_only(backend):
+    require(backend, "sparse_adam_", dtype=torch.float32)
+    args = bf16_moments(problem(40, 33, 30, device=device_of(backend)))
+
+    def run(seed, step):
+        out = [t.clone() for t in args[:3]]
+        sparse_adam_(*out, *args[3:], step=step, seed=seed, **HYPER)
+        return out[1]
+
+    assert torch.equal(run(1, 4), run(1, 4))
+    assert not torch.equal(run(1, 4), run(2, 4)) and not torch.equal(run(1, 4), run(1, 5))
+
+
 def test_zero_moments_do_not_move_with_zero_eps_skip(backend):
     # A row never touched has m = v = 0: its catch-up is 0, not 0 / 0.
     require(backend, "sparse_adam_", dtype=torch.float32)
@@ -115,6 +183,7 @@ def test_opcheck():
     args = problem(12, 5, 6)
     torch.library.opcheck(torch.ops.ssae.sparse_adam_.default, (*args, 1e-2, 0.9, 0.999, 1e-8, 3))
     torch.library.opcheck(torch.ops.ssae.sparse_adam_.default, (*args[:4], None, args[5], 1e-2, 0.9, 0.999, 1e-8, 3))
+    torch.library.opcheck(torch.ops.ssae.sparse_adam_.default, (*bf16_moments(args), 1e-2, 0.9, 0.999, 1e-8, 3, 5))
 
 
 def _bad(**override):
@@ -134,6 +203,12 @@ BAD = [
     (dict(exp_avg=torch.zeros(10, 5)), ValueError, "exp_avg must have the shape of param"),
     (dict(exp_avg_sq=torch.zeros(10, 4, dtype=torch.float64)), TypeError, "exp_avg_sq has dtype"),
     (dict(param=torch.zeros(10, 4, dtype=torch.bfloat16)), TypeError, "param must be float32 or float64"),
+    (dict(param=torch.zeros(10, 4, dtype=torch.float64), exp_avg=torch.zeros(10, 4, dtype=torch.bfloat16),
+          exp_avg_sq=torch.zeros(10, 4, dtype=torch.bfloat16)), TypeError, r"or bfloat16 with a float32 param"),
+    (dict(exp_avg=torch.zeros(10, 4, dtype=torch.float16), exp_avg_sq=torch.zeros(10, 4, dtype=torch.float16)),
+     TypeError, r"exp_avg and exp_avg_sq must have param's dtype"),
+    (dict(exp_avg=torch.zeros(10, 4, dtype=torch.bfloat16)), TypeError, "exp_avg_sq has dtype"),
+    (dict(seed=1.5), TypeError, "seed must be an int"),
     (dict(step=0), ValueError, "step must be >= 1"),
     (dict(beta1=1.0), ValueError, r"beta1 must be in \[0, 1\)"),
     (dict(lr=float("nan")), ValueError, "lr must be finite"),
@@ -179,15 +254,22 @@ def test_cpu_kernel_checks_its_arguments():
 
 @pytest.mark.parametrize("M,d,R", [(4096, 576, 1000), (70000, 64, 65537), (1000, 2304, 999)])
 @pytest.mark.parametrize("with_grad", [True, False])
-def test_gpu_sparse_adam(gpu_backend, M, d, R, with_grad):
+@pytest.mark.parametrize("moments", ["float32", "bfloat16"])
+def test_gpu_sparse_adam(gpu_backend, M, d, R, with_grad, moments):
     args = list(problem(M, d, R, torch.float32, "cuda"))
+    if moments == "bfloat16":
+        args = bf16_moments(args)
     if not with_grad:
         args[4] = None
     expected = [t.clone() for t in args[:3]]
-    reference.sparse_adam_(*expected, *args[3:], step=11, **HYPER)
-    sparse_adam_(*args, step=11, **HYPER)
-    for out, exp in zip(args[:3], expected):
-        torch.testing.assert_close(out, exp, rtol=1e-6, atol=1e-6)
+    reference.sparse_adam_(*expected, *args[3:], step=11, seed=2, **HYPER)
+    sparse_adam_(*args, step=11, seed=2, **HYPER)
+    torch.testing.assert_close(args[0], expected[0], rtol=1e-6, atol=1e-6)
+    for out, exp in zip(args[1:3], expected[1:3]):
+        if moments == "bfloat16":
+            assert_bf16_rounding_close(out, exp)
+        else:
+            torch.testing.assert_close(out, exp, rtol=1e-6, atol=1e-6)
 
 
 # ---- triton backend only (interpreter) ---------------------------------------------------------------
@@ -196,7 +278,8 @@ def test_gpu_sparse_adam(gpu_backend, M, d, R, with_grad):
 @interpreter
 @pytest.mark.parametrize("M,d,R", [(9, 1030, 5), (60, 64, 40), (7, 1, 7)])
 @pytest.mark.parametrize("with_grad", [True, False])
-def test_triton_gpu_tiles(M, d, R, with_grad):
+@pytest.mark.parametrize("moments", ["float32", "bfloat16"])
+def test_triton_gpu_tiles(M, d, R, with_grad, moments):
     # The GPU's tile shapes (the interpreter's own are small): a row across two 1024-column blocks,
     # several rows a program, a column a row.
     triton_adam = triton_module("sparse_adam")
@@ -204,13 +287,19 @@ def test_triton_gpu_tiles(M, d, R, with_grad):
     block_r, block_d = triton_adam.tile_shape(d, cfg["TILE"], cfg["MAX_BLOCK_D"])
     assert block_r * block_d == cfg["TILE"] and (d > block_d or R > block_r or d == 1)
     args = list(problem(M, d, R))
+    if moments == "bfloat16":
+        args = bf16_moments(args)
     if not with_grad:
         args[4] = None
     expected = [t.clone() for t in args[:3]]
-    reference.sparse_adam_(*expected, *args[3:], step=5, **HYPER)
-    triton_adam.sparse_adam_(*args, step=5, tile=cfg["TILE"], max_block_d=cfg["MAX_BLOCK_D"], **HYPER)
-    for out, exp in zip(args[:3], expected):
-        torch.testing.assert_close(out, exp, rtol=1e-6, atol=1e-6)
+    reference.sparse_adam_(*expected, *args[3:], step=5, seed=1, **HYPER)
+    triton_adam.sparse_adam_(*args, step=5, seed=1, tile=cfg["TILE"], max_block_d=cfg["MAX_BLOCK_D"], **HYPER)
+    torch.testing.assert_close(args[0], expected[0], rtol=1e-6, atol=1e-6)
+    for out, exp in zip(args[1:3], expected[1:3]):
+        if moments == "bfloat16":
+            assert_bf16_rounding_close(out, exp)  # (the interpreter computes the reference's bits)
+        else:
+            torch.testing.assert_close(out, exp, rtol=1e-6, atol=1e-6)
 
 
 @interpreter

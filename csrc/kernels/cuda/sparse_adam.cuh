@@ -6,6 +6,8 @@
 // [R, 4] dense: drift, decay1, decay2, eps_skip. rows must be distinct (two blocks
 // would race on a repeated row); a row outside [0, num_latents) is skipped, read and
 // written nowhere (ranges are checked only on request, by the op's Python checks).
+// The moments are float (S = float) or the bits of bfloat16 (S = uint16_t), computed in float
+// and stored with stochastic rounding (kernels/stochastic_round.h).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -14,19 +16,22 @@
 
 namespace ssae::cuda {
 
+template <typename S>
 struct AdamRows {
   float* param; int64_t ld_param;
-  float* exp_avg; int64_t ld_exp_avg;
-  float* exp_avg_sq; int64_t ld_exp_avg_sq;
+  S* exp_avg; int64_t ld_exp_avg;
+  S* exp_avg_sq; int64_t ld_exp_avg_sq;
   const int64_t* rows; int64_t num_rows; int64_t num_latents;
   const float* grad; int64_t ld_grad;
   const float* catchup;
   int64_t d;
   double lr, beta1, beta2, eps;
   int64_t step;
+  int64_t seed;  // stochastic rounding of bfloat16 moments
 };
 
 // One kernel on `stream`; num_rows == 0 or d == 0 is a no-op.
-cudaError_t sparse_adam(const AdamRows& a, cudaStream_t stream);
+template <typename S>
+cudaError_t sparse_adam(const AdamRows<S>& a, cudaStream_t stream);
 
 }  // namespace ssae::cuda
