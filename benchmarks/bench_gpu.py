@@ -17,7 +17,9 @@ Per shape and dtype it reports, for each op and provider: median time over --rep
 TFLOP/s or GB/s, the model's estimate, and the peak memory allocated during one call above what
 was allocated before it. The training step (encode -> decode -> per-row squared error, mean ->
 backward into W_enc, b_enc, W_dec, b_dec) is also reported as a multiple of one dense GEMM
-x @ W_enc.T (the floor, docs/benchmarks.md).
+x @ W_enc.T (the floor, docs/benchmarks.md). The optimizer (op `sparse_adam_`) is one update of a
+float32 [M, d] weight on the rows the shape's code selects, with float32 and bfloat16 moments, against
+fused dense Adam over every row, in GB/s of the bytes each must move.
 
 --grid times the encode alone over the model grid (N=4096, d in {576, 2304, 4096}, M in {65536,
 1048576}, k in {32, 128}, bfloat16): our Triton and CUDA encodes, the cuBLAS GEMM floor x @ W_enc.T,
@@ -281,6 +283,7 @@ def run(shape_name, dtype, repeats, json_path=None, gpu_backends=GPU_BACKENDS, d
                 cases[op][name] = per_backend[name][op]
         cases[op].update(baselines[op])
     step_cases, skipped["training_step"] = _step_cases(N, d, M, k, dtype, dev, x, gpu_backends)
+    optimizer_cases, skipped["sparse_adam_"], optimizer_bytes = _optimizer_cases(indices, M, d, dev, gpu_backends)
     model_rows, _ = model(N, d, M, k, s, gpu)
     model_of = {"topk_encode": ["encode (fused GEMM + top-k)", "encode merge", "fold bias (W @ b_dec)"],
                 "sparse_decode": ["sparse_decode"], "sampled_dot": ["sampled_dot"],
@@ -295,7 +298,7 @@ def run(shape_name, dtype, repeats, json_path=None, gpu_backends=GPU_BACKENDS, d
           f"{'model ms':>9} {'peak MB':>8}")
     results = []
     floor = None
-    for op, providers in list(cases.items()) + [("training_step", step_cases)]:
+    for op, providers in list(cases.items()) + [("training_step", step_cases), ("sparse_adam_", optimizer_cases)]:
         for provider, reasons in skipped.get(op, {}).items():
             print(f"{op:<24} {provider:<14} skipped: {'; '.join(reasons)}")
         medians = {}
@@ -314,7 +317,7 @@ def run(shape_name, dtype, repeats, json_path=None, gpu_backends=GPU_BACKENDS, d
         for provider, (t, mem) in medians.items():
             rows = [model_rows[name] for name in model_of.get(op, [])]
             flops = sum(r["flops"] for r in rows)
-            bytes_ = sum(r["bytes"] for r in rows)
+            bytes_ = optimizer_bytes[provider] if op == "sparse_adam_" else sum(r["bytes"] for r in rows)
             # the model describes the Triton kernels (and the GEMM floor), not the CUDA C++ ones
             model_s = sum(r["seconds"] for r in rows) if provider in ("triton", "torch") and rows else float("nan")
             ratio = t / base if base else float("nan")
@@ -384,6 +387,45 @@ def _step_cases(N, d, M, k, dtype, dev, x, gpu_backends=GPU_BACKENDS):
     except Exception as error:  # not installed, or fails on this setup
         print(f"eai-sparsify: not benchmarked ({type(error).__name__}: {str(error).splitlines()[0][:100]})")
     return cases, skipped
+
+
+def _optimizer_cases(indices, M, d, dev, gpu_backends=GPU_BACKENDS):
+    """provider -> one optimizer update of a float32 [M, d] weight whose gradient has the rows the code
+    ``indices`` selected: ``sparse_adam_`` on those rows (float32 and bfloat16 moments) against fused dense
+    Adam over every row; backend -> reasons for the backends that cannot run it; provider -> bytes moved."""
+    import ssae_kernels
+
+    gen = torch.Generator(device=dev).manual_seed(2)
+    rows = indices.reshape(-1).unique()
+    R = rows.numel()
+    grad_rows = torch.randn(R, d, device=dev, generator=gen) * 1e-3
+    catchup = torch.tensor([[1e-4, 0.9, 0.999, 1e-9]], device=dev).expand(R, 4).contiguous()  # a skipped step
+
+    def sparse(backend, moments):
+        W = torch.randn(M, d, device=dev, generator=gen)
+        m, v = torch.zeros(M, d, device=dev, dtype=moments), torch.zeros(M, d, device=dev, dtype=moments)
+
+        def step():
+            with ssae_kernels.use_backend(backend):
+                ssae_kernels.ops.sparse_adam_(W, m, v, rows, grad_rows, catchup, lr=1e-4, beta1=0.9, beta2=0.999,
+                                              eps=1e-9, step=10)
+        return step
+
+    cases, skipped, moved = {}, {}, {}
+    for name in gpu_backends:
+        reasons = backend_reasons(name, ("sparse_adam_",))
+        if reasons:
+            skipped[name] = reasons
+            continue
+        for moments, label, size in ((torch.float32, name, 4), (torch.bfloat16, f"{name} bf16", 2)):
+            cases[label] = sparse(name, moments)
+            moved[label] = R * d * (4 * 3 + 2 * 2 * size)  # grad read; weight read + written; moments both
+    dense_W = torch.randn(M, d, device=dev, generator=gen, requires_grad=True)
+    dense_W.grad = torch.randn(M, d, device=dev, generator=gen) * 1e-3
+    adam = torch.optim.Adam([dense_W], lr=1e-4, eps=1e-9, fused=True)
+    cases["dense"] = adam.step
+    moved["dense"] = M * d * 4 * 7
+    return cases, skipped, moved
 
 
 # ---- the encode grid of issue #13 -----------------------------------------------------------

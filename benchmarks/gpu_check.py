@@ -11,7 +11,7 @@ Stages, each with its wall time and a share of the budget:
   tests  every GPU test of tests/ops (the triton and cuda cases, test_gpu_*) with TRITON_INTERPRET=0,
          so Triton runs compiled on CUDA tensors; a GPU test skipped for want of a GPU, the CUDA build
          or Triton fails the check, other skips are listed
-  bench  benchmarks/bench_gpu.py: ops and training step at the ref and large shapes, then the encode
+  bench  benchmarks/bench_gpu.py: ops, training step and optimizer at the ref and large shapes, then the encode
          grid against the GEMM floor, torch.topk(mm), sparsify and the predictions of gpu_model.json
 
 Where $OUT is set (the device tool's output folder) logs go to $OUT and results to $OUT/gpu, else to

@@ -100,6 +100,7 @@ def test_run_gives_every_backend_a_row(monkeypatch, capsys, tmp_path):
         if _reasons("cuda"):  # not built here: skipped with the registry's reasons, not hidden
             assert "skipped:" in cuda_rows[0] and "built without CUDA" in cuda_rows[0]
     assert ("gemm_floor", "torch") in timed
+    assert {("sparse_adam_", p) for p in ("triton", "triton bf16", "dense")} <= timed
     step = next(line for line in lines if line.startswith(f"{'training_step':<24} triton"))
     assert "1.00x floor" in step  # the fake timer gives every case the same time
     assert all(r["vs_dense"] == 1.0 for r in results if r["provider"] == "dense")
