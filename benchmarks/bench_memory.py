@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import run_isolated, set_threads  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SIZES = [  # latents, d_in, batch, k, compute dtype[, optimizer]
+SIZES = [  # latents, d_in, batch, k, compute dtype[, optimizer[, its moments' dtype]]
     (65536, 512, 2048, 32, "float32"),
     (131072, 576, 4096, 32, "float32"),
     (131072, 576, 4096, 32, "bfloat16"),
@@ -30,6 +30,8 @@ SIZES = [  # latents, d_in, batch, k, compute dtype[, optimizer]
     (32768, 768, 16384, 32, "float32"),
     (262144, 576, 4096, 32, "float32", "sparse-adam"),
     (524288, 256, 2048, 32, "float32", "sparse-adam"),
+    (262144, 576, 4096, 32, "float32", "sparse-adam", "bfloat16"),
+    (524288, 256, 2048, 32, "float32", "sparse-adam", "bfloat16"),
 ]
 BUDGETS = [("24 GB (this machine: CPU)", "24GB", "cpu", "float32"),
            ("80 GB (H100: bf16 compute)", "80GB", "cuda", "bfloat16"),
@@ -37,7 +39,7 @@ BUDGETS = [("24 GB (this machine: CPU)", "24GB", "cpu", "float32"),
 
 
 def measure_training_peak(latents: int, d_in: int, batch: int, k: int, compute_dtype: str, dataset_tokens: int,
-                          steps: int = 3, optimizer: str = "adam") -> dict:
+                          steps: int = 3, optimizer: str = "adam", optimizer_state: str = "float32") -> dict:
     """(run in a fresh process) Resident memory before any tensor and the peak over ``steps`` training steps."""
     import gc
     import tempfile
@@ -59,23 +61,24 @@ def measure_training_peak(latents: int, d_in: int, batch: int, k: int, compute_d
     acts = torch.randn(dataset_tokens, d_in)
     sae = new_sae(acts, latents, k, compute_dtype=compute_dtype)
     trainer = Trainer(sae, acts, TrainConfig(steps=steps, batch_size=batch, checkpoint_every=10**9, log_every=10**9,
-                                             optimizer=optimizer), tempfile.mkdtemp(), progress=False)
+                                             optimizer=optimizer, optimizer_state=optimizer_state),
+                      tempfile.mkdtemp(), progress=False)
     for _ in range(steps):
         trainer.train_step()
     return {"runtime": runtime, "peak": peak_rss_bytes()}
 
 
-def compare(latents, d_in, batch, k, compute_dtype, optimizer="adam", threads=2) -> dict:
+def compare(latents, d_in, batch, k, compute_dtype, optimizer="adam", optimizer_state="float32", threads=2) -> dict:
     from ssae_kernels import memory
 
     dataset_tokens = 2 * batch
     measured = run_isolated("bench_memory:measure_training_peak", dict(
         latents=latents, d_in=d_in, batch=batch, k=k, compute_dtype=compute_dtype, dataset_tokens=dataset_tokens,
-        optimizer=optimizer), threads=threads, malloc_env=False)
+        optimizer=optimizer, optimizer_state=optimizer_state), threads=threads, malloc_env=False)
     planned = memory.plan(latents, d_in, batch, k, compute_dtype=compute_dtype, dataset_tokens=dataset_tokens,
-                          optimizer=optimizer, runtime_bytes=measured["runtime"])
+                          optimizer=optimizer, optimizer_state=optimizer_state, runtime_bytes=measured["runtime"])
     return {"latents": latents, "d_in": d_in, "batch": batch, "k": k, "compute_dtype": compute_dtype,
-            "optimizer": optimizer,
+            "optimizer": optimizer if optimizer_state == "float32" else f"{optimizer}, {optimizer_state} moments",
             "dataset_tokens": dataset_tokens, "runtime_bytes": measured["runtime"], "measured_peak": measured["peak"],
             "planned_peak": planned.total, "planned_over_measured": planned.total / measured["peak"]}
 

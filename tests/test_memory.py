@@ -13,8 +13,9 @@ import bench_memory  # noqa: E402
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from /proc (Linux)")
 @pytest.mark.parametrize("size", [(65536, 512, 2048, 32, "float32"), (98304, 384, 4096, 32, "bfloat16"),
-                                  (262144, 256, 1024, 32, "float32", "sparse-adam")],
-                         ids=["float32", "bfloat16", "sparse-adam"])
+                                  (262144, 256, 1024, 32, "float32", "sparse-adam"),
+                                  (262144, 256, 1024, 32, "float32", "sparse-adam", "bfloat16")],
+                         ids=["float32", "bfloat16", "sparse-adam", "sparse-adam-bf16-moments"])
 def test_the_plan_is_within_10_percent_of_the_measured_peak(size):
     result = bench_memory.compare(*size)
     # what the SAE adds to the process, planned and measured: the runtime is the same figure on both sides
