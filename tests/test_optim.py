@@ -117,6 +117,21 @@ def test_touched_rows_loss_has_the_dense_loss_and_gradients():
     torch.testing.assert_close(sae.b_dec.grad, grads["b_dec"])
 
 
+def test_normalize_decoder_rows_touches_only_those_rows():
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=8, num_latents=20, k=2))
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(20, 1) * 3)
+    before = sae.W_dec.detach().clone()
+    rows = torch.tensor([3, 7, 19])
+    sae.normalize_decoder(rows)
+    torch.testing.assert_close(sae.W_dec[rows].norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(sae.W_dec[rows], before[rows] / before[rows].norm(dim=1, keepdim=True))
+    others = torch.ones(20, dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(sae.W_dec[others], before[others])
+
+
 def _train(acts, tmp_path, name, **cfg):
     sae = new_sae(acts, 256, 8, seed=0, dead_tokens=1500)
     trainer = Trainer(sae, acts, TrainConfig(batch_size=256, **cfg), str(tmp_path / name), progress=False)
