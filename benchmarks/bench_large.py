@@ -37,7 +37,8 @@ from harness import IsolatedRunError, environment, run_isolated, set_threads  # 
 RESULTS = Path(__file__).resolve().parent / "results"
 D, BATCH, K = 576, 4096, 32
 LATENTS = (262144, 1048576)
-STEP_PROVIDERS = ("ssae (adam)", "ssae (sparse-adam)", "eai-sparsify", "dense pytorch")
+STEP_PROVIDERS = ("ssae (adam)", "ssae (sparse-adam)", "ssae (sparse-adam, bfloat16 moments)", "eai-sparsify",
+                  "dense pytorch")
 
 
 OPTIMIZERS = ("adam", "sparse-adam", "sparse-adam-bf16")  # the last: SparseAdam with bfloat16 moments
@@ -113,11 +114,12 @@ def step_worker(latents: int, provider: str, warmup: int, repeats: int, *, d: in
     if provider.startswith("ssae"):
         from ssae_kernels.trainer import TrainConfig, Trainer, new_sae
 
-        optimizer = provider.split("(")[1].rstrip(")")
+        optimizer, *moments = provider.split("(")[1].rstrip(")").split(", ")
         # no latent is dead within the few steps timed (the default horizon is 10^6 tokens): AuxK stays off,
         # as it is for the peers (peers.py)
         trainer = Trainer(new_sae(acts, M, k), acts,
-                          TrainConfig(steps=10**6, batch_size=batch, optimizer=optimizer, checkpoint_every=10**9,
+                          TrainConfig(steps=10**6, batch_size=batch, optimizer=optimizer,
+                                      optimizer_state="bfloat16" if moments else "float32", checkpoint_every=10**9,
                                       log_every=10**9), tempfile.mkdtemp(), progress=False)
         step = trainer.train_step
     else:

@@ -21,13 +21,13 @@ Two approximations, both small and bounded:
 - sums are cut after ``horizon`` steps, where r^horizon < 2^-32.
 
 What differs from dense Adam is when rows move, not where they end up: between touches the
-forward pass sees a row without its pending momentum tail.
+forward pass sees a row without its pending momentum tail. This is the lazy-update choice;
+the alternative, lazy Adam with per-row step counts (TensorFlow's LazyAdam), drops the
+tail altogether and changes the moments' meaning, so checkpoints would not be Adam's.
 
 ``state_dtype=torch.bfloat16`` holds the moments in bfloat16 (half their memory, a third of the
 training state with float32 weights), computed in float32 and stored with stochastic rounding
-(``ops/sparse_adam.py``): equal to the float32 optimizer in expectation, not bit for bit. This is the lazy-update choice;
-the alternative, lazy Adam with per-row step counts (TensorFlow's LazyAdam), drops the
-tail altogether and changes the moments' meaning, so checkpoints would not be Adam's.
+(``ops/sparse_adam.py``): equal to the float32 optimizer in expectation, not bit for bit.
 """
 
 from __future__ import annotations

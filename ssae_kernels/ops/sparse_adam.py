@@ -130,13 +130,14 @@ def _check(param, exp_avg, exp_avg_sq, rows, grad, catchup, lr, beta1, beta2, ep
     torch._check_type(param.dtype in DTYPES, lambda: f"param must be float32 or float64, got {param.dtype}")
     for t, name in ((exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")):
         checks.tensor(t, name, 2, "[M, d]")
-        torch._check_value(t.device == param.device, lambda: f"{name} is on {t.device} but param is on {param.device}")
+        checks.same_size(tuple(t.shape), tuple(param.shape), f"{name} must have the shape of param")
+    # the moments: param's dtype, or bfloat16 beside a float32 param (both the same, on param's device)
     checks.like(exp_avg_sq, exp_avg, "exp_avg_sq", "exp_avg")
+    torch._check_value(exp_avg.device == param.device,
+                       lambda: f"exp_avg is on {exp_avg.device} but param is on {param.device}")
     torch._check_type(exp_avg.dtype == param.dtype or (exp_avg.dtype == torch.bfloat16 and param.dtype == torch.float32),
                       lambda: f"exp_avg and exp_avg_sq must have param's dtype (or bfloat16 with a float32 param), "
                               f"got {exp_avg.dtype} with param {param.dtype}")
-    for t, name in ((exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")):
-        checks.same_size(tuple(t.shape), tuple(param.shape), f"{name} must have the shape of param")
     checks.tensor(rows, "rows", 1, "[R]")
     checks.indices(rows, "rows", param, "param")
     R, d = rows.shape[0], param.shape[1]
