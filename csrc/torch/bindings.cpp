@@ -53,6 +53,7 @@ py::dict build_info() {
   __builtin_cpu_init();
   info["cpu_avx512f"] = bool(__builtin_cpu_supports("avx512f"));
   info["cpu_avx2"] = bool(__builtin_cpu_supports("avx2"));
+  info["cpu_avx512_bf16"] = bool(__builtin_cpu_supports("avx512bf16"));
 #endif
   info["compiler"] = __VERSION__;
 #ifdef SSAE_WITH_CUDA
@@ -78,4 +79,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_override", [](int request) { ssae::route::override_request().store(request); },
         "the backend of the innermost use_backend() block: -1 none, 0 default, 1 cpu, 2 cuda, 3 another");
   m.def("topk_encode_plan_cpu", &ssae::topk_encode_plan_cpu);
+  m.def("topk_encode_screens_cpu", &ssae::topk_encode_screens_cpu);
+  m.def("set_bf16_screen", &ssae::set_bf16_screen);
 }

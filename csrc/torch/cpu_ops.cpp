@@ -4,6 +4,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <type_traits>
 
@@ -146,6 +147,33 @@ std::tuple<int64_t, int64_t, int64_t> topk_encode_plan_cpu(int64_t rows, int64_t
   return {nb, mt, ranges};
 }
 
+namespace {
+
+std::atomic<bool> bf16_screen_enabled{true};
+
+// The bfloat16 screen (TopKSelector::consume_screened) runs the GEMM at twice
+// the float32 rate and scores exactly only the latents that may reach a row's
+// top k; its results equal the float32 encode's because rescoring repeats
+// dot_tile's arithmetic, so it runs only where the float32 path would use
+// dot_tile. Not for serial calls (converting and bounding costs more than it
+// saves there) nor for k above 1/64 of the latents, where the exact rescoring
+// of the candidates would approach a second GEMM.
+constexpr int64_t kScreenLatentsPerK = 64;
+
+}  // namespace
+
+void set_bf16_screen(bool enabled) { bf16_screen_enabled.store(enabled); }
+
+bool topk_encode_screens_cpu(int64_t rows, int64_t latents, int64_t d, int64_t k) {
+  if (!bf16_screen_enabled.load() || !cpu::dot_tile_fast() || !cpu::dot_tile_bf16_available()) return false;
+  if (serial_encode(rows, latents, d) || k * kScreenLatentsPerK > latents) return false;
+  const auto [nb, mt, splits] = topk_encode_plan_cpu(rows, latents, d, false);
+  // Each latent range scores its first tile exactly (see topk_encode_cpu): one tile a range leaves nothing to screen.
+  const int64_t tiles = (latents + mt - 1) / mt;
+  if ((tiles + splits - 1) / splits < 2) return false;
+  return d <= kDotTileMaxWidth || nb <= kDotTileAnyWidthRows;  // score_tile's dot_tile cases
+}
+
 std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
                                                    const std::optional<at::Tensor>& b_enc, int64_t k,
                                                    const std::optional<at::Tensor>& b_dec) {
@@ -163,7 +191,10 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
   // Without b_enc the selector adds a zero bias: O(M) floats, next to the O(M d) weights.
   const auto bias = b_enc ? b_enc->to(acc).contiguous() : at::zeros({M}, x.options().dtype(acc));
   const auto shift = b_dec ? b_dec->to(acc).contiguous() : at::Tensor();
-  const auto [nb, mt, splits] = topk_encode_plan_cpu(N, M, d, exact);
+  const bool screen = x.scalar_type() == at::kFloat && topk_encode_screens_cpu(N, M, d, k);
+  // The screen's bfloat16 rows: d rounded up to vdpbf16ps's 32 lanes.
+  const int64_t ld16 = (d + 31) / 32 * 32;
+  const auto [nb, mt, splits] = topk_encode_plan_cpu(N, M, d, exact && !screen);
   const int64_t blocks = (N + nb - 1) / nb, tiles = (M + mt - 1) / mt;
   const int64_t tiles_per_split = (tiles + splits - 1) / splits;
 
@@ -182,6 +213,10 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
 #pragma omp parallel if (!serial)
     {
       std::vector<A> scores(nb * mt), rows_buf(copy_rows ? nb * d : 0), w_buf(exact ? 0 : mt * d);
+      // The screen's operands and bounds (ScreenTile).
+      std::vector<uint16_t> rows16(screen ? nb * ld16 : 0), w16(screen ? mt * ld16 : 0);
+      std::vector<float> row_a(screen ? nb : 0), row_b(screen ? nb : 0);
+      std::vector<float> col_a(screen ? mt : 0), col_b(screen ? mt : 0), col_reach(screen ? mt : 0);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t item = 0; item < blocks * splits; ++item) {
         const int64_t blk = item / splits, split = item % splits;
@@ -195,13 +230,36 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
           }
           xb = rows_buf.data();
         }
+        if constexpr (std::is_same_v<T, float>) {
+          if (screen)
+            for (int64_t r = 0; r < rows; ++r) {
+              const auto bound = cpu::screen_row(cpu::to_bf16_row(d, ld16, xb + r * d, &rows16[r * ld16]), d);
+              row_a[r] = bound.a, row_b[r] = bound.b;
+            }
+        }
         const int64_t m_end = std::min(M, (split + 1) * tiles_per_split * mt);
-        for (int64_t m0 = split * tiles_per_split * mt; m0 < m_end; m0 += mt) {
+        const int64_t m_begin = split * tiles_per_split * mt;
+        for (int64_t m0 = m_begin; m0 < m_end; m0 += mt) {
           const int64_t cols = std::min(mt, M - m0);
           const A* wb = reinterpret_cast<const A*>(wp + m0 * d);
           if (!exact) {
             for (int64_t i = 0; i < cols * d; ++i) w_buf[i] = cpu::load<A>(wp[m0 * d + i]);
             wb = w_buf.data();
+          }
+          if constexpr (std::is_same_v<T, float>) {
+            // A range's first tile is scored exactly: it sets each row's first
+            // threshold, below which a screen would pass most of the tile.
+            if (screen && m0 != m_begin) {
+              for (int64_t c = 0; c < cols; ++c) {
+                const auto bound = cpu::screen_col(cpu::to_bf16_row(d, ld16, wb + c * d, &w16[c * ld16]), bp[m0 + c], d);
+                col_a[c] = bound.a, col_b[c] = bound.b, col_reach[c] = bound.reach;
+              }
+              cpu::dot_tile_bf16(rows, cols, ld16, rows16.data(), w16.data(), scores.data(), mt);
+              const cpu::ScreenTile tile{scores.data(), mt, row_a.data(), row_b.data(), col_a.data(), col_b.data(),
+                                         col_reach.data(), xb, wb, d};
+              selectors[split].consume_screened(tile, n0, rows, m0, cols, bp + m0);
+              continue;
+            }
           }
           score_tile<A>(rows, cols, d, xb, wb, scores.data(), mt, serial);
           selectors[split].consume(scores.data(), mt, n0, rows, m0, cols, bp + m0);

@@ -42,6 +42,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_residual_cpu(const at::Tensor& 
 std::tuple<int64_t, int64_t, int64_t> topk_encode_plan_cpu(int64_t rows, int64_t latents, int64_t d,
                                                            bool exact_dtype);
 
+// float32 encodes screen in bfloat16 where the CPU has AVX512_BF16 (results are
+// exactly those of the float32 encode either way): whether a call of this shape
+// would, and a switch for tests and benchmarks (on by default).
+bool topk_encode_screens_cpu(int64_t rows, int64_t latents, int64_t d, int64_t k);
+void set_bf16_screen(bool enabled);
+
 // U (U^T G) or G - U (U^T G); the second form writes the result into G.
 at::Tensor project_subspace_cpu(const at::Tensor& G, const at::Tensor& U, bool complement);
 void project_subspace__cpu(const at::Tensor& G, const at::Tensor& U, bool complement);

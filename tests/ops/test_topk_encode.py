@@ -482,6 +482,83 @@ def test_cpu_wide_rows_in_large_row_blocks(threads, dtype):
     assert_valid_topk(values, indices, x, W, b, k, bd)
 
 
+def _bf16_screen_or_skip():
+    from ssae_kernels import _C
+
+    if not _C.build_info().get("cpu_avx512_bf16"):
+        pytest.skip("this CPU has no AVX512_BF16: float32 encodes are not screened in bfloat16 here")
+    return _C
+
+
+def _encode_screened_and_not(_C, x, W, b, k, bd):
+    out = {}
+    try:
+        for screened in (False, True):
+            _C.set_bf16_screen(screened)
+            with ssae_kernels.use_backend("cpu"):
+                out[screened] = ssae_kernels.topk_encode(x, W, b, k, b_dec=bd)
+    finally:
+        _C.set_bf16_screen(True)
+    return out[False], out[True]
+
+
+def _assert_bitwise_equal(screened, plain):
+    assert torch.equal(screened[1], plain[1])
+    # bit patterns, so that NaN == NaN and -0 != +0
+    assert torch.equal(screened[0].view(torch.int32), plain[0].view(torch.int32))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", ["normal", "ties", "non_finite", "views", "latent_ranges"])
+def test_cpu_bf16_screen_is_exact(threads, case):
+    # float32 encodes on a CPU with AVX512_BF16 screen the pre-activations in bfloat16 and
+    # rescore exactly the latents within a proven bound of each row's k-th best
+    # (csrc/kernels/cpu/topk_encode.cpp): the result must be the float32 encode's, bit for bit.
+    require("cpu", "topk_encode")
+    _C = _bf16_screen_or_skip()
+    # Several latent tiles per range (each range's first tile is scored exactly, the rest screened).
+    N, d, M, k = (7, 301, 20000, 20) if case == "latent_ranges" else (150, 601, 4100, 9)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert _C.topk_encode_screens_cpu(N, M, d, k)
+        if case == "latent_ranges":
+            assert _C.topk_encode_plan_cpu(N, M, d, False)[2] > 1
+        x, W, b, bd = make_encode_inputs(N, d, M)
+        if case == "ties":  # duplicated latents and rows, biases on a coarse grid
+            W[1::3] = W[0:-1:3][: W[1::3].shape[0]]
+            x[1::2] = x[0:-1:2][: x[1::2].shape[0]]
+            b = (b * 4).round() / 4
+        if case == "non_finite":
+            W[5, 3], W[700, 0], W[1200, 9] = float("nan"), float("inf"), 1e30
+            b[17], b[18], b[19] = float("-inf"), float("inf"), float("nan")
+            x[3, 2] = float("-inf")
+        if case == "views":
+            W = torch.cat([W, W], dim=1)[:, ::2]  # strided rows, other values in between
+            x = x.t().contiguous().t()
+        plain, screened = _encode_screened_and_not(_C, x, W, b, k, bd)
+    finally:
+        torch.set_num_threads(old)
+    _assert_bitwise_equal(screened, plain)
+    if case != "non_finite":
+        assert_valid_topk(plain[0], plain[1], x, W, b, k, bd)
+
+
+def test_cpu_bf16_screen_only_where_it_pays():
+    # Not for serial (small) calls, nor for k above 1/64 of the latents, nor for other dtypes.
+    require("cpu", "topk_encode")
+    _C = _bf16_screen_or_skip()
+    assert _C.topk_encode_screens_cpu(2048, 24576, 768, 32)
+    assert not _C.topk_encode_screens_cpu(4, 256, 64, 2)
+    assert not _C.topk_encode_screens_cpu(2048, 24576, 768, 24576 // 64 + 1)
+    assert not _C.topk_encode_screens_cpu(150, 4100, 67, 9)  # one latent tile: scored exactly
+    try:
+        _C.set_bf16_screen(False)
+        assert not _C.topk_encode_screens_cpu(2048, 24576, 768, 32)
+    finally:
+        _C.set_bf16_screen(True)
+
+
 # ---- triton backend only: plans, latent splits, configs, rounds (the launcher, in the interpreter) ------
 
 

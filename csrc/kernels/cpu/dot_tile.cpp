@@ -15,9 +15,11 @@ namespace ssae::cpu {
 namespace {
 
 #define AVX512 __attribute__((target("avx512f"), always_inline)) inline
-// GCC 12 flags the _mm512_undefined_ps() inside _mm512_shuffle_f32x4 as maybe uninitialized.
+// GCC 12 flags the _mm512_undefined_ps() inside _mm512_shuffle_f32x4 (and other
+// lane extractions) as (maybe) uninitialized.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 // The 16 horizontal sums of v[0..15] in one register: lane 4 i + j holds the sum
 // of v[4 j + i]. Four levels of shuffle-and-add (30 shuffles, 15 adds) instead of
@@ -37,6 +39,23 @@ AVX512 __m512 sum16(const __m512 v[16]) {
     z[p] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * p], w[2 * p + 1], 0x44),
                          _mm512_shuffle_ps(w[2 * p], w[2 * p + 1], 0xEE));
   return _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
+}
+
+// c[i, j] = lane 4 i + j of sums (sum16's layout) for i < RA, j < cols. Whole
+// rows of 4 go out as one store: GCC turns the element loop into a memcpy call
+// per row, which cost 5% of the encode.
+template <int RA>
+AVX512 void store_block(__m512 sums, float* c, int64_t ldc, int cols) {
+  if (cols == 4) {
+    const __m128 q[4] = {_mm512_extractf32x4_ps(sums, 0), _mm512_extractf32x4_ps(sums, 1),
+                         _mm512_extractf32x4_ps(sums, 2), _mm512_extractf32x4_ps(sums, 3)};
+    for (int i = 0; i < RA; ++i) _mm_storeu_ps(c + i * ldc, q[i]);
+    return;
+  }
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, sums);
+  for (int i = 0; i < RA; ++i)
+    for (int j = 0; j < cols; ++j) c[i * ldc + j] = lanes[4 * i + j];
 }
 
 // Latents are prefetched this far ahead into L2, by the first row block that
@@ -70,14 +89,10 @@ AVX512 void block(const float* a, int64_t d, const float* const b[4], float* c, 
   int64_t t = 0;
   for (; t + 16 <= d; t += 16) fma_step<RA, true>(acc, a, d, b, t, 0, prefetch);
   if (t < d) fma_step<RA, false>(acc, a, d, b, t, __mmask16((1u << (d - t)) - 1), false);
-  alignas(64) float sums[16];
-  _mm512_store_ps(sums, sum16(acc));
-  for (int i = 0; i < RA; ++i)
-    for (int j = 0; j < cols; ++j) c[i * ldc + j] = sums[4 * i + j];
+  store_block<RA>(sum16(acc), c, ldc, cols);
 }
 
 #undef AVX512
-#pragma GCC diagnostic pop
 
 __attribute__((target("avx512f"))) void dot_tile_avx512(int64_t rows, int64_t cols, int64_t d, const float* a,
                                                          const float* b, float* c, int64_t ldc) {
@@ -108,14 +123,163 @@ bool detect_avx512f() {
   return __builtin_cpu_supports("avx512f");
 }
 
+// One 16-lane accumulator reduced in sum16's order: with 4-lane groups g0..g3,
+// q = (g0 + g2) + (g1 + g3), then (q0 + q2) + (q1 + q3).
+__attribute__((target("avx512f"))) float sum16_one(__m512 v) {
+  const __m128 q = _mm_add_ps(_mm_add_ps(_mm512_extractf32x4_ps(v, 0), _mm512_extractf32x4_ps(v, 2)),
+                              _mm_add_ps(_mm512_extractf32x4_ps(v, 1), _mm512_extractf32x4_ps(v, 3)));
+  alignas(16) float e[4];
+  _mm_store_ps(e, q);
+  return (e[0] + e[2]) + (e[1] + e[3]);
+}
+
+__attribute__((target("avx512f"))) float dot_one_avx512(int64_t d, const float* a, const float* b) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t t = 0;
+  for (; t + 16 <= d; t += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + t), _mm512_loadu_ps(b + t), acc);
+  if (t < d) {
+    const __mmask16 m = __mmask16((1u << (d - t)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + t), _mm512_maskz_loadu_ps(m, b + t), acc);
+  }
+  return sum16_one(acc);
+}
+
+__attribute__((target("avx512f"))) void dot_gather_avx512(int64_t d, const float* a, const float* b,
+                                                           const int32_t* cols, int64_t n, float* out) {
+  constexpr int kChains = 4;
+  int64_t i = 0;
+  for (; i + kChains <= n; i += kChains) {
+    __m512 acc[kChains];
+    const float* bi[kChains];
+    for (int q = 0; q < kChains; ++q) acc[q] = _mm512_setzero_ps(), bi[q] = b + int64_t(cols[i + q]) * d;
+    int64_t t = 0;
+    for (; t + 16 <= d; t += 16) {
+      const __m512 av = _mm512_loadu_ps(a + t);
+      for (int q = 0; q < kChains; ++q) acc[q] = _mm512_fmadd_ps(av, _mm512_loadu_ps(bi[q] + t), acc[q]);
+    }
+    if (t < d) {
+      const __mmask16 m = __mmask16((1u << (d - t)) - 1);
+      const __m512 av = _mm512_maskz_loadu_ps(m, a + t);
+      for (int q = 0; q < kChains; ++q) acc[q] = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, bi[q] + t), acc[q]);
+    }
+    for (int q = 0; q < kChains; ++q) out[i + q] = sum16_one(acc[q]);
+  }
+  for (; i < n; ++i) out[i] = dot_one_avx512(d, a, b + int64_t(cols[i]) * d);
+}
+
+// -------------------------------------------------------- bfloat16 operands
+#define AVX512BF16 __attribute__((target("avx512f,avx512bf16"), always_inline)) inline
+
+// dot_tile's block on bfloat16 pairs: 32 products per vdpbf16ps and lane.
+template <int RA>
+AVX512BF16 void block_bf16(const uint16_t* a, int64_t ld, const uint16_t* const b[4], float* c, int64_t ldc,
+                           int cols, bool prefetch) {
+  __m512 acc[16];
+  for (auto& v : acc) v = _mm512_setzero_ps();
+  for (int64_t t = 0; t < ld; t += 32) {
+    __m512bh bv[4];
+    if (prefetch)
+      for (int j = 0; j < 4; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(b[j] + kPrefetchLatents * ld + t), _MM_HINT_T1);
+    for (int j = 0; j < 4; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(b[j] + t);
+    for (int i = 0; i < RA; ++i) {
+      const __m512bh av = (__m512bh)_mm512_loadu_si512(a + i * ld + t);
+      for (int j = 0; j < 4; ++j) acc[4 * j + i] = _mm512_dpbf16_ps(acc[4 * j + i], av, bv[j]);
+    }
+  }
+  store_block<RA>(sum16(acc), c, ldc, cols);
+}
+
+#undef AVX512BF16
+
+__attribute__((target("avx512f,avx512bf16"))) void dot_tile_bf16_impl(int64_t rows, int64_t cols, int64_t ld,
+                                                                        const uint16_t* a, const uint16_t* b,
+                                                                        float* c, int64_t ldc) {
+  for (int64_t j0 = 0; j0 < cols; j0 += 4) {  // the loop order of dot_tile_avx512, for the same reason
+    const int nc = int(std::min<int64_t>(4, cols - j0));
+    const uint16_t* bj[4];
+    for (int j = 0; j < 4; ++j) bj[j] = b + (j0 + std::min(j, nc - 1)) * ld;
+    const bool ahead_in_tile = j0 + kPrefetchLatents + 4 <= cols;
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+      const uint16_t* ar = a + r0 * ld;
+      float* cr = c + r0 * ldc + j0;
+      const bool prefetch = r0 == 0 && ahead_in_tile;
+      switch (std::min<int64_t>(4, rows - r0)) {
+        case 4: block_bf16<4>(ar, ld, bj, cr, ldc, nc, prefetch); break;
+        case 3: block_bf16<3>(ar, ld, bj, cr, ldc, nc, prefetch); break;
+        case 2: block_bf16<2>(ar, ld, bj, cr, ldc, nc, prefetch); break;
+        default: block_bf16<1>(ar, ld, bj, cr, ldc, nc, prefetch); break;
+      }
+    }
+  }
+}
+
+// The 16 bfloat16 values of h back in float32 (their bits in the high halves).
+__attribute__((target("avx512f"), always_inline)) inline __m512 bf16_to_float(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+__attribute__((target("avx512f,avx512bf16"))) Bf16Norms to_bf16_row_impl(int64_t d, int64_t ld, const float* src,
+                                                                          uint16_t* dst) {
+  __m512 sq = _mm512_setzero_ps(), res = _mm512_setzero_ps();
+  for (int64_t t = 0; t < ld; t += 32) {
+    // Lanes past d read as zeros, which also pads the row.
+    const auto mask = [&](int64_t from) {
+      return from >= d ? __mmask16(0) : d - from >= 16 ? __mmask16(0xffff) : __mmask16((1u << (d - from)) - 1);
+    };
+    const __m512 lo = _mm512_maskz_loadu_ps(mask(t), src + t), hi = _mm512_maskz_loadu_ps(mask(t + 16), src + t + 16);
+    const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // lo in the low half
+    _mm512_storeu_si512(dst + t, packed);
+    sq = _mm512_fmadd_ps(hi, hi, _mm512_fmadd_ps(lo, lo, sq));
+    // The residuals are exact in float32: src and its rounding share the leading bits.
+    const __m512 res_lo = _mm512_sub_ps(lo, bf16_to_float(_mm512_castsi512_si256(packed)));
+    const __m512 res_hi = _mm512_sub_ps(hi, bf16_to_float(_mm512_extracti64x4_epi64(packed, 1)));
+    res = _mm512_fmadd_ps(res_hi, res_hi, _mm512_fmadd_ps(res_lo, res_lo, res));
+  }
+  return {_mm512_reduce_add_ps(sq), _mm512_reduce_add_ps(res)};
+}
+
+bool detect_avx512bf16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+}
+
+#pragma GCC diagnostic pop
+
 }  // namespace
 
 bool dot_tile_fast() {
   static const bool fast = detect_avx512f();
   return fast;
 }
+
+bool dot_tile_bf16_available() {
+  static const bool available = detect_avx512bf16();
+  return available;
+}
+
+float dot_tile_one(int64_t d, const float* a, const float* b) { return dot_one_avx512(d, a, b); }
+
+void dot_tile_gather(int64_t d, const float* a, const float* b, const int32_t* cols, int64_t n, float* out) {
+  dot_gather_avx512(d, a, b, cols, n, out);
+}
+
+void dot_tile_bf16(int64_t rows, int64_t cols, int64_t ld, const uint16_t* a, const uint16_t* b, float* c,
+                   int64_t ldc) {
+  dot_tile_bf16_impl(rows, cols, ld, a, b, c, ldc);
+}
+
+Bf16Norms to_bf16_row(int64_t d, int64_t ld, const float* src, uint16_t* dst) {
+  return to_bf16_row_impl(d, ld, src, dst);
+}
 #else
 bool dot_tile_fast() { return false; }
+bool dot_tile_bf16_available() { return false; }
+// Callers check dot_tile_fast() / dot_tile_bf16_available() first.
+float dot_tile_one(int64_t, const float*, const float*) { __builtin_trap(); }
+void dot_tile_gather(int64_t, const float*, const float*, const int32_t*, int64_t, float*) { __builtin_trap(); }
+void dot_tile_bf16(int64_t, int64_t, int64_t, const uint16_t*, const uint16_t*, float*, int64_t) { __builtin_trap(); }
+Bf16Norms to_bf16_row(int64_t, int64_t, const float*, uint16_t*) { __builtin_trap(); }
 #endif
 
 namespace {

@@ -20,4 +20,32 @@ bool dot_tile_fast();
 // accumulated in float32.
 void dot_tile(int64_t rows, int64_t cols, int64_t d, const float* a, const float* b, float* c, int64_t ldc);
 
+// The one value dot_tile writes for a . b when dot_tile_fast(), bit for bit (the
+// same lanes, fused multiply-adds and reduction tree), so a single pair can be
+// rescored exactly as a full tile would have scored it. Only with dot_tile_fast().
+float dot_tile_one(int64_t d, const float* a, const float* b);
+
+// out[i] = dot_tile_one(d, a, b + cols[i] * d) for i < n, several at a time (one
+// dot product is a chain of dependent multiply-adds; four chains overlap).
+void dot_tile_gather(int64_t d, const float* a, const float* b, const int32_t* cols, int64_t n, float* out);
+
+// True when the CPU has AVX512_BF16 (vdpbf16ps), which dot_tile_bf16 needs.
+bool dot_tile_bf16_available();
+
+// dot_tile on bfloat16 operands: c[r * ldc + j] = sum_t a[r * ld + t] * b[j * ld
+// + t] over t < ld, products and sums in float32 (vdpbf16ps: input subnormals
+// read as zero, output subnormals flushed). The leading dimension ld is a
+// multiple of 32 and the caller zero-pads each row from d to ld. Only with
+// dot_tile_bf16_available().
+void dot_tile_bf16(int64_t rows, int64_t cols, int64_t ld, const uint16_t* a, const uint16_t* b, float* c,
+                   int64_t ldc);
+
+// dst[t] = bfloat16(src[t]) rounded to nearest even for t < d, and zeros up to
+// ld (a multiple of 32). Returns the squared norms of src and of the rounding
+// residual src - float(dst), summed in float32 (16 lanes, then across them).
+struct Bf16Norms {
+  double sum_sq, residual_sq;
+};
+Bf16Norms to_bf16_row(int64_t d, int64_t ld, const float* src, uint16_t* dst);
+
 }  // namespace ssae::cpu

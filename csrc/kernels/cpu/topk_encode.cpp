@@ -9,6 +9,7 @@
 #include <immintrin.h>
 #endif
 
+#include "dot_tile.h"
 #include "scalar.h"
 
 namespace ssae::cpu {
@@ -104,6 +105,89 @@ template <typename A>
 inline int64_t next_hit(const A* s, const A* b, int64_t n, A theta) { return next_hit_scalar(s, b, n, theta); }
 #endif
 
+// The latents of a screened row that may beat theta: screen score plus bound
+// not below theta (true for NaN).
+struct ScreenedRow {
+  const float* s;
+  float a, b;
+  const float *col_a, *col_b, *col_reach;
+};
+
+// Appends to `out` every latent j < n of `row` that may beat theta. AVX-512
+// where the CPU has it (always, where screening runs: it needs AVX512_BF16).
+void collect_passing_scalar(const ScreenedRow& row, int64_t n, float theta, std::vector<int32_t>& out) {
+  for (int64_t j = 0; j < n; ++j)
+    if (!(row.s[j] + std::fma(row.a, row.col_a[j], std::fma(row.b, row.col_b[j], row.col_reach[j])) < theta))
+      out.push_back(int32_t(j));
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) void collect_passing_avx512(const ScreenedRow& row, int64_t n, float theta,
+                                                               std::vector<int32_t>& out) {
+  const __m512 th = _mm512_set1_ps(theta), a = _mm512_set1_ps(row.a), b = _mm512_set1_ps(row.b);
+  for (int64_t j = 0; j < n; j += kChunk) {
+    const __mmask16 lanes = n - j >= kChunk ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+    const __m512 bound = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(lanes, row.col_a + j),
+                                         _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(lanes, row.col_b + j),
+                                                         _mm512_maskz_loadu_ps(lanes, row.col_reach + j)));
+    const __m512 upper = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, row.s + j), bound);
+    for (unsigned m = _mm512_mask_cmp_ps_mask(lanes, upper, th, _CMP_NLT_UQ); m; m &= m - 1)
+      out.push_back(int32_t(j + __builtin_ctz(m)));
+  }
+}
+
+void collect_passing(const ScreenedRow& row, int64_t n, float theta, std::vector<int32_t>& out) {
+  if (kIsa == Isa::kAvx512) return collect_passing_avx512(row, n, theta, out);
+  collect_passing_scalar(row, n, theta, out);
+}
+#else
+void collect_passing(const ScreenedRow& row, int64_t n, float theta, std::vector<int32_t>& out) {
+  collect_passing_scalar(row, n, theta, out);
+}
+#endif
+
+// The bfloat16 screen's error bound. For a row x and a latent w (float32), let
+// x~, w~ be their bfloat16 roundings and r_x = x - x~, r_w = w - w~ (exact in
+// float32), with X = |x| + |r_x| >= |x|, |x~| and W likewise (Euclidean norms).
+// The screen sums x~ w~ (dot_tile_bf16), the exact score x w (dot_tile_one):
+//   |x w - x~ w~| = |x r_w + r_x w~| <= X |r_w| + |r_x| W       (Cauchy-Schwarz)
+// and each sum's rounding is at most g_n X W, g_n = n u / (1 - n u), u = 2^-24,
+// n = d + 8 (more roundings than along any lane's chain of either sum,
+// reduction included). Subnormals: if a conversion kept one that vdpbf16ps then
+// reads as zero, at most a (X + W) more with a = 2^-126 sqrt(d); flushed
+// products and partial sums, and gradual underflow in the exact sum, at most
+// 2^-121 n. So
+//   |screen - exact| <= X (|r_w| + (2 g_n + 2^-18) W + a) + (|r_x| + a) W + 2^-121 n
+// where the 2^-18 X W, and 2^-20 |bias| in the reach, leave room for the
+// rounding of the test's own arithmetic and of exact + bias (each at most u of
+// magnitudes below 1.1 X W + |bias|). Norms at or above 2^63 (or not finite)
+// give +inf: the bfloat16 roundings or the sums could overflow.
+namespace screen_bound {
+constexpr double kU = 1.0 / (1 << 24);
+constexpr double kMaxNorm = 9223372036854775808.0;  // 2^63
+
+double relative(int64_t d) {
+  const double n = double(d + 8);
+  return 2 * n * kU / (1 - n * kU) + 1.0 / (1 << 18);
+}
+double subnormal(int64_t d) { return std::ldexp(std::sqrt(double(d)), -126); }
+
+// The smallest float at or above v.
+float up(double v) {
+  float f = float(v);
+  if (double(f) < v) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+  return f;
+}
+// An upper bound of the norm whose squares to_bf16_row summed in float32 (at
+// most n roundings, each within u, or 2^-126 where flushed); +inf when too
+// large to bound.
+double norm(double sum_sq, int64_t d) {
+  const double n = double(d + 8);
+  const double r = std::sqrt(sum_sq * (1 + 2 * n * kU) + std::ldexp(n, -126)) * (1 + 1e-12);
+  return r < kMaxNorm ? r : std::numeric_limits<double>::infinity();  // NaN too
+}
+}  // namespace screen_bound
+
 }  // namespace
 
 template <typename A>
@@ -165,6 +249,64 @@ void TopKSelector<A>::consume(const A* scores, int64_t ld, int64_t row0, int64_t
       }
     }
   }
+}
+
+template <typename A>
+void TopKSelector<A>::consume_screened(const ScreenTile& tile, int64_t row0, int64_t nrows, int64_t col0,
+                                      int64_t ncols, const A* bias) {
+#pragma omp parallel for schedule(static) if (parallel_worth(nrows * ncols))
+  for (int64_t r = 0; r < nrows; ++r) {
+    const int64_t row = row0 + r;
+    const float* x = tile.x + r * tile.d;
+    Candidate* c = cand_.data() + row * cap_;
+    int32_t& count = count_[row];
+    // The pre-activation consume() would have been handed: the same products,
+    // sums and bias addition, bit for bit.
+    int64_t j = 0;
+    for (; count < k_ && j < ncols; ++j) {  // consume()'s fill phase, on exact scores
+      c[count++] = {A(dot_tile_one(tile.d, x, tile.w + j * tile.d)) + bias[j], int32_t(col0 + j)};
+      if (count == k_) compact(row, k_);
+    }
+    if (count < k_ || std::isnan(theta_[row])) continue;
+    // Latents that pass the screen against the threshold as the row enters the
+    // tile (it only rises), scored exactly together, then offered in order.
+    thread_local std::vector<int32_t> passed;
+    thread_local std::vector<float> exact;
+    passed.clear();
+    const float theta = float(theta_[row]);
+    // Latents from j on (past any fill phase), numbered from j.
+    const ScreenedRow screened{tile.scores + r * tile.ld + j, tile.row_a[r], tile.row_b[r],
+                               tile.col_a + j, tile.col_b + j, tile.col_reach + j};
+    collect_passing(screened, ncols - j, theta, passed);
+    const float* w = tile.w + j * tile.d;
+    exact.resize(passed.size());
+    dot_tile_gather(tile.d, x, w, passed.data(), int64_t(passed.size()), exact.data());
+    for (size_t i = 0; i < passed.size(); ++i) {
+      const int64_t col = j + passed[i];
+      const A score = A(exact[i]) + bias[col];
+      if (!(score <= theta_[row])) {  // consume()'s test, on the exact score
+        c[count++] = {score, int32_t(col0 + col)};
+        if (count == cap_) {
+          compact(row, k_);
+          if (std::isnan(theta_[row])) break;
+        }
+      }
+    }
+  }
+}
+
+ScreenRow screen_row(const Bf16Norms& norms, int64_t d) {
+  const double residual = screen_bound::norm(norms.residual_sq, d);
+  return {screen_bound::up(screen_bound::norm(norms.sum_sq, d) + residual),
+          screen_bound::up(residual + screen_bound::subnormal(d))};
+}
+
+ScreenCol screen_col(const Bf16Norms& norms, float bias, int64_t d) {
+  const double residual = screen_bound::norm(norms.residual_sq, d);
+  const double W = screen_bound::norm(norms.sum_sq, d) + residual;
+  return {screen_bound::up(residual + screen_bound::relative(d) * W + screen_bound::subnormal(d)),
+          screen_bound::up(W),
+          screen_bound::up(double(bias) + std::fabs(double(bias)) / (1 << 20) + std::ldexp(double(d + 8), -121))};
 }
 
 template <typename A>

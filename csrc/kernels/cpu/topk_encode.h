@@ -9,7 +9,42 @@
 #include <cstdint>
 #include <vector>
 
+#include "dot_tile.h"
+
 namespace ssae::cpu {
+
+// A tile of screen scores for TopKSelector::consume_screened: approximate
+// pre-activations (without bias) of a row block against a latent tile, with the
+// float32 operands that score them exactly. For every row r and latent c,
+//   |scores[r * ld + c] - dot_tile_one(d, x + r * d, w + c * d)|
+//       <= row_a[r] * col_a[c] + row_b[r] * col_b[c] + (col_reach[c] - bias[c]),
+// with room left for the rounding of the test itself. screen_row and
+// screen_col build such bounds for a bfloat16 screen (dot_tile_bf16).
+struct ScreenTile {
+  const float* scores;
+  int64_t ld;
+  const float* row_a;      // [rows]
+  const float* row_b;      // [rows]
+  const float* col_a;      // [cols]
+  const float* col_b;      // [cols]
+  const float* col_reach;  // [cols]: the latent's bias plus the additive part of its bound
+  const float* x;          // [rows, d]
+  const float* w;          // [cols, d]
+  int64_t d;
+};
+
+// The bound's factors for a bfloat16 screen, from the norms to_bf16_row
+// returns for a row or latent (and the latent's bias); +inf where a norm is too
+// large (or not finite) for the bound to hold, so that such a row or latent
+// always goes to the exact score. topk_encode.cpp derives them.
+struct ScreenRow {
+  float a, b;
+};
+struct ScreenCol {
+  float a, b, reach;
+};
+ScreenRow screen_row(const Bf16Norms& norms, int64_t d);
+ScreenCol screen_col(const Bf16Norms& norms, float bias, int64_t d);
 
 template <typename A>  // score type: float, or double for float64 inputs
 class TopKSelector {
@@ -20,6 +55,14 @@ class TopKSelector {
   // before bias[c] is added. Tiles of one row must arrive with increasing col0.
   void consume(const A* scores, int64_t ld, int64_t row0, int64_t nrows,
                int64_t col0, int64_t ncols, const A* bias);
+
+  // consume() for a screened tile (float selectors): a latent whose screen score
+  // plus its bound cannot beat the row's running k-th best is skipped, as
+  // consume() would skip its exact score; every other latent is scored exactly,
+  // dot_tile_one(...) + bias[c], and kept or not as consume() decides. The
+  // selection ends exactly as consume() of the exact tile would leave it.
+  void consume_screened(const ScreenTile& tile, int64_t row0, int64_t nrows, int64_t col0, int64_t ncols,
+                        const A* bias);
 
   // Writes values[r, j] = ReLU(score) and indices[r, j] for the k best latents of
   // every row, in descending order of score; ties go to the lower index and NaN
