@@ -25,6 +25,14 @@ NOTES = [
     "too where all indices agree; `index_agreement`: the fraction of equal indices (pre-activations closer than "
     "float32 rounding can come out in either order, or either be the k-th). `b_enc=None`: no encoder "
     "or decoder bias, as retrieval calls it.",
+    "`forward vs GEMM floor`: our forward encode against one dense GEMM `x @ W_enc.T` of the same dtype alone "
+    "(the hardware floor: no bias, no top-k); its outputs are not compared (max rel diff nan).",
+    "`forward, bf16 screen` (CPU, float32, where the CPU has AVX512_BF16 and the shape screens): our encode "
+    "against itself with the bfloat16 screen switched off (`ssae_kernels._C.set_bf16_dot(False)`), i.e. "
+    "the float32 encode's own GEMM and selection; the outputs must be identical (max rel diff 0, index "
+    "agreement 1). `forward, vdpbf16ps` (CPU, bfloat16, AVX512_BF16): the bfloat16 encode multiplying the "
+    "stored values with vdpbf16ps against the same encode converting W_enc tiles to float32 (switched off "
+    "the same way).",
 ]
 
 
@@ -84,6 +92,13 @@ def build_cases(shape, device, dtype):
         common.Case(MODULE, "forward+backward", step(ours, common.leaves(*with_bias)),
                     step(dense, common.leaves(*with_bias)), desc, compare=compare),
     ]
+    W_enc = t["W_enc"]
+    cases.append(common.Case(MODULE, "forward vs GEMM floor", forward(ours, with_bias),
+                             forward(lambda x, W, *_: (x @ W.T,), (W_enc,)), "x @ W_enc.T",
+                             compare=lambda ours, floor: (float("nan"), {})))
+    screen = _screen_case(shape, device, dtype, forward(ours, with_bias), compare)
+    if screen is not None:
+        cases.append(screen)
     W_ours, W_dense = common.leaves(t["W_enc"]), common.leaves(t["W_enc"])
     cases += [
         common.Case(MODULE, "forward, b_enc=None", forward(ours, bias_free), forward(dense, bias_free), desc_free,
@@ -92,6 +107,35 @@ def build_cases(shape, device, dtype):
                     step(dense, (*W_dense, None, None)), desc_free, compare=compare),
     ]
     return cases
+
+
+def _screen_case(shape, device, dtype, encode, compare):
+    """Our CPU encode with its vdpbf16ps path (float32: the bfloat16 screen; bfloat16: the stored values
+    multiplied directly) against the same encode without it (None where there is no such path: another
+    device or dtype, a CPU without AVX512_BF16, or a float32 shape the encode does not screen)."""
+    import torch
+
+    from ssae_kernels import _C
+
+    if device.type != "cpu" or not _C.build_info().get("cpu_avx512_bf16"):
+        return None
+    if dtype == torch.bfloat16:
+        name, desc = "forward, vdpbf16ps", "ours, bfloat16 converted to float32 tiles (set_bf16_dot(False))"
+    elif dtype == torch.float32 and _C.topk_encode_screens_cpu(shape["N"], shape["M"], shape["d"], shape["k"]):
+        name, desc = "forward, bf16 screen", "ours, float32 GEMM (set_bf16_dot(False))"
+    else:
+        return None
+
+    def with_screen(on):
+        def call():
+            _C.set_bf16_dot(on)
+            try:
+                return encode()
+            finally:
+                _C.set_bf16_dot(True)
+        return call
+
+    return common.Case(MODULE, name, with_screen(True), with_screen(False), desc, compare=compare)
 
 
 def main(argv=None):

@@ -80,5 +80,5 @@ PYBIND11_MODULE(_C, m) {
         "the backend of the innermost use_backend() block: -1 none, 0 default, 1 cpu, 2 cuda, 3 another");
   m.def("topk_encode_plan_cpu", &ssae::topk_encode_plan_cpu);
   m.def("topk_encode_screens_cpu", &ssae::topk_encode_screens_cpu);
-  m.def("set_bf16_screen", &ssae::set_bf16_screen);
+  m.def("set_bf16_dot", &ssae::set_bf16_dot);
 }

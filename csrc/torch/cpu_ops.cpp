@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cstring>
 #include <type_traits>
 
 #include "arg_checks.h"
@@ -149,7 +150,40 @@ std::tuple<int64_t, int64_t, int64_t> topk_encode_plan_cpu(int64_t rows, int64_t
 
 namespace {
 
-std::atomic<bool> bf16_screen_enabled{true};
+std::atomic<bool> bf16_dot_enabled{true};
+
+// rows x d bfloat16 values as vdpbf16ps reads them, rows of ld (a multiple of
+// 32) zero-padded: src itself when d == ld, else a copy in buf.
+const uint16_t* padded_rows(const bf16* src, int64_t rows, int64_t d, int64_t ld, std::vector<uint16_t>& buf) {
+  if (d == ld) return reinterpret_cast<const uint16_t*>(src);
+  buf.assign(size_t(rows * ld), 0);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(&buf[size_t(r * ld)], src + r * d, size_t(d) * sizeof(bf16));
+  return buf.data();
+}
+
+// bias - W b_dec in float32 for bfloat16 W and b_dec (products exact, float32
+// sums): with it, the encode of bfloat16 inputs scores x . w directly, since
+// (x - b_dec) . w + bias = x . w + (bias - b_dec . w).
+at::Tensor fold_b_dec(const at::Tensor& W, const at::Tensor& b_dec, const at::Tensor& bias, int64_t ld) {
+  const int64_t M = W.size(0), d = W.size(1);
+  auto out = at::empty({M}, bias.options());
+  std::vector<uint16_t> shift_buf;
+  const auto shift = b_dec.contiguous();
+  const uint16_t* shift16 = padded_rows(ptr<bf16>(shift), 1, d, ld, shift_buf);
+  const bf16* wp = ptr<bf16>(W);
+  const float* bp = bias.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  constexpr int64_t kChunk = 256;
+#pragma omp parallel for schedule(static) if (cpu::parallel_worth(M * d))
+  for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
+    const int64_t cols = std::min(kChunk, M - m0);
+    std::vector<uint16_t> buf;
+    float dots[kChunk];
+    cpu::dot_tile_bf16(1, cols, ld, shift16, padded_rows(wp + m0 * d, cols, d, ld, buf), dots, kChunk);
+    for (int64_t c = 0; c < cols; ++c) op[m0 + c] = bp[m0 + c] - dots[c];
+  }
+  return out;
+}
 
 // The bfloat16 screen (TopKSelector::consume_screened) runs the GEMM at twice
 // the float32 rate and scores exactly only the latents that may reach a row's
@@ -162,10 +196,10 @@ constexpr int64_t kScreenLatentsPerK = 64;
 
 }  // namespace
 
-void set_bf16_screen(bool enabled) { bf16_screen_enabled.store(enabled); }
+void set_bf16_dot(bool enabled) { bf16_dot_enabled.store(enabled); }
 
 bool topk_encode_screens_cpu(int64_t rows, int64_t latents, int64_t d, int64_t k) {
-  if (!bf16_screen_enabled.load() || !cpu::dot_tile_fast() || !cpu::dot_tile_bf16_available()) return false;
+  if (!bf16_dot_enabled.load() || !cpu::dot_tile_fast() || !cpu::dot_tile_bf16_available()) return false;
   if (serial_encode(rows, latents, d) || k * kScreenLatentsPerK > latents) return false;
   const auto [nb, mt, splits] = topk_encode_plan_cpu(rows, latents, d, false);
   // Each latent range scores its first tile exactly (see topk_encode_cpu): one tile a range leaves nothing to screen.
@@ -189,11 +223,14 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
   auto indices = at::empty({N, k}, x.options().dtype(at::kLong));
   const auto xc = x.contiguous(), W = W_enc.contiguous();
   // Without b_enc the selector adds a zero bias: O(M) floats, next to the O(M d) weights.
-  const auto bias = b_enc ? b_enc->to(acc).contiguous() : at::zeros({M}, x.options().dtype(acc));
-  const auto shift = b_dec ? b_dec->to(acc).contiguous() : at::Tensor();
+  const auto bias_acc = b_enc ? b_enc->to(acc).contiguous() : at::zeros({M}, x.options().dtype(acc));
   const bool screen = x.scalar_type() == at::kFloat && topk_encode_screens_cpu(N, M, d, k);
-  // The screen's bfloat16 rows: d rounded up to vdpbf16ps's 32 lanes.
+  // bfloat16 inputs on a CPU with AVX512_BF16 are scored by vdpbf16ps as they are, b_dec folded into the bias.
+  const bool native16 = x.scalar_type() == at::kBFloat16 && bf16_dot_enabled.load() && cpu::dot_tile_bf16_available();
+  // Rows as vdpbf16ps reads them: d rounded up to its 32 lanes.
   const int64_t ld16 = (d + 31) / 32 * 32;
+  const auto bias = !(native16 && b_dec) ? bias_acc : fold_b_dec(W, *b_dec, bias_acc, ld16);
+  const auto shift = b_dec && !native16 ? b_dec->to(acc).contiguous() : at::Tensor();
   const auto [nb, mt, splits] = topk_encode_plan_cpu(N, M, d, exact && !screen);
   const int64_t blocks = (N + nb - 1) / nb, tiles = (M + mt - 1) / mt;
   const int64_t tiles_per_split = (tiles + splits - 1) / splits;
@@ -208,13 +245,14 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
     const A* bp = bias.data_ptr<A>();
     const A* sp = shift.defined() ? shift.data_ptr<A>() : nullptr;
     // Rows are copied (and centred) only when needed: float32/float64 without b_dec GEMM x in place.
-    const bool copy_rows = !exact || sp != nullptr;
+    const bool copy_rows = !native16 && (!exact || sp != nullptr);
     const bool serial = serial_encode(N, M, d);
 #pragma omp parallel if (!serial)
     {
-      std::vector<A> scores(nb * mt), rows_buf(copy_rows ? nb * d : 0), w_buf(exact ? 0 : mt * d);
-      // The screen's operands and bounds (ScreenTile).
+      std::vector<A> scores(nb * mt), rows_buf(copy_rows ? nb * d : 0), w_buf(exact || native16 ? 0 : mt * d);
+      // vdpbf16ps operands (the screen's, or padded bfloat16 inputs), the screen's bounds (ScreenTile).
       std::vector<uint16_t> rows16(screen ? nb * ld16 : 0), w16(screen ? mt * ld16 : 0);
+      const uint16_t* xb16 = nullptr;
       std::vector<float> row_a(screen ? nb : 0), row_b(screen ? nb : 0);
       std::vector<float> col_a(screen ? mt : 0), col_b(screen ? mt : 0), col_reach(screen ? mt : 0);
 #pragma omp for schedule(dynamic, 1)
@@ -230,6 +268,9 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
           }
           xb = rows_buf.data();
         }
+        if constexpr (std::is_same_v<T, bf16>) {
+          if (native16) xb16 = padded_rows(xp + n0 * d, rows, d, ld16, rows16);
+        }
         if constexpr (std::is_same_v<T, float>) {
           if (screen)
             for (int64_t r = 0; r < rows; ++r) {
@@ -241,6 +282,13 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
         const int64_t m_begin = split * tiles_per_split * mt;
         for (int64_t m0 = m_begin; m0 < m_end; m0 += mt) {
           const int64_t cols = std::min(mt, M - m0);
+          if constexpr (std::is_same_v<T, bf16>) {
+            if (native16) {
+              cpu::dot_tile_bf16(rows, cols, ld16, xb16, padded_rows(wp + m0 * d, cols, d, ld16, w16), scores.data(), mt);
+              selectors[split].consume(scores.data(), mt, n0, rows, m0, cols, bp + m0);
+              continue;
+            }
+          }
           const A* wb = reinterpret_cast<const A*>(wp + m0 * d);
           if (!exact) {
             for (int64_t i = 0; i < cols * d; ++i) w_buf[i] = cpu::load<A>(wp[m0 * d + i]);

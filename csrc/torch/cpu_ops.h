@@ -42,11 +42,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_residual_cpu(const at::Tensor& 
 std::tuple<int64_t, int64_t, int64_t> topk_encode_plan_cpu(int64_t rows, int64_t latents, int64_t d,
                                                            bool exact_dtype);
 
-// float32 encodes screen in bfloat16 where the CPU has AVX512_BF16 (results are
-// exactly those of the float32 encode either way): whether a call of this shape
-// would, and a switch for tests and benchmarks (on by default).
+// Where the CPU has AVX512_BF16, the encode uses vdpbf16ps: float32 encodes
+// screen in bfloat16 (their results stay exactly those of the float32 encode),
+// bfloat16 encodes multiply their stored values directly. Whether a float32
+// call of this shape screens, and a switch for tests and benchmarks (on by
+// default; off, both run their float32 GEMMs).
 bool topk_encode_screens_cpu(int64_t rows, int64_t latents, int64_t d, int64_t k);
-void set_bf16_screen(bool enabled);
+void set_bf16_dot(bool enabled);
 
 // U (U^T G) or G - U (U^T G); the second form writes the result into G.
 at::Tensor project_subspace_cpu(const at::Tensor& G, const at::Tensor& U, bool complement);

@@ -482,23 +482,23 @@ def test_cpu_wide_rows_in_large_row_blocks(threads, dtype):
     assert_valid_topk(values, indices, x, W, b, k, bd)
 
 
-def _bf16_screen_or_skip():
+def _avx512_bf16_or_skip():
     from ssae_kernels import _C
 
     if not _C.build_info().get("cpu_avx512_bf16"):
-        pytest.skip("this CPU has no AVX512_BF16: float32 encodes are not screened in bfloat16 here")
+        pytest.skip("this CPU has no AVX512_BF16: the encode has no vdpbf16ps paths here")
     return _C
 
 
-def _encode_screened_and_not(_C, x, W, b, k, bd):
+def _encode_without_and_with_bf16_dot(_C, x, W, b, k, bd):
     out = {}
     try:
         for screened in (False, True):
-            _C.set_bf16_screen(screened)
+            _C.set_bf16_dot(screened)
             with ssae_kernels.use_backend("cpu"):
                 out[screened] = ssae_kernels.topk_encode(x, W, b, k, b_dec=bd)
     finally:
-        _C.set_bf16_screen(True)
+        _C.set_bf16_dot(True)
     return out[False], out[True]
 
 
@@ -515,7 +515,7 @@ def test_cpu_bf16_screen_is_exact(threads, case):
     # rescore exactly the latents within a proven bound of each row's k-th best
     # (csrc/kernels/cpu/topk_encode.cpp): the result must be the float32 encode's, bit for bit.
     require("cpu", "topk_encode")
-    _C = _bf16_screen_or_skip()
+    _C = _avx512_bf16_or_skip()
     # Several latent tiles per range (each range's first tile is scored exactly, the rest screened).
     N, d, M, k = (7, 301, 20000, 20) if case == "latent_ranges" else (150, 601, 4100, 9)
     old = torch.get_num_threads()
@@ -536,7 +536,7 @@ def test_cpu_bf16_screen_is_exact(threads, case):
         if case == "views":
             W = torch.cat([W, W], dim=1)[:, ::2]  # strided rows, other values in between
             x = x.t().contiguous().t()
-        plain, screened = _encode_screened_and_not(_C, x, W, b, k, bd)
+        plain, screened = _encode_without_and_with_bf16_dot(_C, x, W, b, k, bd)
     finally:
         torch.set_num_threads(old)
     _assert_bitwise_equal(screened, plain)
@@ -544,19 +544,35 @@ def test_cpu_bf16_screen_is_exact(threads, case):
         assert_valid_topk(plain[0], plain[1], x, W, b, k, bd)
 
 
+@pytest.mark.parametrize("N,d,M,k", [(5, 7, 40, 3), (33, 64, 300, 8), (70, 97, 1000, 16), (300, 128, 5000, 32)])
+@pytest.mark.parametrize("with_b_dec", [True, False])
+def test_cpu_bfloat16_inputs_by_vdpbf16ps(N, d, M, k, with_b_dec):
+    # bfloat16 encodes on a CPU with AVX512_BF16 multiply the stored values with vdpbf16ps (float32
+    # sums, rows zero-padded to 32) and fold b_dec into the bias: the reference's top k, up to
+    # float32 rounding, and the float32-GEMM path's result up to ties that rounding can flip.
+    require("cpu", "topk_encode")
+    _C = _avx512_bf16_or_skip()
+    x, W, b, bd = make_encode_inputs(N, d, M, torch.bfloat16)
+    bd = bd if with_b_dec else None
+    converted, native = _encode_without_and_with_bf16_dot(_C, x, W, b, k, bd)
+    assert_valid_topk(native[0], native[1], x, W, b, k, bd)
+    assert (native[1] == converted[1]).double().mean() > 0.99
+    torch.testing.assert_close(native[0].float(), converted[0].float(), rtol=2 ** -7, atol=1e-5)
+
+
 def test_cpu_bf16_screen_only_where_it_pays():
     # Not for serial (small) calls, nor for k above 1/64 of the latents, nor for other dtypes.
     require("cpu", "topk_encode")
-    _C = _bf16_screen_or_skip()
+    _C = _avx512_bf16_or_skip()
     assert _C.topk_encode_screens_cpu(2048, 24576, 768, 32)
     assert not _C.topk_encode_screens_cpu(4, 256, 64, 2)
     assert not _C.topk_encode_screens_cpu(2048, 24576, 768, 24576 // 64 + 1)
     assert not _C.topk_encode_screens_cpu(150, 4100, 67, 9)  # one latent tile: scored exactly
     try:
-        _C.set_bf16_screen(False)
+        _C.set_bf16_dot(False)
         assert not _C.topk_encode_screens_cpu(2048, 24576, 768, 32)
     finally:
-        _C.set_bf16_screen(True)
+        _C.set_bf16_dot(True)
 
 
 # ---- triton backend only: plans, latent splits, configs, rounds (the launcher, in the interpreter) ------
