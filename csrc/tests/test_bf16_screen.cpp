@@ -1,5 +1,6 @@
 // The bfloat16 screen of the float32 encode (dot_tile.h, topk_encode.h):
 //   - dot_tile_one and dot_tile_gather repeat dot_tile's value bit for bit;
+//   - dot_tile_bf16 on packed panels sums the bfloat16 products, any shape;
 //   - the screen's bound holds on every pair, for inputs built to stress it
 //     (rounding midpoints, huge and tiny magnitudes, subnormals, cancellation);
 //   - TopKSelector::consume_screened leaves the selection exactly as consume()
@@ -96,15 +97,16 @@ Screened screen(int64_t rows, int64_t cols, int64_t d, const std::vector<float>&
   const int64_t ld = round32(d);
   Screened s;
   s.x16.resize(size_t(rows * ld));
-  s.w16.resize(size_t(cols * ld));
+  s.w16.resize(size_t((cols + 15) / 16 * 16 * ld));
   for (int64_t r = 0; r < rows; ++r) {
     const ScreenRow b = ssae::cpu::screen_row(ssae::cpu::to_bf16_row(d, ld, &x[size_t(r * d)], &s.x16[size_t(r * ld)]), d);
     s.row_a.push_back(b.a);
     s.row_b.push_back(b.b);
   }
+  std::vector<Bf16Norms> norms(static_cast<size_t>(cols));
+  ssae::cpu::pack_bf16_panels(cols, d, ld, w.data(), s.w16.data(), norms.data());
   for (int64_t c = 0; c < cols; ++c) {
-    const ScreenCol b = ssae::cpu::screen_col(ssae::cpu::to_bf16_row(d, ld, &w[size_t(c * d)], &s.w16[size_t(c * ld)]),
-                                              bias[size_t(c)], d);
+    const ScreenCol b = ssae::cpu::screen_col(norms[size_t(c)], bias[size_t(c)], d);
     s.col_a.push_back(b.a);
     s.col_b.push_back(b.b);
     s.col_reach.push_back(b.reach);
@@ -112,6 +114,50 @@ Screened screen(int64_t rows, int64_t cols, int64_t d, const std::vector<float>&
   s.scores.resize(size_t(rows * cols));
   ssae::cpu::dot_tile_bf16(rows, cols, ld, s.x16.data(), s.w16.data(), s.scores.data(), cols);
   return s;
+}
+
+// dot_tile_bf16 on packed panels against sums in double of the same bfloat16
+// values (to_bf16_row's rounding), and the packing of bfloat16 latents against
+// that of their float32 originals.
+void check_panels(int64_t rows, int64_t cols, int64_t d) {
+  ssae_test::context(ssae_test::str("panels rows=", rows, " cols=", cols, " d=", d));
+  const int64_t ld = round32(d), ldc = cols + 3;
+  std::vector<float> x, w;
+  for (int64_t r = 0; r < rows; ++r) for (float v : make_values(d, Kind::kNormal)) x.push_back(v);
+  for (int64_t c = 0; c < cols; ++c) for (float v : make_values(d, Kind::kNormal)) w.push_back(v);
+  std::vector<uint16_t> x16(size_t(rows * ld)), w16(size_t(cols * ld)), from_bf16(size_t(cols * d));
+  std::vector<uint16_t> panels(size_t((cols + 15) / 16 * 16 * ld)), panels16(panels.size());
+  std::vector<Bf16Norms> norms(static_cast<size_t>(cols));
+  for (int64_t r = 0; r < rows; ++r) ssae::cpu::to_bf16_row(d, ld, &x[size_t(r * d)], &x16[size_t(r * ld)]);
+  for (int64_t c = 0; c < cols; ++c) {
+    const Bf16Norms n = ssae::cpu::to_bf16_row(d, ld, &w[size_t(c * d)], &w16[size_t(c * ld)]);
+    std::copy(&w16[size_t(c * ld)], &w16[size_t(c * ld + d)], &from_bf16[size_t(c * d)]);
+    norms[size_t(c)] = n;
+  }
+  std::vector<Bf16Norms> packed_norms(static_cast<size_t>(cols));
+  ssae::cpu::pack_bf16_panels(cols, d, ld, w.data(), panels.data(), packed_norms.data());
+  ssae::cpu::pack_bf16_panels(cols, d, ld, from_bf16.data(), panels16.data());
+  CHECK(panels == panels16);
+  for (int64_t c = 0; c < cols; ++c) {
+    CHECK_NEAR(packed_norms[size_t(c)].sum_sq, norms[size_t(c)].sum_sq, 1e-5 * norms[size_t(c)].sum_sq);
+    CHECK_NEAR(packed_norms[size_t(c)].residual_sq, norms[size_t(c)].residual_sq, 1e-5 * norms[size_t(c)].residual_sq);
+  }
+  const float sentinel = 7.5f;
+  std::vector<float> out(size_t(rows * ldc), sentinel);
+  ssae::cpu::dot_tile_bf16(rows, cols, ld, x16.data(), panels.data(), out.data(), ldc);
+  const auto value = [](uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return double(f); };
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      double want = 0, magnitude = 0;
+      for (int64_t t = 0; t < d; ++t) {
+        const double term = value(x16[size_t(r * ld + t)]) * value(w16[size_t(c * ld + t)]);
+        want += term;
+        magnitude += std::fabs(term);
+      }
+      CHECK_NEAR(out[size_t(r * ldc + c)], want, 1e-6 * magnitude + 1e-30);
+    }
+    for (int64_t c = cols; c < ldc; ++c) CHECK_MSG(out[size_t(r * ldc + c)] == sentinel, "padding r=", r, " c=", c);
+  }
 }
 
 void check_bound(int64_t d) {
@@ -199,6 +245,9 @@ int main() {
     std::printf("test_bf16_screen: exact dots checked; the screen skipped, this CPU has no AVX512_BF16\n");
     return ssae_test::finish("test_bf16_screen");
   }
+  for (int64_t rows : {1, 5, 12, 13, 25})
+    for (int64_t cols : {1, 15, 16, 17, 32, 33, 70})
+      for (int64_t d : {1, 31, 32, 33, 100}) check_panels(rows, cols, d);
   for (int64_t d : {1, 2, 31, 32, 33, 95, 256, 769}) check_bound(d);
   for (const bool specials : {false, true}) {
     check_selection(9, 500, 37, 8, 64, specials);

@@ -170,16 +170,17 @@ at::Tensor fold_b_dec(const at::Tensor& W, const at::Tensor& b_dec, const at::Te
   std::vector<uint16_t> shift_buf;
   const auto shift = b_dec.contiguous();
   const uint16_t* shift16 = padded_rows(ptr<bf16>(shift), 1, d, ld, shift_buf);
-  const bf16* wp = ptr<bf16>(W);
+  const auto* wp = reinterpret_cast<const uint16_t*>(W.data_ptr());
   const float* bp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
   constexpr int64_t kChunk = 256;
 #pragma omp parallel for schedule(static) if (cpu::parallel_worth(M * d))
   for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
     const int64_t cols = std::min(kChunk, M - m0);
-    std::vector<uint16_t> buf;
+    std::vector<uint16_t> panels(size_t(kChunk * ld));
     float dots[kChunk];
-    cpu::dot_tile_bf16(1, cols, ld, shift16, padded_rows(wp + m0 * d, cols, d, ld, buf), dots, kChunk);
+    cpu::pack_bf16_panels(cols, d, ld, wp + m0 * d, panels.data());
+    cpu::dot_tile_bf16(1, cols, ld, shift16, panels.data(), dots, kChunk);
     for (int64_t c = 0; c < cols; ++c) op[m0 + c] = bp[m0 + c] - dots[c];
   }
   return out;
@@ -251,7 +252,8 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
     {
       std::vector<A> scores(nb * mt), rows_buf(copy_rows ? nb * d : 0), w_buf(exact || native16 ? 0 : mt * d);
       // vdpbf16ps operands (the screen's, or padded bfloat16 inputs), the screen's bounds (ScreenTile).
-      std::vector<uint16_t> rows16(screen ? nb * ld16 : 0), w16(screen ? mt * ld16 : 0);
+      std::vector<uint16_t> rows16(screen ? nb * ld16 : 0), w16(screen || native16 ? (mt + 15) / 16 * 16 * ld16 : 0);
+      std::vector<cpu::Bf16Norms> col_norms(screen ? mt : 0);
       const uint16_t* xb16 = nullptr;
       std::vector<float> row_a(screen ? nb : 0), row_b(screen ? nb : 0);
       std::vector<float> col_a(screen ? mt : 0), col_b(screen ? mt : 0), col_reach(screen ? mt : 0);
@@ -284,7 +286,8 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
           const int64_t cols = std::min(mt, M - m0);
           if constexpr (std::is_same_v<T, bf16>) {
             if (native16) {
-              cpu::dot_tile_bf16(rows, cols, ld16, xb16, padded_rows(wp + m0 * d, cols, d, ld16, w16), scores.data(), mt);
+              cpu::pack_bf16_panels(cols, d, ld16, reinterpret_cast<const uint16_t*>(wp + m0 * d), w16.data());
+              cpu::dot_tile_bf16(rows, cols, ld16, xb16, w16.data(), scores.data(), mt);
               selectors[split].consume(scores.data(), mt, n0, rows, m0, cols, bp + m0);
               continue;
             }
@@ -298,8 +301,9 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
             // A range's first tile is scored exactly: it sets each row's first
             // threshold, below which a screen would pass most of the tile.
             if (screen && m0 != m_begin) {
+              cpu::pack_bf16_panels(cols, d, ld16, wb, w16.data(), col_norms.data());
               for (int64_t c = 0; c < cols; ++c) {
-                const auto bound = cpu::screen_col(cpu::to_bf16_row(d, ld16, wb + c * d, &w16[c * ld16]), bp[m0 + c], d);
+                const auto bound = cpu::screen_col(col_norms[c], bp[m0 + c], d);
                 col_a[c] = bound.a, col_b[c] = bound.b, col_reach[c] = bound.reach;
               }
               cpu::dot_tile_bf16(rows, cols, ld16, rows16.data(), w16.data(), scores.data(), mt);

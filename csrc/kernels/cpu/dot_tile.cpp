@@ -3,6 +3,7 @@
 #include "scalar.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -168,55 +169,151 @@ __attribute__((target("avx512f"))) void dot_gather_avx512(int64_t d, const float
 }
 
 // -------------------------------------------------------- bfloat16 operands
-#define AVX512BF16 __attribute__((target("avx512f,avx512bf16"), always_inline)) inline
-
-// dot_tile's block on bfloat16 pairs: 32 products per vdpbf16ps and lane.
-template <int RA>
-AVX512BF16 void block_bf16(const uint16_t* a, int64_t ld, const uint16_t* const b[4], float* c, int64_t ldc,
-                           int cols, bool prefetch) {
-  __m512 acc[16];
-  for (auto& v : acc) v = _mm512_setzero_ps();
-  for (int64_t t = 0; t < ld; t += 32) {
-    __m512bh bv[4];
-    if (prefetch)
-      for (int j = 0; j < 4; ++j)
-        _mm_prefetch(reinterpret_cast<const char*>(b[j] + kPrefetchLatents * ld + t), _MM_HINT_T1);
-    for (int j = 0; j < 4; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(b[j] + t);
-    for (int i = 0; i < RA; ++i) {
-      const __m512bh av = (__m512bh)_mm512_loadu_si512(a + i * ld + t);
-      for (int j = 0; j < 4; ++j) acc[4 * j + i] = _mm512_dpbf16_ps(acc[4 * j + i], av, bv[j]);
-    }
-  }
-  store_block<RA>(sum16(acc), c, ldc, cols);
-}
-
-#undef AVX512BF16
-
-__attribute__((target("avx512f,avx512bf16"))) void dot_tile_bf16_impl(int64_t rows, int64_t cols, int64_t ld,
-                                                                        const uint16_t* a, const uint16_t* b,
-                                                                        float* c, int64_t ldc) {
-  for (int64_t j0 = 0; j0 < cols; j0 += 4) {  // the loop order of dot_tile_avx512, for the same reason
-    const int nc = int(std::min<int64_t>(4, cols - j0));
-    const uint16_t* bj[4];
-    for (int j = 0; j < 4; ++j) bj[j] = b + (j0 + std::min(j, nc - 1)) * ld;
-    const bool ahead_in_tile = j0 + kPrefetchLatents + 4 <= cols;
-    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-      const uint16_t* ar = a + r0 * ld;
-      float* cr = c + r0 * ldc + j0;
-      const bool prefetch = r0 == 0 && ahead_in_tile;
-      switch (std::min<int64_t>(4, rows - r0)) {
-        case 4: block_bf16<4>(ar, ld, bj, cr, ldc, nc, prefetch); break;
-        case 3: block_bf16<3>(ar, ld, bj, cr, ldc, nc, prefetch); break;
-        case 2: block_bf16<2>(ar, ld, bj, cr, ldc, nc, prefetch); break;
-        default: block_bf16<1>(ar, ld, bj, cr, ldc, nc, prefetch); break;
-      }
-    }
-  }
-}
 
 // The 16 bfloat16 values of h back in float32 (their bits in the high halves).
 __attribute__((target("avx512f"), always_inline)) inline __m512 bf16_to_float(__m256i h) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+#define AVX512BF16 __attribute__((target("avx512f,avx512bf16"), always_inline)) inline
+
+// A block of R rows against one or two panels of 16 latents: the row's
+// bfloat16 pair p, broadcast, times the panel's pair p of 16 latents per
+// vdpbf16ps. Sums stay in their lanes (no horizontal reduction) and the
+// operands cost 2 + R loads per 2R instructions.
+typedef uint32_t pair_t __attribute__((may_alias));
+
+template <int R, bool kTwo>
+AVX512BF16 void panel_block(const uint16_t* a, int64_t ld, const uint16_t* p0, const uint16_t* p1, float* c,
+                            int64_t ldc, int cols) {
+  __m512 acc0[R], acc1[R];
+  for (int i = 0; i < R; ++i) acc0[i] = _mm512_setzero_ps(), acc1[i] = _mm512_setzero_ps();
+  const pair_t* ap = reinterpret_cast<const pair_t*>(a);
+  const int64_t pairs = ld / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(p0 + p * 32);
+    const __m512bh w1 = kTwo ? (__m512bh)_mm512_loadu_si512(p1 + p * 32) : w0;
+    for (int i = 0; i < R; ++i) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(int(ap[i * pairs + p]));
+      acc0[i] = _mm512_dpbf16_ps(acc0[i], x, w0);
+      if (kTwo) acc1[i] = _mm512_dpbf16_ps(acc1[i], x, w1);
+    }
+  }
+  const __mmask16 m0 = cols >= 16 ? __mmask16(0xffff) : __mmask16((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? __mmask16(0xffff) : cols <= 16 ? __mmask16(0) : __mmask16((1u << (cols - 16)) - 1);
+  for (int i = 0; i < R; ++i) {
+    _mm512_mask_storeu_ps(c + i * ldc, m0, acc0[i]);
+    if (kTwo) _mm512_mask_storeu_ps(c + i * ldc + 16, m1, acc1[i]);
+  }
+}
+
+#undef AVX512BF16
+
+constexpr int kPanelRows = 12;  // 24 accumulators + 2 panels + a broadcast: 27 of the 32 registers
+
+template <bool kTwo, int R = kPanelRows>
+__attribute__((target("avx512f,avx512bf16"))) void panel_rows(int r, const uint16_t* a, int64_t ld,
+                                                              const uint16_t* p0, const uint16_t* p1, float* c,
+                                                              int64_t ldc, int cols) {
+  if constexpr (R > 1) {
+    if (r < R) return panel_rows<kTwo, R - 1>(r, a, ld, p0, p1, c, ldc, cols);
+  }
+  panel_block<R, kTwo>(a, ld, p0, p1, c, ldc, cols);
+}
+
+__attribute__((target("avx512f,avx512bf16"))) void dot_tile_bf16_impl(int64_t rows, int64_t cols, int64_t ld,
+                                                                          const uint16_t* a, const uint16_t* panels,
+                                                                          float* c, int64_t ldc) {
+  for (int64_t j0 = 0; j0 < cols; j0 += 32) {
+    const int nc = int(std::min<int64_t>(32, cols - j0));
+    const uint16_t* p0 = panels + j0 * ld;  // panel j0 / 16: 16 latents x ld values
+    const uint16_t* p1 = p0 + 16 * ld;
+    for (int64_t r0 = 0; r0 < rows; r0 += kPanelRows) {
+      const int r = int(std::min<int64_t>(kPanelRows, rows - r0));
+      if (nc > 16) panel_rows<true>(r, a + r0 * ld, ld, p0, p1, c + r0 * ldc + j0, ldc, nc);
+      else panel_rows<false>(r, a + r0 * ld, ld, p0, p1, c + r0 * ldc + j0, ldc, nc);
+    }
+  }
+}
+
+// Transposes 16 x 16 32-bit elements: v[i] lane j becomes v[j] lane i.
+__attribute__((target("avx512f"), always_inline)) inline void transpose16(__m512i v[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // v[4q + s] now holds, in each 128-bit lane L, elements s' of rows 4L'... : regroup the 128-bit lanes.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(v[i], v[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(v[i], v[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    v[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+    v[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    v[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+}
+
+// The 32 bfloat16 values from t of a float32 row of d (zeros past d), and their
+// squares and rounding residuals' squares added to sq and res.
+__attribute__((target("avx512f,avx512bf16"), always_inline)) inline __m512i convert32(const float* src, int64_t d,
+                                                                                     int64_t t, __m512& sq,
+                                                                                     __m512& res) {
+  const auto mask = [d](int64_t from) {
+    return from >= d ? __mmask16(0) : d - from >= 16 ? __mmask16(0xffff) : __mmask16((1u << (d - from)) - 1);
+  };
+  const __m512 lo = _mm512_maskz_loadu_ps(mask(t), src + t), hi = _mm512_maskz_loadu_ps(mask(t + 16), src + t + 16);
+  const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // lo in the low half
+  sq = _mm512_fmadd_ps(hi, hi, _mm512_fmadd_ps(lo, lo, sq));
+  // The residuals are exact in float32: src and its rounding share the leading bits.
+  const __m512 res_lo = _mm512_sub_ps(lo, bf16_to_float(_mm512_castsi512_si256(packed)));
+  const __m512 res_hi = _mm512_sub_ps(hi, bf16_to_float(_mm512_extracti64x4_epi64(packed, 1)));
+  res = _mm512_fmadd_ps(res_hi, res_hi, _mm512_fmadd_ps(res_lo, res_lo, res));
+  return packed;
+}
+
+// Packs cols latents into panels of 16 (dot_tile_bf16's layout), 32 values
+// of 16 latents at a time through a transpose of their 32-bit pairs. F (float
+// or uint16_t) is the source type: float32 rows are rounded to bfloat16, with
+// their norms written to norms.
+template <typename F>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void pack_panels_impl(int64_t cols, int64_t d, int64_t ld,
+                                                                              const F* w, uint16_t* panels,
+                                                                              Bf16Norms* norms) {
+  for (int64_t g = 0; g * 16 < cols; ++g) {
+    const int64_t n = std::min<int64_t>(16, cols - g * 16);
+    __m512 sq[16], res[16];
+    for (int j = 0; j < 16; ++j) sq[j] = _mm512_setzero_ps(), res[j] = _mm512_setzero_ps();
+    uint16_t* panel = panels + g * 16 * ld;
+    for (int64_t t = 0; t < ld; t += 32) {
+      __m512i v[16];
+      for (int j = 0; j < 16; ++j) {
+        const F* row = w + (g * 16 + j) * d;
+        if (j >= n) {
+          v[j] = _mm512_setzero_si512();
+        } else if constexpr (std::is_same_v<F, float>) {
+          v[j] = convert32(row, d, t, sq[j], res[j]);
+        } else {
+          const __mmask32 m = t >= d ? 0 : d - t >= 32 ? ~__mmask32(0) : (__mmask32(1) << (d - t)) - 1;
+          v[j] = _mm512_maskz_loadu_epi16(m, row + t);
+        }
+      }
+      transpose16(v);
+      for (int q = 0; q < 16; ++q) _mm512_storeu_si512(panel + (t / 2 + q) * 32, v[q]);
+    }
+    if constexpr (std::is_same_v<F, float>)
+      for (int64_t j = 0; j < n; ++j) norms[g * 16 + j] = {_mm512_reduce_add_ps(sq[j]), _mm512_reduce_add_ps(res[j])};
+  }
 }
 
 __attribute__((target("avx512f,avx512bf16"))) Bf16Norms to_bf16_row_impl(int64_t d, int64_t ld, const float* src,
@@ -241,7 +338,8 @@ __attribute__((target("avx512f,avx512bf16"))) Bf16Norms to_bf16_row_impl(int64_t
 
 bool detect_avx512bf16() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512bf16");
 }
 
 #pragma GCC diagnostic pop
@@ -264,9 +362,17 @@ void dot_tile_gather(int64_t d, const float* a, const float* b, const int32_t* c
   dot_gather_avx512(d, a, b, cols, n, out);
 }
 
-void dot_tile_bf16(int64_t rows, int64_t cols, int64_t ld, const uint16_t* a, const uint16_t* b, float* c,
+void dot_tile_bf16(int64_t rows, int64_t cols, int64_t ld, const uint16_t* a, const uint16_t* panels, float* c,
                    int64_t ldc) {
-  dot_tile_bf16_impl(rows, cols, ld, a, b, c, ldc);
+  dot_tile_bf16_impl(rows, cols, ld, a, panels, c, ldc);
+}
+
+void pack_bf16_panels(int64_t cols, int64_t d, int64_t ld, const float* w, uint16_t* panels, Bf16Norms* norms) {
+  pack_panels_impl<float>(cols, d, ld, w, panels, norms);
+}
+
+void pack_bf16_panels(int64_t cols, int64_t d, int64_t ld, const uint16_t* w, uint16_t* panels) {
+  pack_panels_impl<uint16_t>(cols, d, ld, w, panels, nullptr);
 }
 
 Bf16Norms to_bf16_row(int64_t d, int64_t ld, const float* src, uint16_t* dst) {
@@ -279,6 +385,8 @@ bool dot_tile_bf16_available() { return false; }
 float dot_tile_one(int64_t, const float*, const float*) { __builtin_trap(); }
 void dot_tile_gather(int64_t, const float*, const float*, const int32_t*, int64_t, float*) { __builtin_trap(); }
 void dot_tile_bf16(int64_t, int64_t, int64_t, const uint16_t*, const uint16_t*, float*, int64_t) { __builtin_trap(); }
+void pack_bf16_panels(int64_t, int64_t, int64_t, const float*, uint16_t*, Bf16Norms*) { __builtin_trap(); }
+void pack_bf16_panels(int64_t, int64_t, int64_t, const uint16_t*, uint16_t*) { __builtin_trap(); }
 Bf16Norms to_bf16_row(int64_t, int64_t, const float*, uint16_t*) { __builtin_trap(); }
 #endif
 

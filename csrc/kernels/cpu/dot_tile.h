@@ -29,23 +29,35 @@ float dot_tile_one(int64_t d, const float* a, const float* b);
 // dot product is a chain of dependent multiply-adds; four chains overlap).
 void dot_tile_gather(int64_t d, const float* a, const float* b, const int32_t* cols, int64_t n, float* out);
 
-// True when the CPU has AVX512_BF16 (vdpbf16ps), which dot_tile_bf16 needs.
+// Squared norms of a float32 row and of its bfloat16 rounding residual.
+struct Bf16Norms {
+  double sum_sq, residual_sq;
+};
+
+// True when the CPU has AVX512_BF16 (vdpbf16ps) and AVX512BW, which dot_tile_bf16 needs.
 bool dot_tile_bf16_available();
 
-// dot_tile on bfloat16 operands: c[r * ldc + j] = sum_t a[r * ld + t] * b[j * ld
-// + t] over t < ld, products and sums in float32 (vdpbf16ps: input subnormals
-// read as zero, output subnormals flushed). The leading dimension ld is a
-// multiple of 32 and the caller zero-pads each row from d to ld. Only with
-// dot_tile_bf16_available().
-void dot_tile_bf16(int64_t rows, int64_t cols, int64_t ld, const uint16_t* a, const uint16_t* b, float* c,
+// dot_tile on bfloat16 operands: c[r * ldc + j] = sum_t a[r * ld + t] * w[j, t]
+// over t < ld, products and sums in float32 (vdpbf16ps: input subnormals read
+// as zero, output subnormals flushed). Rows of a have a leading dimension ld,
+// a multiple of 32, zero-padded from d; the latents w come packed into panels
+// (pack_bf16_panels) of 16 latents' bfloat16 pairs side by side, so one
+// vdpbf16ps multiplies a row's broadcast pair by 16 latents and the sums need
+// no reduction across lanes (1.4x the 4 x 4 dot-product blocks of dot_tile
+// here). Only with dot_tile_bf16_available().
+void dot_tile_bf16(int64_t rows, int64_t cols, int64_t ld, const uint16_t* a, const uint16_t* panels, float* c,
                    int64_t ldc);
+
+// Packs cols latents of d values (rows of w) into ceil(cols / 16) panels of
+// 16 * ld values for dot_tile_bf16 (latents past cols and values past d are zeros). float32
+// latents are rounded to bfloat16 (nearest even) and their norms (as
+// to_bf16_row's) written to norms[0, cols).
+void pack_bf16_panels(int64_t cols, int64_t d, int64_t ld, const float* w, uint16_t* panels, Bf16Norms* norms);
+void pack_bf16_panels(int64_t cols, int64_t d, int64_t ld, const uint16_t* w, uint16_t* panels);
 
 // dst[t] = bfloat16(src[t]) rounded to nearest even for t < d, and zeros up to
 // ld (a multiple of 32). Returns the squared norms of src and of the rounding
 // residual src - float(dst), summed in float32 (16 lanes, then across them).
-struct Bf16Norms {
-  double sum_sq, residual_sq;
-};
 Bf16Norms to_bf16_row(int64_t d, int64_t ld, const float* src, uint16_t* dst);
 
 }  // namespace ssae::cpu
