@@ -42,6 +42,11 @@ def report() -> str:
                     else "BLAS (torch.mm)")
             lines.append(f"  topk_encode score tiles with float32 accumulation: {gemm}; calls too small "
                          "for threads: dot_tile; float64: BLAS")
+            if info.get("cpu_avx512_bf16"):
+                lines.append("  AVX512_BF16: float32 encodes screened in bfloat16 (exact results, docs/cpu.md), "
+                             "bfloat16 encodes by vdpbf16ps")
+            else:
+                lines.append("  no AVX512_BF16: no bfloat16 screen, bfloat16 encodes through float32 tiles")
     try:
         import triton
         lines.append(f"triton {triton.__version__}")
