@@ -175,7 +175,7 @@ def test_every_op_is_declared_once_with_everything_derived_from_it():
     assert {"topk_encode", "sparse_decode", "sampled_dot", "latent_transpose", "sparse_transpose_matmul",
             "tilted_group_stats", "tilted_loss", "row_sq_error", "sparse_decode_sq_error",
             "sparse_decode_residual", "project_subspace", "project_subspace_", "sparse_adam_",
-            "encode_selected"} == set(OPS)
+            "encode_selected", "threshold_encode"} == set(OPS)
     for name, op in OPS.items():
         assert getattr(ssae_kernels.reference, name) is op.reference
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ssae::{name}", "Meta"), name  # the fake kernel

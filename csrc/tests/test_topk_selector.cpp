@@ -158,9 +158,57 @@ void run_case(int64_t rows, int64_t M, int64_t k, Fill fill, double nan_rate, do
   CHECK_MSG(bad_rows == 0, bad_rows, " of ", rows, " rows wrong");
 }
 
+// keep_above (the threshold encode's tile pass) then consume() with a bias of
+// -0.0 and finish(relu = false): the latents above threshold, largest first,
+// raw values, and their count; -inf in the slots past the count.
+template <typename A>
+void run_threshold_case(int64_t rows, int64_t M, int64_t k, int64_t tile) {
+  ssae_test::context(ssae_test::str("threshold A=", sizeof(A) * 8, "-bit rows=", rows, " M=", M, " k=", k,
+                                    " tile=", tile));
+  auto scores = make_scores<A>(rows, M, M, Fill::kSmallInts, 0.05, 0.05);
+  const auto original = scores;
+  std::vector<A> bias(static_cast<size_t>(M)), threshold(static_cast<size_t>(M)), negative_zeros(size_t(M), -A(0));
+  for (auto& b : bias) b = A(0.5 * uniform_int(-2, 2));
+  bias[size_t(uniform_int(0, M - 1))] = std::numeric_limits<A>::quiet_NaN();
+  for (auto& t : threshold) t = A(0.5 * uniform_int(-3, 3));
+  std::vector<int64_t> counts(static_cast<size_t>(rows), 0);
+  ssae::cpu::TopKSelector<A> sel(rows, k);
+  for (int64_t m0 = 0; m0 < M; m0 += tile) {
+    const int64_t cols = std::min(tile, M - m0);
+    ssae::cpu::keep_above<A>(scores.data() + m0, M, rows, cols, bias.data() + m0, threshold.data() + m0, counts.data());
+    sel.consume(scores.data() + m0, M, 0, rows, m0, cols, negative_zeros.data());
+  }
+  std::vector<A> values(static_cast<size_t>(rows * k));
+  std::vector<int64_t> indices(static_cast<size_t>(rows * k));
+  sel.template finish<A>(values.data(), indices.data(), /*relu=*/false);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<A> kept(static_cast<size_t>(M), -std::numeric_limits<A>::infinity());
+    int64_t want_count = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      const A v = original[size_t(r * M + m)] + bias[size_t(m)];
+      if (v > threshold[size_t(m)]) kept[size_t(m)] = v, ++want_count;
+    }
+    CHECK_MSG(counts[size_t(r)] == want_count, "row ", r, ": count ", counts[size_t(r)], " want ", want_count);
+    const auto rank = naive_ranking(kept);
+    for (int64_t j = 0; j < k; ++j) {
+      const A want = kept[size_t(rank[size_t(j)])], got = values[size_t(r * k + j)];
+      CHECK_MSG(got == want, "row ", r, " slot ", j, ": value ", double(got), " want ", double(want));
+      if (j < want_count)
+        CHECK_MSG(indices[size_t(r * k + j)] == rank[size_t(j)], "row ", r, " slot ", j, ": index ",
+                  indices[size_t(r * k + j)], " want ", rank[size_t(j)]);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
+  for (int64_t k : {1, 4, 30, 61})
+    for (int64_t tile : {7, 61}) {
+      run_threshold_case<float>(9, 61, k, tile);
+      run_threshold_case<double>(5, 61, k, tile);
+    }
+
   // k = 1, small k, k around the capacity slack (16), k = M - 1, k = M.
   for (int64_t k : {1, 2, 5, 16, 17, 33, 136, 137})
     run_case<float, float>(13, 137, k, Fill::kNormal, 0.0, 0.0, false, 40, 5);

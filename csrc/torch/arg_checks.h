@@ -66,7 +66,8 @@ inline void optional_bias(const std::optional<at::Tensor>& b, int64_t d, const a
 
 // topk_encode(x [N, d], W_enc [M, d], b_enc [M]?, k, b_dec [d]?)
 inline void encode_args(const at::Tensor& x, const at::Tensor& W_enc, const std::optional<at::Tensor>& b_enc,
-                        int64_t k, const std::optional<at::Tensor>& b_dec, c10::DeviceType type) {
+                        int64_t k, const std::optional<at::Tensor>& b_dec, c10::DeviceType type,
+                        const char* k_name = "k") {
   on_device(x, type, "x");
   same_device(W_enc, x, "W_enc", "x");
   dim(x, 2, "x", "[N, d]");
@@ -75,7 +76,7 @@ inline void encode_args(const at::Tensor& x, const at::Tensor& W_enc, const std:
   const int64_t N = x.size(0), d = x.size(1), M = W_enc.size(0);
   TORCH_CHECK_VALUE(N > 0, "x must have at least one row, got shape ", x.sizes());
   same_size(W_enc.size(1), d, "W_enc.shape[1] must equal x.shape[1] (d)");
-  TORCH_CHECK_VALUE(k >= 1 && k <= M, "k must be in [1, M] with M = W_enc.shape[0] = ", M, ", got ", k);
+  TORCH_CHECK_VALUE(k >= 1 && k <= M, k_name, " must be in [1, M] with M = W_enc.shape[0] = ", M, ", got ", k);
   same_dtype(W_enc, x, "W_enc", "x");
   if (b_enc) {
     same_device(*b_enc, x, "b_enc", "x");
@@ -84,6 +85,16 @@ inline void encode_args(const at::Tensor& x, const at::Tensor& W_enc, const std:
     same_dtype(*b_enc, x, "b_enc", "x");
   }
   optional_bias(b_dec, d, x, "x", "b_dec.shape[0] must equal x.shape[1] (d)");
+}
+
+// threshold_encode's threshold: a 0-d or [M] tensor of x's dtype and device
+// (finiteness is the kernel's to check: it reads the values).
+inline void threshold_arg(const at::Tensor& threshold, const at::Tensor& x, int64_t M) {
+  same_device(threshold, x, "threshold", "x");
+  TORCH_CHECK_VALUE(threshold.dim() == 0 || (threshold.dim() == 1 && threshold.size(0) == M),
+                    "threshold must be a scalar (0-d) or of shape [M] with M = W_enc.shape[0] = ", M, ", got shape ",
+                    threshold.sizes());
+  same_dtype(threshold, x, "threshold", "x");
 }
 
 // sparse_decode(values [N, k], indices [N, k] int64, W_dec [M, d], b_dec [d]?); index

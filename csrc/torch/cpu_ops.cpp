@@ -209,10 +209,17 @@ bool topk_encode_screens_cpu(int64_t rows, int64_t latents, int64_t d, int64_t k
   return d <= kDotTileMaxWidth || nb <= kDotTileAnyWidthRows;  // score_tile's dot_tile cases
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
-                                                   const std::optional<at::Tensor>& b_enc, int64_t k,
-                                                   const std::optional<at::Tensor>& b_dec) {
-  checks::encode_args(x, W_enc, b_enc, k, b_dec, kCPU);
+namespace {
+
+// The fused encode of topk_encode and threshold_encode (arguments checked):
+// score tiles, each handed to a running top-k per row. With `threshold` (an
+// [M] tensor of the accumulation type) only pre-activations above it compete,
+// counts[n] gets how many did, values are not ReLU'd and slots past a row's
+// count hold -inf (the caller clears them).
+std::tuple<at::Tensor, at::Tensor> fused_encode(const at::Tensor& x, const at::Tensor& W_enc,
+                                                const std::optional<at::Tensor>& b_enc, int64_t k,
+                                                const std::optional<at::Tensor>& b_dec, const at::Tensor& threshold,
+                                                int64_t* counts) {
   const int64_t N = x.size(0), d = x.size(1), M = W_enc.size(0);
   // Latents are stored as int32 in the selection state.
   TORCH_CHECK(M < INT32_MAX, "W_enc has ", M, " latents; at most 2^31 - 2 are supported");
@@ -225,7 +232,8 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
   const auto xc = x.contiguous(), W = W_enc.contiguous();
   // Without b_enc the selector adds a zero bias: O(M) floats, next to the O(M d) weights.
   const auto bias_acc = b_enc ? b_enc->to(acc).contiguous() : at::zeros({M}, x.options().dtype(acc));
-  const bool screen = x.scalar_type() == at::kFloat && topk_encode_screens_cpu(N, M, d, k);
+  // The screen prunes against a row's k-th best; a threshold encode has no use for it.
+  const bool screen = x.scalar_type() == at::kFloat && !threshold.defined() && topk_encode_screens_cpu(N, M, d, k);
   // bfloat16 inputs on a CPU with AVX512_BF16 are scored by vdpbf16ps as they are, b_dec folded into the bias.
   const bool native16 = x.scalar_type() == at::kBFloat16 && bf16_dot_enabled.load() && cpu::dot_tile_bf16_available();
   // Rows as vdpbf16ps reads them: d rounded up to its 32 lanes.
@@ -245,6 +253,9 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
     const T* wp = ptr<T>(W);
     const A* bp = bias.data_ptr<A>();
     const A* sp = shift.defined() ? shift.data_ptr<A>() : nullptr;
+    const A* tp = threshold.defined() ? threshold.data_ptr<A>() : nullptr;
+    // A threshold encode counts per latent range, summed at the end.
+    std::vector<std::vector<int64_t>> range_counts(tp ? splits : 0, std::vector<int64_t>(tp ? N : 0, 0));
     // Rows are copied (and centred) only when needed: float32/float64 without b_dec GEMM x in place.
     const bool copy_rows = !native16 && (!exact || sp != nullptr);
     const bool serial = serial_encode(N, M, d);
@@ -257,10 +268,20 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
       const uint16_t* xb16 = nullptr;
       std::vector<float> row_a(screen ? nb : 0), row_b(screen ? nb : 0);
       std::vector<float> col_a(screen ? mt : 0), col_b(screen ? mt : 0), col_reach(screen ? mt : 0);
+      const std::vector<A> negative_zeros(tp ? mt : 0, -A(0));
 #pragma omp for schedule(dynamic, 1)
       for (int64_t item = 0; item < blocks * splits; ++item) {
         const int64_t blk = item / splits, split = item % splits;
         const int64_t n0 = blk * nb, rows = std::min(nb, N - n0);
+        // Hands the score tile of latents [m0, m0 + cols) to the selection.
+        const auto select = [&](int64_t m0, int64_t cols) {
+          if (tp) {
+            cpu::keep_above<A>(scores.data(), mt, rows, cols, bp + m0, tp + m0, range_counts[split].data() + n0);
+            selectors[split].consume(scores.data(), mt, n0, rows, m0, cols, negative_zeros.data());
+          } else {
+            selectors[split].consume(scores.data(), mt, n0, rows, m0, cols, bp + m0);
+          }
+        };
         const A* xb = reinterpret_cast<const A*>(xp + n0 * d);
         if (copy_rows) {
           for (int64_t r = 0; r < rows; ++r) {
@@ -288,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
             if (native16) {
               cpu::pack_bf16_panels(cols, d, ld16, reinterpret_cast<const uint16_t*>(wp + m0 * d), w16.data());
               cpu::dot_tile_bf16(rows, cols, ld16, xb16, w16.data(), scores.data(), mt);
-              selectors[split].consume(scores.data(), mt, n0, rows, m0, cols, bp + m0);
+              select(m0, cols);
               continue;
             }
           }
@@ -314,14 +335,45 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
             }
           }
           score_tile<A>(rows, cols, d, xb, wb, scores.data(), mt, serial);
-          selectors[split].consume(scores.data(), mt, n0, rows, m0, cols, bp + m0);
+          select(m0, cols);
         }
       }
     }
     for (int64_t s = 1; s < splits; ++s) selectors[0].merge(selectors[s]);
-    selectors[0].template finish<T>(ptr<T>(values), indices.data_ptr<int64_t>());
+    selectors[0].template finish<T>(ptr<T>(values), indices.data_ptr<int64_t>(), /*relu=*/tp == nullptr);
+    for (const auto& part : range_counts)
+      for (int64_t n = 0; n < N; ++n) counts[n] += part[n];
   });
   return {values, indices};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
+                                                   const std::optional<at::Tensor>& b_enc, int64_t k,
+                                                   const std::optional<at::Tensor>& b_dec) {
+  checks::encode_args(x, W_enc, b_enc, k, b_dec, kCPU);
+  return fused_encode(x, W_enc, b_enc, k, b_dec, at::Tensor(), nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
+                                                                    const std::optional<at::Tensor>& b_enc,
+                                                                    const at::Tensor& threshold, int64_t max_k,
+                                                                    const std::optional<at::Tensor>& b_dec) {
+  checks::encode_args(x, W_enc, b_enc, max_k, b_dec, kCPU, "max_k");
+  const int64_t N = x.size(0), M = W_enc.size(0);
+  checks::threshold_arg(threshold, x, M);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto per_latent = threshold.to(acc).expand({M}).contiguous();
+  TORCH_CHECK_VALUE(at::isfinite(per_latent).all().item<bool>(), "threshold must be finite, got ",
+                    at::isfinite(per_latent).logical_not().sum().item<int64_t>(), " non-finite entries");
+  auto counts = at::zeros({N}, x.options().dtype(at::kLong));
+  auto [values, indices] = fused_encode(x, W_enc, b_enc, max_k, b_dec, per_latent, counts.data_ptr<int64_t>());
+  // Slots past a row's count (they hold -inf): value 0, index 0.
+  const auto empty = at::arange(max_k, counts.options()).unsqueeze(0) >= counts.unsqueeze(1);
+  values.masked_fill_(empty, 0);
+  indices.masked_fill_(empty, 0);
+  return {values, indices, counts};
 }
 
 namespace {

@@ -15,6 +15,12 @@ namespace ssae {
 std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
                                                    const std::optional<at::Tensor>& b_enc, int64_t k,
                                                    const std::optional<at::Tensor>& b_dec);
+// Every latent whose pre-activation exceeds threshold (0-d or [M]), at most max_k per row, largest first;
+// (values [N, max_k] raw pre-activations, indices [N, max_k], counts [N] before the cap).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
+                                                                    const std::optional<at::Tensor>& b_enc,
+                                                                    const at::Tensor& threshold, int64_t max_k,
+                                                                    const std::optional<at::Tensor>& b_dec);
 at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices,
                              const at::Tensor& W_dec, const std::optional<at::Tensor>& b_dec);
 at::Tensor sampled_dot_cpu(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& W);

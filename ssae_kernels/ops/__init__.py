@@ -4,6 +4,7 @@ from .project_subspace import project_subspace, project_subspace_
 from .sparse_adam import sparse_adam_
 from .sparse_backward import latent_index
 from .sparse_decode import sparse_decode
+from .threshold_encode import threshold_encode
 from .tilted_loss import StreamingTERM, sparse_decode_mse, tilted_loss, tilted_mse
 from .topk_encode import encode_selected, topk_encode
 
@@ -14,4 +15,4 @@ _install(_backends.BACKENDS["cpu"].extension)
 
 __all__ = ["topk_encode", "sparse_decode", "tilted_loss", "tilted_mse", "sparse_decode_mse", "StreamingTERM",
            "latent_index", "project_subspace", "project_subspace_",
-           "sparse_adam_", "encode_selected"]
+           "sparse_adam_", "encode_selected", "threshold_encode"]

@@ -95,6 +95,16 @@ def _backward(ctx, grad_values, grad_indices):
     need_x, need_W, need_b_enc, _, need_b_dec = (*ctx.needs_input_grad, False)[:5]
     # d ReLU: only selected latents with a positive pre-activation pass gradient
     grad_pre = torch.where(values > 0, grad_values, torch.zeros((), dtype=grad_values.dtype))
+    grad_x, grad_W, grad_b_enc, grad_b_dec = encoder_grads(x, W_enc, b_dec, indices, grad_pre,
+                                                           need_x, need_W, need_b_enc, need_b_dec)
+    grads = (grad_x, grad_W, grad_b_enc, None, grad_b_dec)
+    return grads[: len(ctx.needs_input_grad)]
+
+
+def encoder_grads(x, W_enc, b_dec, indices, grad_pre, need_x, need_W, need_b_enc, need_b_dec):
+    """(grad_x, grad_W_enc, grad_b_enc, grad_b_dec) of a sparse code's pre-activations
+    ``pre[n, indices[n, j]]`` given their gradient ``grad_pre`` [N, k] (zero where a slot passes
+    none), at O(N * k * d); None where not needed. Shared by the encode ops."""
     grad_x = grad_W = grad_b_enc = grad_b_dec = None
     if need_x:
         grad_x = torch.ops.ssae.sparse_decode.default(grad_pre, indices, W_enc, None)
@@ -106,8 +116,7 @@ def _backward(ctx, grad_values, grad_indices):
         # -sum_n grad_x[n]; without grad_x, the same sum grouped by latent is
         # grad_b_enc @ W_enc: one [M] x [M, d] product instead of an N x k gather.
         grad_b_dec = -grad_x.sum(0) if need_x else -(grad_b_enc.to(W_enc.dtype) @ W_enc)
-    grads = (grad_x, grad_W if need_W else None, grad_b_enc if need_b_enc else None, None, grad_b_dec)
-    return grads[: len(ctx.needs_input_grad)]
+    return grad_x, grad_W if need_W else None, grad_b_enc if need_b_enc else None, grad_b_dec
 
 
 def _int32_latents(backend):

@@ -324,7 +324,7 @@ void TopKSelector<A>::merge(const TopKSelector& other) {
 
 template <typename A>
 template <typename T>
-void TopKSelector<A>::finish(T* values, int64_t* indices) {
+void TopKSelector<A>::finish(T* values, int64_t* indices, bool relu) {
 #pragma omp parallel for schedule(static) if (parallel_worth(rows_ * cap_ * 8))
   for (int64_t row = 0; row < rows_; ++row) {
     compact(row, k_);
@@ -334,7 +334,7 @@ void TopKSelector<A>::finish(T* values, int64_t* indices) {
     });
     for (int64_t j = 0; j < k_; ++j) {
       // ReLU that keeps NaN (as torch.relu does)
-      values[row * k_ + j] = store<T, A>(c[j].score < A(0) ? A(0) : c[j].score);
+      values[row * k_ + j] = store<T, A>(relu && c[j].score < A(0) ? A(0) : c[j].score);
       indices[row * k_ + j] = c[j].latent;
     }
   }
@@ -342,9 +342,31 @@ void TopKSelector<A>::finish(T* values, int64_t* indices) {
 
 template class TopKSelector<float>;
 template class TopKSelector<double>;
-template void TopKSelector<float>::finish<float>(float*, int64_t*);
-template void TopKSelector<float>::finish<bf16>(bf16*, int64_t*);
-template void TopKSelector<float>::finish<f16>(f16*, int64_t*);
-template void TopKSelector<double>::finish<double>(double*, int64_t*);
+template void TopKSelector<float>::finish<float>(float*, int64_t*, bool);
+template void TopKSelector<float>::finish<bf16>(bf16*, int64_t*, bool);
+template void TopKSelector<float>::finish<f16>(f16*, int64_t*, bool);
+template void TopKSelector<double>::finish<double>(double*, int64_t*, bool);
+
+namespace {
+template <typename A>
+SSAE_MULTIVERSION int64_t keep_above_row(A* s, int64_t cols, const A* bias, const A* threshold) {
+  int64_t kept = 0;
+  for (int64_t c = 0; c < cols; ++c) {
+    const A v = s[c] + bias[c];
+    const bool keep = v > threshold[c];
+    s[c] = keep ? v : -std::numeric_limits<A>::infinity();
+    kept += keep;
+  }
+  return kept;
+}
+}  // namespace
+
+template <typename A>
+void keep_above(A* scores, int64_t ld, int64_t rows, int64_t cols, const A* bias, const A* threshold, int64_t* counts) {
+  for (int64_t r = 0; r < rows; ++r) counts[r] += keep_above_row(scores + r * ld, cols, bias, threshold);
+}
+
+template void keep_above<float>(float*, int64_t, int64_t, int64_t, const float*, const float*, int64_t*);
+template void keep_above<double>(double*, int64_t, int64_t, int64_t, const double*, const double*, int64_t*);
 
 }  // namespace ssae::cpu

@@ -64,11 +64,11 @@ class TopKSelector {
   void consume_screened(const ScreenTile& tile, int64_t row0, int64_t nrows, int64_t col0, int64_t ncols,
                         const A* bias);
 
-  // Writes values[r, j] = ReLU(score) and indices[r, j] for the k best latents of
+  // Writes values[r, j] = ReLU(score) (the score itself with relu = false) and indices[r, j] for the k best latents of
   // every row, in descending order of score; ties go to the lower index and NaN
   // ranks above every number (as torch.topk does).
   template <typename T>
-  void finish(T* values, int64_t* indices);
+  void finish(T* values, int64_t* indices, bool relu = true);
 
   // Takes in the candidates of `other` (same rows and k, fed a disjoint set of
   // latents), so that finish() selects over both: latent ranges can be scanned
@@ -93,5 +93,13 @@ class TopKSelector {
   std::vector<int32_t> count_;   // candidates held per row
   std::vector<A> theta_;         // per-row k-th best score once count reached k
 };
+
+// The threshold encode's pass over a score tile before consume(): scores[r *
+// ld + c] becomes its pre-activation, score + bias[c], where that exceeds
+// threshold[c], and -inf otherwise (NaN included); counts[r] grows by the
+// number kept. consume() then takes the tile with a bias of -0.0 (x + -0.0 is
+// x for every x), so -inf marks the latents that did not pass.
+template <typename A>
+void keep_above(A* scores, int64_t ld, int64_t rows, int64_t cols, const A* bias, const A* threshold, int64_t* counts);
 
 }  // namespace ssae::cpu
