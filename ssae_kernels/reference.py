@@ -8,6 +8,7 @@ Accumulation is float32 for float32/bfloat16/float16 inputs and float64 for
 float64, as in every backend. Gradients come from PyTorch autograd through these formulas.
 """
 
+from .ops.batch_topk import batch_topk_reference as batch_topk_encode  # noqa: F401  (a composite, not a registered op)
 from .ops.checks import accumulation_dtype  # noqa: F401
 from .ops.registry import OPS
 from .ops.topk_encode import pre_activations  # noqa: F401
