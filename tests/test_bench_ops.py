@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 OPS_BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "ops"
-MODULES = ("topk_encode", "sparse_decode", "sparse_backward", "tilted_loss", "project_subspace", "sparse_adam")
+MODULES = ("topk_encode", "threshold_encode", "sparse_decode", "sparse_backward", "tilted_loss", "project_subspace",
+           "sparse_adam")
 REPEATS = 5
 
 

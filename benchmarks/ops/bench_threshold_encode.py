@@ -1,0 +1,96 @@
+"""ssae_kernels.threshold_encode vs the dense PyTorch threshold encode: forward (no grad) and forward + backward.
+
+Baseline: ``pre = F.linear(x - b_dec, W_enc, b_enc)``, the mask ``pre > threshold``, its count per row and
+``topk(where(mask, pre, -inf), max_k)`` (it stores the [N, M] pre-activations). The per-latent thresholds
+are drawn around the value that leaves about k latents per row active (L0 ~ k), and max_k = 2k.
+
+    python benchmarks/ops/bench_threshold_encode.py [--quick] [--threads 2] [--repeats 5] [--device cpu]
+                                                    [--out benchmarks/results/ops]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+MODULE = "threshold_encode"
+NOTES = [
+    "Baseline: the dense threshold encode, `pre = F.linear(x - b_dec, W_enc, b_enc)`, `counts = (pre > "
+    "threshold).sum(1)` and `topk(where(pre > threshold, pre, -inf), max_k)` with empty slots zeroed (it "
+    "stores the [N, M] pre-activations). Thresholds per latent, around the level that leaves about k "
+    "latents per row active (L0 ~ k); max_k = 2k. `forward+backward`: `values.backward(g)` for a random "
+    "[N, max_k] g, gradients into W_enc, b_enc and b_dec (none into x). `max rel diff` compares the values "
+    "(and the gradients where all indices agree); `index_agreement`: the fraction of equal indices.",
+]
+
+
+def compare(ours, base):
+    (values, indices, counts, *rest), (base_values, base_indices, base_counts, *base_rest) = ours, base
+    agreement = float((indices == base_indices).double().mean())
+    diff = common.max_rel_diff(values, base_values)
+    if agreement == 1.0:
+        diff = max(diff, common.max_rel_diff(rest, base_rest))
+    return diff, {"index_agreement": agreement, "mean_count": float(counts.double().mean())}
+
+
+def build_cases(shape, device, dtype):
+    import torch
+    import torch.nn.functional as F
+
+    import ssae_kernels
+
+    t = common.sae_inputs(shape, device, dtype)
+    x, k = t["x"], shape["k"]
+    max_k = min(2 * k, shape["M"])
+    with torch.no_grad():  # the level that leaves ~k of M latents active, from the first rows
+        sample = F.linear(x[:64] - t["b_dec"], t["W_enc"], t["b_enc"]).float()
+        level = torch.quantile(sample.flatten()[:2**24], 1 - k / shape["M"])
+    g = torch.Generator().manual_seed(2)
+    threshold = (level * (0.9 + 0.2 * torch.rand(shape["M"], generator=g))).to(device=device, dtype=dtype)
+    grad_values = torch.randn(shape["N"], max_k, generator=g).to(device=device, dtype=dtype)
+
+    def dense(x, W_enc, b_enc, b_dec):
+        pre = F.linear(x - b_dec, W_enc, b_enc)
+        keep = pre > threshold
+        counts = keep.sum(1)
+        top = torch.topk(torch.where(keep, pre, float("-inf")), max_k)
+        filled = torch.arange(max_k, device=x.device) < counts.unsqueeze(1)
+        return torch.where(filled, top.values, 0), torch.where(filled, top.indices, 0), counts
+
+    def ours(x, W_enc, b_enc, b_dec):
+        return ssae_kernels.threshold_encode(x, W_enc, b_enc, threshold, max_k, b_dec=b_dec)
+
+    def forward(fn, params):
+        def call():
+            with torch.no_grad():
+                return fn(x, *params)
+        return call
+
+    def step(fn, params):
+        leaves = [p for p in params if p is not None]
+
+        def call():
+            common.clear(leaves)
+            values, indices, counts = fn(x, *params)
+            values.backward(grad_values)
+            return values, indices, counts, common.grads(leaves)
+        return call
+
+    params = (t["W_enc"], t["b_enc"], t["b_dec"])
+    desc = "topk(where(F.linear(x - b_dec, W_enc, b_enc) > threshold, pre, -inf), max_k)"
+    return [
+        common.Case(MODULE, "forward", forward(ours, params), forward(dense, params), desc, compare=compare),
+        common.Case(MODULE, "forward+backward", step(ours, common.leaves(*params)),
+                    step(dense, common.leaves(*params)), desc, compare=compare),
+    ]
+
+
+def main(argv=None):
+    return common.main(MODULE, __doc__, build_cases, NOTES, argv)
+
+
+if __name__ == "__main__":
+    main()
