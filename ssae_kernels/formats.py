@@ -140,6 +140,9 @@ def export_sae(sae: TopKSAE, directory: str, fmt: str) -> str:
         sae.save(directory)
         return os.path.join(directory, WEIGHTS_FILE)
     cfg = sae.cfg
+    if cfg.arch != "topk":
+        raise ValueError(f"exporting a {cfg.arch} SAE to format {fmt!r} is not supported yet (only TopK SAEs "
+                         "are written in the peers' formats); --format ssae keeps it whole")
     s = float(sae.input_scale)
     if not s > 0 or s == float("inf"):
         raise ValueError(f"input_scale {s} must be positive and finite to be folded into the weights")

@@ -1,9 +1,11 @@
-"""TopK sparse autoencoder (Gao et al. 2024) on the fused ops.
+"""TopK (Gao et al. 2024) and BatchTopK (Bussmann et al. 2024) sparse autoencoders on the fused ops.
 
     z = ReLU(TopK(W_enc (x - b_dec) + b_enc)),  x_hat = W_dec^T z + b_dec
 
-with W_enc and W_dec both [num_latents, d_in]. The parameters are float32
-master weights; ``compute_dtype`` (float32 or bfloat16) is what the kernels see.
+with W_enc and W_dec both [num_latents, d_in]. BatchTopK trains with the N * k largest
+pre-activations of the whole batch instead of k per row, and encodes with a threshold estimated
+during training. The parameters are float32 master weights; ``compute_dtype`` (float32 or bfloat16)
+is what the kernels see.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
-from .ops import encode_selected, sparse_decode, sparse_decode_mse, topk_encode
+from .ops import batch_topk_encode, encode_selected, sparse_decode, sparse_decode_mse, threshold_encode, topk_encode
 from .storage import (MANIFEST, CorruptFileError, atomic_write, atomic_write_text, read_checksums, verify_checksums,
                       write_checksums)
 
@@ -33,6 +35,8 @@ class SAEConfig:
     aux_coef: float = 1 / 32
     dead_tokens: int = 1_000_000  # a latent is dead after this many tokens without firing
     compute_dtype: str = "float32"
+    arch: str = "topk"  # "topk", or "batchtopk": the N * k largest of the batch (k on average per row)
+    max_k: int | None = None  # batchtopk: the most latents a row may keep; default 4 k (at most num_latents)
 
     def __post_init__(self):
         for name in ("d_in", "num_latents", "k"):
@@ -42,8 +46,20 @@ class SAEConfig:
             raise ValueError(f"k = {self.k} must not exceed num_latents = {self.num_latents}")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}")
+        if self.arch == "topk" and self.max_k is not None:
+            raise ValueError("max_k applies to arch 'batchtopk' only (a TopK SAE keeps exactly k per row)")
+        if self.arch == "batchtopk" and self.max_k is None:
+            self.max_k = min(self.num_latents, 4 * self.k)
+        if self.max_k is not None and not (isinstance(self.max_k, int) and self.k <= self.max_k <= self.num_latents):
+            raise ValueError(f"max_k must be an int in [k, num_latents] = [{self.k}, {self.num_latents}], "
+                             f"got {self.max_k!r}")
         if self.k_aux is None:
             self.k_aux = max(1, self.d_in // 2)
+
+
+ARCHITECTURES = ("topk", "batchtopk")
 
 
 @dataclass
@@ -120,7 +136,7 @@ class TopKSAE(torch.nn.Module):
         xs = (x * self.input_scale).to(self.compute_dtype)
         dead = self.dead_mask().nonzero().squeeze(1)
         if not touched_rows:
-            values, indices = topk_encode(xs, W_enc, b_enc, self.cfg.k, b_dec=b_dec)
+            values, indices, _ = self._select(xs, W_enc, b_enc, b_dec)
             aux_values = aux_indices = None
             if dead.numel():
                 aux_values, local = topk_encode(xs, W_enc[dead], b_enc[dead], self._k_aux(dead), b_dec=b_dec)
@@ -128,7 +144,7 @@ class TopKSAE(torch.nn.Module):
             return self._loss(xs, values, indices, aux_values, aux_indices, W_dec, b_dec, t, sample_weights)
 
         with torch.no_grad():
-            _, indices = topk_encode(xs, W_enc, b_enc, self.cfg.k, b_dec=b_dec)
+            _, indices, filled = self._select(xs, W_enc, b_enc, b_dec)
             aux_indices = None
             if dead.numel():
                 aux_indices = dead[topk_encode(xs, W_enc[dead], b_enc[dead], self._k_aux(dead), b_dec=b_dec)[1]]
@@ -140,6 +156,8 @@ class TopKSAE(torch.nn.Module):
         W_enc_r, b_enc_r, W_dec_r = touched.W_enc.to(dt), touched.b_enc.to(dt), touched.W_dec.to(dt)
         local = torch.searchsorted(rows, indices)
         values = encode_selected(xs, W_enc_r, b_enc_r, local, b_dec=b_dec)
+        if filled is not None:  # empty slots (index 0) carry nothing
+            values = torch.where(filled, values, torch.zeros((), dtype=values.dtype, device=values.device))
         aux_values = aux_local = None
         if aux_indices is not None:
             aux_local = torch.searchsorted(rows, aux_indices)
@@ -147,6 +165,11 @@ class TopKSAE(torch.nn.Module):
         out = self._loss(xs, values, local, aux_values, aux_local, W_dec_r, b_dec, t, sample_weights)
         out.indices, out.touched = indices, touched
         return out
+
+    def _select(self, xs, W_enc, b_enc, b_dec):
+        """(values, indices, filled) of the training code: TopK's k per row (filled None: every slot holds one)."""
+        values, indices = topk_encode(xs, W_enc, b_enc, self.cfg.k, b_dec=b_dec)
+        return values, indices, None
 
     def _k_aux(self, dead: torch.Tensor) -> int:
         return min(self.cfg.k_aux, dead.numel())
@@ -234,35 +257,81 @@ class TopKSAE(torch.nn.Module):
     def load(cls, directory: str, device: str | torch.device = "cpu") -> "TopKSAE":
         """Loads our format, checked: the weights against ``checksums.json`` (CorruptFileError; directories
         written before checksums existed have none and load unchecked), ``cfg.json`` (ValueError naming a
-        missing, unknown or invalid key) and every tensor's shape against the config (ValueError).
-        SAELens and sparsify directories are read by ``ssae_kernels.formats.load_sae``."""
-        cfg_path, weights_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
-        raw = read_json_object(cfg_path)
-        missing = [key for key in ("d_in", "num_latents", "k") if key not in raw]
-        if missing:
-            raise ValueError(f"{cfg_path}: missing key {missing[0]!r} (required: d_in, num_latents, k)")
-        known = {f.name for f in dataclasses.fields(SAEConfig)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{cfg_path}: unknown keys {unknown} (known: {sorted(known)})")
-        for key in ("d_in", "num_latents", "k"):
-            if isinstance(raw[key], bool) or not isinstance(raw[key], int):
-                raise ValueError(f"{cfg_path}: key {key!r} must be a positive int, got {raw[key]!r}")
-        try:
-            cfg = SAEConfig(**raw)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{cfg_path}: {e}") from None
-        if not os.path.isfile(weights_path):
-            raise FileNotFoundError(f"{weights_path}: missing ({directory} has {CONFIG_FILE} but no weights)")
-        verify_weights(directory, WEIGHTS_FILE)
-        tensors = read_safetensors(weights_path)
-        check_shapes(weights_path, tensors, {"W_enc": ("num_latents", "d_in"), "W_dec": ("num_latents", "d_in"),
-                                             "b_enc": ("num_latents",), "b_dec": ("d_in",), "input_scale": (),
-                                             "tokens_since_fired": ("num_latents",)},
-                     {"d_in": cfg.d_in, "num_latents": cfg.num_latents}, cfg_path)
-        sae = cls(cfg)
-        sae.load_state_dict(tensors)
-        return sae.to(device)
+        missing, unknown or invalid key) and every tensor's shape against the config (ValueError). The
+        class follows cfg.json's ``arch`` (TopKSAE or BatchTopKSAE). SAELens and sparsify directories are
+        read by ``ssae_kernels.formats.load_sae``."""
+        return _load(directory, device)
+
+
+class BatchTopKSAE(TopKSAE):
+    """BatchTopK (Bussmann et al. 2024): trained on the N * k largest ReLU'd pre-activations of each batch
+    (rows share the budget, at most ``max_k`` each; ``batch_topk_encode``), encoded with the batch
+    threshold estimated in training: every latent above it, at most ``max_k`` per row
+    (``threshold_encode``), so the number of active latents varies by token around k."""
+
+    THRESHOLD_DECAY = 0.9  # the estimate: an exponential moving average of the recent training batches' thresholds
+
+    def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
+        super().__init__(cfg, generator=generator)
+        # at the normalised scale; NaN until the first training batch
+        self.register_buffer("threshold", torch.full((), float("nan")))
+
+    def encode(self, x: torch.Tensor):
+        """(values, indices) [N, max_k] of the latents above the threshold (0 in the slots past a row's count)."""
+        if not bool(torch.isfinite(self.threshold)):
+            raise RuntimeError("this BatchTopK SAE has no threshold yet: it is estimated during training "
+                               "(its code keeps the latents above it)")
+        W_enc, b_enc, _, b_dec = self._weights()
+        values, indices, _ = threshold_encode((x * self.input_scale).to(self.compute_dtype), W_enc, b_enc,
+                                              self.threshold.to(self.compute_dtype), self.cfg.max_k, b_dec=b_dec)
+        return values, indices
+
+    def _select(self, xs, W_enc, b_enc, b_dec):
+        values, indices, counts, threshold = batch_topk_encode(xs, W_enc, b_enc, self.cfg.k, self.cfg.max_k,
+                                                               b_dec=b_dec)
+        with torch.no_grad():
+            if bool(torch.isnan(self.threshold)):
+                self.threshold.fill_(float(threshold))
+            else:
+                self.threshold.mul_(self.THRESHOLD_DECAY).add_((1 - self.THRESHOLD_DECAY) * float(threshold))
+        filled = torch.arange(self.cfg.max_k, device=xs.device) < counts.unsqueeze(1)
+        return values, indices, filled
+
+
+def sae_class(cfg: SAEConfig) -> type[TopKSAE]:
+    """The model class of an SAE config's architecture."""
+    return {"topk": TopKSAE, "batchtopk": BatchTopKSAE}[cfg.arch]
+
+
+def _load(directory: str, device: str | torch.device = "cpu") -> TopKSAE:
+    cfg_path, weights_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
+    raw = read_json_object(cfg_path)
+    missing = [key for key in ("d_in", "num_latents", "k") if key not in raw]
+    if missing:
+        raise ValueError(f"{cfg_path}: missing key {missing[0]!r} (required: d_in, num_latents, k)")
+    known = {f.name for f in dataclasses.fields(SAEConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{cfg_path}: unknown keys {unknown} (known: {sorted(known)})")
+    for key in ("d_in", "num_latents", "k"):
+        if isinstance(raw[key], bool) or not isinstance(raw[key], int):
+            raise ValueError(f"{cfg_path}: key {key!r} must be a positive int, got {raw[key]!r}")
+    try:
+        cfg = SAEConfig(**raw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"{weights_path}: missing ({directory} has {CONFIG_FILE} but no weights)")
+    verify_weights(directory, WEIGHTS_FILE)
+    tensors = read_safetensors(weights_path)
+    spec = {"W_enc": ("num_latents", "d_in"), "W_dec": ("num_latents", "d_in"), "b_enc": ("num_latents",),
+            "b_dec": ("d_in",), "input_scale": (), "tokens_since_fired": ("num_latents",)}
+    if cfg.arch == "batchtopk":
+        spec["threshold"] = ()
+    check_shapes(weights_path, tensors, spec, {"d_in": cfg.d_in, "num_latents": cfg.num_latents}, cfg_path)
+    sae = sae_class(cfg)(cfg)
+    sae.load_state_dict(tensors)
+    return sae.to(device)
 
 
 def read_json_object(path: str) -> dict:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import storage
 from .ops import StreamingTERM
 from .optim import SparseAdam
-from .sae import WEIGHTS_FILE, SAEConfig, TopKSAE
+from .sae import WEIGHTS_FILE, SAEConfig, TopKSAE, sae_class
 
 CHECKPOINT = "checkpoint"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -351,10 +351,11 @@ class Trainer:
 
 
 def new_sae(acts: torch.Tensor, num_latents: int, k: int, *, seed: int = 0, **cfg) -> TopKSAE:
-    """A TopK SAE initialised for these activations (b_dec at their geometric median, inputs scaled
-    to mean norm sqrt(d))."""
+    """An SAE (TopK, or the ``arch`` in cfg) initialised for these activations (b_dec at their geometric
+    median, inputs scaled to mean norm sqrt(d))."""
     g = torch.Generator().manual_seed(seed)
-    sae = TopKSAE(SAEConfig(d_in=acts.shape[1], num_latents=num_latents, k=k, **cfg), generator=g)
+    sae_cfg = SAEConfig(d_in=acts.shape[1], num_latents=num_latents, k=k, **cfg)
+    sae = sae_class(sae_cfg)(sae_cfg, generator=g)
     sample = acts[torch.randperm(acts.shape[0], generator=g)[:8192]]
     sae.init_from_data(sample)
     return sae

@@ -12,6 +12,7 @@ import torch
 from .. import models, text
 from .common import (HelpFormatter, UsageError, add_model_args, add_out_args, check_positive, check_sources, config_from_args,
                      dead_tokens_for, harvest_cached, keep_mask, require_package, run_settings, set_threads)
+from ..sae import ARCHITECTURES
 from ..trainer import OPTIMIZER_STATES, OPTIMIZERS
 from .rundir import open_run
 
@@ -38,6 +39,8 @@ class TrainRunConfig:
     activation_cache: str | None = None
     latents: int = 4608
     k: int = 32
+    arch: str = "topk"
+    max_k: int | None = None
     steps: int = 800
     batch_size: int = 4096
     lr: float | None = None
@@ -74,7 +77,12 @@ def add_subcommands(sub) -> None:
                    help="hold out more documents until they give at least this many evaluation tokens")
     p.add_argument("--activation-cache", default=None, help="directory to reuse (or write) harvested activations")
     p.add_argument("--latents", type=int, default=4608, help="dictionary size M")
-    p.add_argument("--k", type=int, default=32, help="active latents per token")
+    p.add_argument("--k", type=int, default=32, help="active latents per token (batchtopk: on average)")
+    p.add_argument("--arch", choices=ARCHITECTURES, default="topk",
+                   help="topk: k latents per token; batchtopk: the batch's N*k largest, shared across its tokens, "
+                        "encoded after training with the batch threshold it estimated")
+    p.add_argument("--max-k", type=int, default=None,
+                   help="batchtopk: the most latents one token may keep (default 4 k)")
     p.add_argument("--steps", type=int, default=800, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
     p.add_argument("--lr", type=float, default=None, help="learning rate (None: 2e-4 / sqrt(M / 2^14))")
@@ -114,6 +122,10 @@ def check(cfg: TrainRunConfig) -> None:
                    max_tokens=cfg.max_tokens, checkpoint_every=cfg.checkpoint_every)
     if cfg.k > cfg.latents:
         raise UsageError(f"--k {cfg.k} must not exceed --latents {cfg.latents}")
+    if cfg.max_k is not None and cfg.arch != "batchtopk":
+        raise UsageError(f"--max-k applies to --arch batchtopk only, not {cfg.arch}")
+    if cfg.max_k is not None and not cfg.k <= cfg.max_k <= cfg.latents:
+        raise UsageError(f"--max-k {cfg.max_k} must lie in [--k, --latents] = [{cfg.k}, {cfg.latents}]")
     if cfg.context < 2:
         raise UsageError(f"--context must be >= 2, got {cfg.context}")
     if not 0 < cfg.eval_fraction < 1:
@@ -206,8 +218,8 @@ def _train(cfg: TrainRunConfig) -> dict:
                             optimizer_state=cfg.optimizer_state, tilt=cfg.tilt,
                             streaming_term=cfg.streaming_term, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
                             log_to=cfg.log_to)
-    sae = new_sae(acts, cfg.latents, cfg.k, seed=cfg.seed, compute_dtype=cfg.dtype,
-                  dead_tokens=dead_tokens_for(cfg.steps, cfg.batch_size)).to(cfg.device)
+    sae = new_sae(acts, cfg.latents, cfg.k, seed=cfg.seed, compute_dtype=cfg.dtype, arch=cfg.arch,
+                  max_k=cfg.max_k, dead_tokens=dead_tokens_for(cfg.steps, cfg.batch_size)).to(cfg.device)
     trainer = Trainer(sae, acts, train_cfg, cfg.out, progress=progress)
     # A resumed run that died before its first checkpoint starts again from step 0.
     trainer.begin(resume=cfg.resume and recover_checkpoint(cfg.out) is not None)
