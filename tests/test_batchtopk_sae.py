@@ -1,5 +1,5 @@
-"""BatchTopKSAE: config checks, training (batch selection, threshold estimate, inference at L0 ~ k), the
-touched-rows loss, files, export refusal and the CLI's --arch / --max-k checks."""
+"""BatchTopKSAE: config checks, training (batch selection, threshold estimate, inference at L0 ~ k), files,
+export refusal and the CLI's --arch / --max-k checks (its touched-rows loss: tests/test_optim.py)."""
 
 import pytest
 import torch
@@ -50,29 +50,6 @@ def test_training_reaches_l0_near_k_at_inference(tmp_path, optimizer):
     assert abs(after["l0"] - 4) <= 0.15 * 4  # the training threshold gives about k latents per token
     assert after["fvu"] < 0.5 * before
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(128))
-
-
-def test_touched_rows_loss_has_the_dense_loss_and_gradients():
-    torch.manual_seed(0)
-    cfg = SAEConfig(d_in=12, num_latents=64, k=4, k_aux=6, dead_tokens=10, arch="batchtopk", max_k=10)
-    sae = BatchTopKSAE(cfg)
-    sae.tokens_since_fired[::3] = 100  # dead latents: AuxK has rows of its own
-    with torch.no_grad():
-        sae.b_enc.normal_()
-    x = torch.randn(30, 12)
-    dense = sae.loss(x, t=0.5)
-    dense.total.backward()
-    grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
-    sae.zero_grad()
-    sparse = sae.loss(x, t=0.5, touched_rows=True)
-    sparse.total.backward()
-    rows = sparse.touched.rows
-    torch.testing.assert_close(sparse.total, dense.total)
-    assert torch.equal(sparse.indices, dense.indices)
-    assert int((dense.values > 0).sum()) == 30 * 4  # the whole batch budget
-    for name in ("W_enc", "b_enc", "W_dec"):
-        torch.testing.assert_close(getattr(sparse.touched, name).grad, grads[name][rows])
-    torch.testing.assert_close(sae.b_dec.grad, grads["b_dec"])
 
 
 def test_files_round_trip_and_peer_export_is_refused(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ssae_kernels.optim import SkippedSteps, SparseAdam
-from ssae_kernels.sae import SAEConfig, TopKSAE
+from ssae_kernels.sae import SAEConfig, TopKSAE, sae_class
 from ssae_kernels.trainer import TrainConfig, Trainer, new_sae
 
 
@@ -93,9 +93,11 @@ def test_state_needs_a_flush_and_round_trips():
     assert other.step_count == 2 and torch.equal(other.state["W"][0], opt.state["W"][0])
 
 
-def test_touched_rows_loss_has_the_dense_loss_and_gradients():
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_touched_rows_loss_has_the_dense_loss_and_gradients(arch):
     torch.manual_seed(0)
-    sae = TopKSAE(SAEConfig(d_in=12, num_latents=64, k=4, k_aux=6, dead_tokens=10))
+    cfg = SAEConfig(d_in=12, num_latents=64, k=4, k_aux=6, dead_tokens=10, arch=arch)
+    sae = sae_class(cfg)(cfg)
     sae.tokens_since_fired[::3] = 100  # a third of the latents dead: AuxK has rows of its own
     with torch.no_grad():
         sae.b_enc.normal_()

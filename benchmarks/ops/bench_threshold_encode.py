@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_topk_encode  # noqa: E402
 import common  # noqa: E402
 
 MODULE = "threshold_encode"
@@ -28,12 +29,10 @@ NOTES = [
 
 
 def compare(ours, base):
-    (values, indices, counts, *rest), (base_values, base_indices, base_counts, *base_rest) = ours, base
-    agreement = float((indices == base_indices).double().mean())
-    diff = common.max_rel_diff(values, base_values)
-    if agreement == 1.0:
-        diff = max(diff, common.max_rel_diff(rest, base_rest))
-    return diff, {"index_agreement": agreement, "mean_count": float(counts.double().mean())}
+    """bench_topk_encode's comparison of the values and indices (and gradients), plus the mean count."""
+    (values, indices, counts, *rest), (base_values, base_indices, _, *base_rest) = ours, base
+    diff, facts = bench_topk_encode.compare((values, indices, *rest), (base_values, base_indices, *base_rest))
+    return diff, {**facts, "mean_count": float(counts.double().mean())}
 
 
 def build_cases(shape, device, dtype):
@@ -64,20 +63,10 @@ def build_cases(shape, device, dtype):
         return ssae_kernels.threshold_encode(x, W_enc, b_enc, threshold, max_k, b_dec=b_dec)
 
     def forward(fn, params):
-        def call():
-            with torch.no_grad():
-                return fn(x, *params)
-        return call
+        return common.no_grad_call(fn, x, *params)
 
     def step(fn, params):
-        leaves = [p for p in params if p is not None]
-
-        def call():
-            common.clear(leaves)
-            values, indices, counts = fn(x, *params)
-            values.backward(grad_values)
-            return values, indices, counts, common.grads(leaves)
-        return call
+        return common.backward_call(fn, (x, *params), params, grad_values)
 
     params = (t["W_enc"], t["b_enc"], t["b_dec"])
     desc = "topk(where(F.linear(x - b_dec, W_enc, b_enc) > threshold, pre, -inf), max_k)"

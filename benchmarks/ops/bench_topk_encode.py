@@ -66,20 +66,10 @@ def build_cases(shape, device, dtype):
         return top.values.relu(), top.indices
 
     def forward(fn, params):
-        def call():
-            with torch.no_grad():
-                return fn(x, *params)
-        return call
+        return common.no_grad_call(fn, x, *params)
 
     def step(fn, params):
-        leaves = [p for p in params if p is not None]
-
-        def call():
-            common.clear(leaves)
-            values, indices = fn(x, *params)
-            values.backward(grad_values)
-            return values, indices, common.grads(leaves)
-        return call
+        return common.backward_call(fn, (x, *params), params, grad_values)
 
     def ours(x, W_enc, b_enc, b_dec):
         return ssae_kernels.topk_encode(x, W_enc, b_enc, k, b_dec=b_dec)

@@ -308,6 +308,29 @@ def sae_inputs(shape: dict, device, dtype, seed: int = 0) -> dict:
     )
 
 
+def no_grad_call(fn, *args):
+    """A case's call of ``fn(*args)`` without autograd (a forward pass)."""
+    import torch
+
+    def call():
+        with torch.no_grad():
+            return fn(*args)
+    return call
+
+
+def backward_call(fn, args, params, grad):
+    """A case's call of ``fn(*args)`` whose first output is backpropagated with ``grad``: returns the outputs and
+    the gradients of the parameters in ``params`` that are not None (cleared first)."""
+    trained = [p for p in params if p is not None]
+
+    def call():
+        clear(trained)
+        out = fn(*args)
+        out[0].backward(grad)
+        return (*out, grads(trained))
+    return call
+
+
 def leaves(*tensors):
     """Detached copies that require grad (the parameters of a forward+backward case)."""
     return [t.detach().clone().requires_grad_() for t in tensors]
