@@ -63,9 +63,9 @@ class TrainRunConfig:
 
 
 def add_subcommands(sub) -> None:
-    p = sub.add_parser("train", help="train a TopK SAE on a model's activations, evaluate, report",
-                       description="Harvests the residual stream after --layer, trains a TopK SAE on it and "
-                                   "evaluates it on held-out documents.", formatter_class=HelpFormatter)
+    p = sub.add_parser("train", help="train a TopK or BatchTopK SAE on a model's activations, evaluate, report",
+                       description="Harvests the residual stream after --layer, trains a TopK (or BatchTopK) SAE "
+                                   "on it and evaluates it on held-out documents.", formatter_class=HelpFormatter)
     add_model_args(p)
     p.add_argument("--text", default=text.BUILTIN,
                    help="text: 'builtin:python-docs', a .txt/.jsonl/.parquet file or directory, or a hub dataset name")
