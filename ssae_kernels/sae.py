@@ -59,9 +59,6 @@ class SAEConfig:
             self.k_aux = max(1, self.d_in // 2)
 
 
-ARCHITECTURES = ("topk", "batchtopk")
-
-
 @dataclass
 class TouchedRows:
     """The latents a batch touched (sorted) and differentiable copies of their parameter rows, float32."""
@@ -260,7 +257,34 @@ class TopKSAE(torch.nn.Module):
         missing, unknown or invalid key) and every tensor's shape against the config (ValueError). The
         class follows cfg.json's ``arch`` (TopKSAE or BatchTopKSAE). SAELens and sparsify directories are
         read by ``ssae_kernels.formats.load_sae``."""
-        return _load(directory, device)
+        cfg_path, weights_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
+        raw = read_json_object(cfg_path)
+        missing = [key for key in ("d_in", "num_latents", "k") if key not in raw]
+        if missing:
+            raise ValueError(f"{cfg_path}: missing key {missing[0]!r} (required: d_in, num_latents, k)")
+        known = {f.name for f in dataclasses.fields(SAEConfig)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{cfg_path}: unknown keys {unknown} (known: {sorted(known)})")
+        for key in ("d_in", "num_latents", "k"):
+            if isinstance(raw[key], bool) or not isinstance(raw[key], int):
+                raise ValueError(f"{cfg_path}: key {key!r} must be a positive int, got {raw[key]!r}")
+        try:
+            cfg = SAEConfig(**raw)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{cfg_path}: {e}") from None
+        if not os.path.isfile(weights_path):
+            raise FileNotFoundError(f"{weights_path}: missing ({directory} has {CONFIG_FILE} but no weights)")
+        verify_weights(directory, WEIGHTS_FILE)
+        tensors = read_safetensors(weights_path)
+        spec = {"W_enc": ("num_latents", "d_in"), "W_dec": ("num_latents", "d_in"), "b_enc": ("num_latents",),
+                "b_dec": ("d_in",), "input_scale": (), "tokens_since_fired": ("num_latents",)}
+        if cfg.arch == "batchtopk":
+            spec["threshold"] = ()
+        check_shapes(weights_path, tensors, spec, {"d_in": cfg.d_in, "num_latents": cfg.num_latents}, cfg_path)
+        sae = sae_class(cfg)(cfg)
+        sae.load_state_dict(tensors)
+        return sae.to(device)
 
 
 class BatchTopKSAE(TopKSAE):
@@ -298,40 +322,14 @@ class BatchTopKSAE(TopKSAE):
         return values, indices, filled
 
 
+# SAEConfig.arch -> the model class
+SAE_CLASSES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE}
+ARCHITECTURES = tuple(SAE_CLASSES)
+
+
 def sae_class(cfg: SAEConfig) -> type[TopKSAE]:
     """The model class of an SAE config's architecture."""
-    return {"topk": TopKSAE, "batchtopk": BatchTopKSAE}[cfg.arch]
-
-
-def _load(directory: str, device: str | torch.device = "cpu") -> TopKSAE:
-    cfg_path, weights_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
-    raw = read_json_object(cfg_path)
-    missing = [key for key in ("d_in", "num_latents", "k") if key not in raw]
-    if missing:
-        raise ValueError(f"{cfg_path}: missing key {missing[0]!r} (required: d_in, num_latents, k)")
-    known = {f.name for f in dataclasses.fields(SAEConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{cfg_path}: unknown keys {unknown} (known: {sorted(known)})")
-    for key in ("d_in", "num_latents", "k"):
-        if isinstance(raw[key], bool) or not isinstance(raw[key], int):
-            raise ValueError(f"{cfg_path}: key {key!r} must be a positive int, got {raw[key]!r}")
-    try:
-        cfg = SAEConfig(**raw)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{cfg_path}: {e}") from None
-    if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"{weights_path}: missing ({directory} has {CONFIG_FILE} but no weights)")
-    verify_weights(directory, WEIGHTS_FILE)
-    tensors = read_safetensors(weights_path)
-    spec = {"W_enc": ("num_latents", "d_in"), "W_dec": ("num_latents", "d_in"), "b_enc": ("num_latents",),
-            "b_dec": ("d_in",), "input_scale": (), "tokens_since_fired": ("num_latents",)}
-    if cfg.arch == "batchtopk":
-        spec["threshold"] = ()
-    check_shapes(weights_path, tensors, spec, {"d_in": cfg.d_in, "num_latents": cfg.num_latents}, cfg_path)
-    sae = sae_class(cfg)(cfg)
-    sae.load_state_dict(tensors)
-    return sae.to(device)
+    return SAE_CLASSES[cfg.arch]
 
 
 def read_json_object(path: str) -> dict:

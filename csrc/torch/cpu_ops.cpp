@@ -174,14 +174,17 @@ at::Tensor fold_b_dec(const at::Tensor& W, const at::Tensor& b_dec, const at::Te
   const float* bp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
   constexpr int64_t kChunk = 256;
-#pragma omp parallel for schedule(static) if (cpu::parallel_worth(M * d))
-  for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
-    const int64_t cols = std::min(kChunk, M - m0);
+#pragma omp parallel if (cpu::parallel_worth(M * d))
+  {
     std::vector<uint16_t> panels(size_t(kChunk * ld));
     float dots[kChunk];
-    cpu::pack_bf16_panels(cols, d, ld, wp + m0 * d, panels.data());
-    cpu::dot_tile_bf16(1, cols, ld, shift16, panels.data(), dots, kChunk);
-    for (int64_t c = 0; c < cols; ++c) op[m0 + c] = bp[m0 + c] - dots[c];
+#pragma omp for schedule(static)
+    for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
+      const int64_t cols = std::min(kChunk, M - m0);
+      cpu::pack_bf16_panels(cols, d, ld, wp + m0 * d, panels.data());
+      cpu::dot_tile_bf16(1, cols, ld, shift16, panels.data(), dots, kChunk);
+      for (int64_t c = 0; c < cols; ++c) op[m0 + c] = bp[m0 + c] - dots[c];
+    }
   }
   return out;
 }

@@ -6,6 +6,7 @@ import torch
 from . import checks
 from .checks import FLOAT_DTYPES
 from .registry import call, define
+from .topk_encode import _check as _check_encode
 from .topk_encode import _int32_latents, encoder_grads, pre_activations
 
 
@@ -67,10 +68,8 @@ def reference(x, W_enc, b_enc, threshold, max_k, b_dec=None):
 
 
 def _check(x, W_enc, b_enc, threshold, max_k, b_dec=None):
-    from .topk_encode import _check as check_encode
-
     checks.integer(max_k, "max_k")
-    check_encode(x, W_enc, b_enc, 1, b_dec)
+    _check_encode(x, W_enc, b_enc, 1, b_dec)
     M = W_enc.shape[0]
     torch._check_value(1 <= max_k <= M, lambda: f"max_k must be in [1, M] with M = W_enc.shape[0] = {M}, got {max_k}")
     if not isinstance(threshold, torch.Tensor):

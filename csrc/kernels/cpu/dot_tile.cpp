@@ -249,7 +249,7 @@ __attribute__((target("avx512f"), always_inline)) inline void transpose16(__m512
     v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
     v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
   }
-  // v[4q + s] now holds, in each 128-bit lane L, elements s' of rows 4L'... : regroup the 128-bit lanes.
+  // Each 128-bit lane of v[4q + s] now holds column 4 L + s of rows 4q..4q+3 (L the lane): regroup the lanes.
   for (int i = 0; i < 4; ++i) {
     t[i] = _mm512_shuffle_i32x4(v[i], v[i + 4], 0x88);
     t[i + 4] = _mm512_shuffle_i32x4(v[i], v[i + 4], 0xDD);
@@ -319,20 +319,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void pack_panels_impl(int
 __attribute__((target("avx512f,avx512bf16"))) Bf16Norms to_bf16_row_impl(int64_t d, int64_t ld, const float* src,
                                                                           uint16_t* dst) {
   __m512 sq = _mm512_setzero_ps(), res = _mm512_setzero_ps();
-  for (int64_t t = 0; t < ld; t += 32) {
-    // Lanes past d read as zeros, which also pads the row.
-    const auto mask = [&](int64_t from) {
-      return from >= d ? __mmask16(0) : d - from >= 16 ? __mmask16(0xffff) : __mmask16((1u << (d - from)) - 1);
-    };
-    const __m512 lo = _mm512_maskz_loadu_ps(mask(t), src + t), hi = _mm512_maskz_loadu_ps(mask(t + 16), src + t + 16);
-    const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // lo in the low half
-    _mm512_storeu_si512(dst + t, packed);
-    sq = _mm512_fmadd_ps(hi, hi, _mm512_fmadd_ps(lo, lo, sq));
-    // The residuals are exact in float32: src and its rounding share the leading bits.
-    const __m512 res_lo = _mm512_sub_ps(lo, bf16_to_float(_mm512_castsi512_si256(packed)));
-    const __m512 res_hi = _mm512_sub_ps(hi, bf16_to_float(_mm512_extracti64x4_epi64(packed, 1)));
-    res = _mm512_fmadd_ps(res_hi, res_hi, _mm512_fmadd_ps(res_lo, res_lo, res));
-  }
+  for (int64_t t = 0; t < ld; t += 32) _mm512_storeu_si512(dst + t, convert32(src, d, t, sq, res));
   return {_mm512_reduce_add_ps(sq), _mm512_reduce_add_ps(res)};
 }
 

@@ -43,8 +43,7 @@ bool dot_tile_bf16_available();
 // a multiple of 32, zero-padded from d; the latents w come packed into panels
 // (pack_bf16_panels) of 16 latents' bfloat16 pairs side by side, so one
 // vdpbf16ps multiplies a row's broadcast pair by 16 latents and the sums need
-// no reduction across lanes (1.4x the 4 x 4 dot-product blocks of dot_tile
-// here). Only with dot_tile_bf16_available().
+// no reduction across lanes. Only with dot_tile_bf16_available().
 void dot_tile_bf16(int64_t rows, int64_t cols, int64_t ld, const uint16_t* a, const uint16_t* panels, float* c,
                    int64_t ldc);
 

@@ -105,16 +105,17 @@ template <typename A>
 inline int64_t next_hit(const A* s, const A* b, int64_t n, A theta) { return next_hit_scalar(s, b, n, theta); }
 #endif
 
-// The latents of a screened row that may beat theta: screen score plus bound
-// not below theta (true for NaN).
+// One row of a screened tile: its screen scores and the factors of its bound
+// (ScreenTile), numbered from the first latent collect_passing looks at.
 struct ScreenedRow {
   const float* s;
   float a, b;
   const float *col_a, *col_b, *col_reach;
 };
 
-// Appends to `out` every latent j < n of `row` that may beat theta. AVX-512
-// where the CPU has it (always, where screening runs: it needs AVX512_BF16).
+// Appends to `out` every latent j < n of `row` that may beat theta: screen
+// score plus bound not below theta (true for NaN). AVX-512 where the CPU has
+// it (always, where screening runs: it needs AVX512_BF16).
 void collect_passing_scalar(const ScreenedRow& row, int64_t n, float theta, std::vector<int32_t>& out) {
   for (int64_t j = 0; j < n; ++j)
     if (!(row.s[j] + std::fma(row.a, row.col_a[j], std::fma(row.b, row.col_b[j], row.col_reach[j])) < theta))
@@ -216,6 +217,17 @@ void TopKSelector<A>::compact(int64_t row, int64_t keep) {
 }
 
 template <typename A>
+inline bool TopKSelector<A>::offer(int64_t row, A score, int32_t latent) {
+  // Later latents lose ties, so only a strictly better score (or a NaN, for
+  // which the comparison is false) is kept.
+  if (score <= theta_[row]) return true;
+  Candidate* c = cand_.data() + row * cap_;
+  c[count_[row]++] = {score, latent};
+  if (count_[row] == cap_) compact(row, k_);
+  return !std::isnan(theta_[row]);
+}
+
+template <typename A>
 void TopKSelector<A>::consume(const A* scores, int64_t ld, int64_t row0, int64_t nrows,
                               int64_t col0, int64_t ncols, const A* bias) {
 #pragma omp parallel for schedule(static) if (parallel_worth(nrows * ncols))
@@ -235,18 +247,8 @@ void TopKSelector<A>::consume(const A* scores, int64_t ld, int64_t row0, int64_t
     while (j < ncols) {
       j += next_hit(s + j, bias + j, ncols - j, theta_[row]);
       const int64_t end = std::min(j + kChunk, ncols);
-      for (; j < end; ++j) {
-        const A score = s[j] + bias[j];
-        // Later latents lose ties, so only a strictly better score (or a NaN,
-        // for which the comparison is false) is kept.
-        if (!(score <= theta_[row])) {
-          c[count++] = {score, int32_t(col0 + j)};
-          if (count == cap_) {
-            compact(row, k_);
-            if (std::isnan(theta_[row])) { j = ncols; break; }
-          }
-        }
-      }
+      for (; j < end; ++j)
+        if (!offer(row, s[j] + bias[j], int32_t(col0 + j))) { j = ncols; break; }
     }
   }
 }
@@ -283,14 +285,7 @@ void TopKSelector<A>::consume_screened(const ScreenTile& tile, int64_t row0, int
     dot_tile_gather(tile.d, x, w, passed.data(), int64_t(passed.size()), exact.data());
     for (size_t i = 0; i < passed.size(); ++i) {
       const int64_t col = j + passed[i];
-      const A score = A(exact[i]) + bias[col];
-      if (!(score <= theta_[row])) {  // consume()'s test, on the exact score
-        c[count++] = {score, int32_t(col0 + col)};
-        if (count == cap_) {
-          compact(row, k_);
-          if (std::isnan(theta_[row])) break;
-        }
-      }
+      if (!offer(row, A(exact[i]) + bias[col], int32_t(col0 + col))) break;  // consume()'s test, exact score
     }
   }
 }

@@ -64,9 +64,10 @@ class TopKSelector {
   void consume_screened(const ScreenTile& tile, int64_t row0, int64_t nrows, int64_t col0, int64_t ncols,
                         const A* bias);
 
-  // Writes values[r, j] = ReLU(score) (the score itself with relu = false) and indices[r, j] for the k best latents of
-  // every row, in descending order of score; ties go to the lower index and NaN
-  // ranks above every number (as torch.topk does).
+  // Writes values[r, j] = ReLU(score) (the score itself with relu = false) and
+  // indices[r, j] for the k best latents of every row, in descending order of
+  // score; ties go to the lower index and NaN ranks above every number (as
+  // torch.topk does).
   template <typename T>
   void finish(T* values, int64_t* indices, bool relu = true);
 
@@ -82,6 +83,10 @@ class TopKSelector {
 
  private:
   void compact(int64_t row, int64_t keep);
+  // Offers latent `latent` with `score` to a row that holds k candidates:
+  // kept if it beats the k-th best (or is NaN). False once the row is settled
+  // (a NaN k-th best, which no later latent can beat).
+  bool offer(int64_t row, A score, int32_t latent);
 
   struct Candidate {
     A score;
