@@ -9,6 +9,7 @@ float64, as in every backend. Gradients come from PyTorch autograd through these
 """
 
 from .ops.batch_topk import batch_topk_reference as batch_topk_encode  # noqa: F401  (a composite, not a registered op)
+from .ops.jumprelu import jumprelu_reference as jumprelu_encode  # noqa: F401  (a composite)
 from .ops.checks import accumulation_dtype  # noqa: F401
 from .ops.registry import OPS
 from .ops.topk_encode import pre_activations  # noqa: F401

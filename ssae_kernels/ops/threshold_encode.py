@@ -44,8 +44,9 @@ def threshold_encode(x, W_enc, b_enc, threshold, max_k, *, b_dec=None):
     checks.integer(max_k, "max_k")
     if not isinstance(threshold, torch.Tensor):
         threshold = torch.tensor(checks.real(threshold, "threshold"), dtype=x.dtype, device=x.device)
-    if threshold.requires_grad:
-        raise ValueError("threshold_encode does not differentiate the threshold: pass threshold.detach()")
+    if threshold.requires_grad and torch.is_grad_enabled():
+        raise ValueError("threshold_encode does not differentiate the threshold: pass threshold.detach(), or "
+                         "train it with jumprelu_encode (straight-through pseudo-derivatives)")
     if not bool(torch.isfinite(threshold).all()):
         raise ValueError(f"threshold must be finite, got {int((~torch.isfinite(threshold)).sum())} non-finite "
                          "entries")
