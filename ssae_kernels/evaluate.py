@@ -10,11 +10,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .models import decoder_layers
-from .sae import TopKSAE
+from .sae import SAE
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: TopKSAE, acts: torch.Tensor, *, batch_size: int = 4096,
+def reconstruction_metrics(sae: SAE, acts: torch.Tensor, *, batch_size: int = 4096,
                            dense_threshold: float = 0.1) -> dict:
     """FVU, L0, and per-latent firing frequencies over ``acts`` [T, d] (raw activations)."""
     err = torch.zeros((), dtype=torch.float64)
@@ -51,7 +51,7 @@ def splice(model, layer: int, replace):
 
 
 @torch.no_grad()
-def downstream_losses(model, saes: dict[str, TopKSAE], chunks: list[list[int]], layer: int, *,
+def downstream_losses(model, saes: dict[str, SAE], chunks: list[list[int]], layer: int, *,
                       batch_size: int = 8, progress: bool = True) -> dict:
     """Next-token cross-entropy on ``chunks`` with the model as is (``clean``), with decoder layer
     ``layer``'s output replaced by each SAE's reconstruction, and zero-ablated (positions after the
@@ -94,7 +94,7 @@ def downstream_losses(model, saes: dict[str, TopKSAE], chunks: list[list[int]], 
     return ce
 
 
-def downstream_loss(model, sae: TopKSAE, chunks: list[list[int]], layer: int, *, batch_size: int = 8,
+def downstream_loss(model, sae: SAE, chunks: list[list[int]], layer: int, *, batch_size: int = 8,
                     progress: bool = True) -> dict:
     """:func:`downstream_losses` of one SAE, with ``ce_loss_recovered`` = (CE_zero - CE_sae) / (CE_zero - CE_clean)."""
     ce = downstream_losses(model, {"sae": sae}, chunks, layer, batch_size=batch_size, progress=progress)

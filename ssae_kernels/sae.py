@@ -1,11 +1,19 @@
-"""TopK (Gao et al. 2024) and BatchTopK (Bussmann et al. 2024) sparse autoencoders on the fused ops.
+"""Sparse autoencoders on the fused ops, one base class and four activations:
 
-    z = ReLU(TopK(W_enc (x - b_dec) + b_enc)),  x_hat = W_dec^T z + b_dec
+    pre = W_enc (x - b_dec) + b_enc,   z = activation(pre),   x_hat = W_dec^T z + b_dec
 
-with W_enc and W_dec both [num_latents, d_in]. BatchTopK trains with the N * k largest
-pre-activations of the whole batch instead of k per row, and encodes with a threshold estimated
-during training. The parameters are float32 master weights; ``compute_dtype`` (float32 or bfloat16)
-is what the kernels see.
+with W_enc and W_dec both [num_latents, d_in].
+
+- TopK (Gao et al. 2024): the k largest ReLU(pre) of each row.
+- BatchTopK (Bussmann et al. 2024): trained on the N * k largest of the whole batch, encoded with the
+  batch threshold estimated during training.
+- JumpReLU (Rajamanoharan et al. 2024): pre where it exceeds a learned per-latent threshold; trained with
+  straight-through pseudo-derivatives and a penalty that holds the mean L0 at the target k.
+- ReLU: ReLU(pre) with an L1 penalty weighted by the decoder row norms.
+
+Every code is sparse: at most ``max_k`` latents per row for the threshold activations, never an N x M
+matrix. The parameters are float32 master weights; ``compute_dtype`` (float32 or bfloat16) is what the
+kernels see.
 """
 
 from __future__ import annotations
@@ -14,11 +22,13 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .ops import batch_topk_encode, encode_selected, sparse_decode, sparse_decode_mse, threshold_encode, topk_encode
+from .ops import (batch_topk_encode, encode_selected, jumprelu_encode, sparse_decode, sparse_decode_mse, threshold_encode,
+                  topk_encode)
 from .storage import (MANIFEST, CorruptFileError, atomic_write, atomic_write_text, read_checksums, verify_checksums,
                       write_checksums)
 
@@ -35,8 +45,12 @@ class SAEConfig:
     aux_coef: float = 1 / 32
     dead_tokens: int = 1_000_000  # a latent is dead after this many tokens without firing
     compute_dtype: str = "float32"
-    arch: str = "topk"  # "topk", or "batchtopk": the N * k largest of the batch (k on average per row)
-    max_k: int | None = None  # batchtopk: the most latents a row may keep; default 4 k (at most num_latents)
+    # "topk": k per row; "batchtopk": the N * k largest of the batch (k on average per row); "jumprelu": k is
+    # the target mean L0; "relu": k is the mean L0 at initialisation (l1_coef sets where training takes it)
+    arch: str = "topk"
+    max_k: int | None = None  # all but topk: the most latents a row may keep; default 4 k (at most num_latents)
+    bandwidth: float | None = None  # jumprelu: the pseudo-derivatives' kernel width, pre-activation units; default 0.05
+    l1_coef: float | None = None  # relu: weight of the L1 penalty sum_m z_m |W_dec[m]|; default 3
 
     def __post_init__(self):
         for name in ("d_in", "num_latents", "k"):
@@ -49,9 +63,23 @@ class SAEConfig:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}")
         if self.arch == "topk" and self.max_k is not None:
-            raise ValueError("max_k applies to arch 'batchtopk' only (a TopK SAE keeps exactly k per row)")
-        if self.arch == "batchtopk" and self.max_k is None:
+            raise ValueError("max_k does not apply to arch 'topk' (a TopK SAE keeps exactly k per row)")
+        if self.arch != "topk" and self.max_k is None:
             self.max_k = min(self.num_latents, 4 * self.k)
+        for name, arch, default in (("bandwidth", "jumprelu", 0.05),
+                                    ("l1_coef", "relu", 3.0)):
+            value = getattr(self, name)
+            if value is None:
+                if self.arch == arch:
+                    setattr(self, name, default)
+            elif self.arch != arch:
+                raise ValueError(f"{name} applies to arch {arch!r} only, not {self.arch!r}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf") \
+                    or (name == "bandwidth" and value == 0):
+                raise ValueError(f"{name} must be a {'positive' if name == 'bandwidth' else 'non-negative'} "
+                                 f"finite number, got {value!r}")
+            else:
+                setattr(self, name, float(value))
         if self.max_k is not None and not (isinstance(self.max_k, int) and self.k <= self.max_k <= self.num_latents):
             raise ValueError(f"max_k must be an int in [k, num_latents] = [{self.k}, {self.num_latents}], "
                              f"got {self.max_k!r}")
@@ -68,6 +96,15 @@ class TouchedRows:
     W_dec: torch.Tensor  # [R, d]
 
 
+class Selection(NamedTuple):
+    """A training code: (values, indices) [N, width], which slots hold a latent (None: all of them) and, for
+    JumpReLU, the per-row L0 with its pseudo-derivative."""
+    values: torch.Tensor
+    indices: torch.Tensor
+    filled: torch.Tensor | None = None
+    l0: torch.Tensor | None = None
+
+
 @dataclass
 class Loss:
     total: torch.Tensor
@@ -76,9 +113,12 @@ class Loss:
     values: torch.Tensor
     indices: torch.Tensor  # latents (global numbering)
     touched: TouchedRows | None = None  # with loss(..., touched_rows=True): where the weight gradients are
+    sparsity: torch.Tensor | None = None  # the architecture's penalty (JumpReLU, ReLU), included in total
 
 
-class TopKSAE(torch.nn.Module):
+class SAE(torch.nn.Module):
+    """What every architecture shares: parameters, decoding, the loss, files. A subclass defines
+    ``encode`` (inference) and ``_select`` (the training code), and ``_sparsity`` when it has a penalty."""
     def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
         super().__init__()
         self.cfg = cfg
@@ -105,9 +145,12 @@ class TopKSAE(torch.nn.Module):
     # ---- inference ---------------------------------------------------------------------
 
     def encode(self, x: torch.Tensor):
-        """(values, indices) of the k active latents per row of x [N, d_in] (raw activations)."""
-        W_enc, b_enc, _, b_dec = self._weights()
-        return topk_encode((x * self.input_scale).to(self.compute_dtype), W_enc, b_enc, self.cfg.k, b_dec=b_dec)
+        """(values, indices) of the active latents of each row of x [N, d_in] (raw activations); slots that
+        hold no latent have value 0."""
+        raise NotImplementedError
+
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.input_scale).to(self.compute_dtype)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         _, _, W_dec, b_dec = self._weights()
@@ -122,26 +165,29 @@ class TopKSAE(torch.nn.Module):
     def loss(self, x: torch.Tensor, *, t: float = 0.0, sample_weights: torch.Tensor | None = None,
              touched_rows: bool = False) -> Loss:
         """Reconstruction loss at the normalised scale (per-row squared error, tilted mean with tilt t)
-        plus the AuxK loss for dead latents. x is raw; ``sample_weights`` (from StreamingTERM)
-        replaces the tilt when given.
+        plus the AuxK loss for dead latents and the architecture's sparsity penalty. x is raw;
+        ``sample_weights`` (from StreamingTERM) replaces the tilt when given.
 
         With ``touched_rows``, the latents are selected without autograd and the loss is computed on
         gathered copies of the rows the batch touched (``Loss.touched``, leaves that require grad): the
         gradients of W_enc, b_enc and W_dec are then [R, ...] for R touched latents instead of [M, ...],
         for :class:`ssae_kernels.optim.SparseAdam`. Same value and gradients as without it."""
         W_enc, b_enc, W_dec, b_dec = self._weights()
-        xs = (x * self.input_scale).to(self.compute_dtype)
+        xs = self._scaled(x)
         dead = self.dead_mask().nonzero().squeeze(1)
         if not touched_rows:
-            values, indices, _ = self._select(xs, W_enc, b_enc, b_dec)
+            code = self._select(xs, W_enc, b_enc, b_dec)
             aux_values = aux_indices = None
             if dead.numel():
                 aux_values, local = topk_encode(xs, W_enc[dead], b_enc[dead], self._k_aux(dead), b_dec=b_dec)
                 aux_indices = dead[local]
-            return self._loss(xs, values, indices, aux_values, aux_indices, W_dec, b_dec, t, sample_weights)
+            return self._loss(xs, code, aux_values, aux_indices, W_dec, b_dec, t, sample_weights)
 
+        if not self.TOUCHED_ROWS:
+            raise NotImplementedError(f"a {type(self).__name__} trains its dense per-latent parameters with every "
+                                      "row: use torch.optim.Adam (optimizer 'adam'), not the touched-rows loss")
         with torch.no_grad():
-            _, indices, filled = self._select(xs, W_enc, b_enc, b_dec)
+            _, indices, filled, _ = self._select(xs, W_enc, b_enc, b_dec)
             aux_indices = None
             if dead.numel():
                 aux_indices = dead[topk_encode(xs, W_enc[dead], b_enc[dead], self._k_aux(dead), b_dec=b_dec)[1]]
@@ -159,20 +205,33 @@ class TopKSAE(torch.nn.Module):
         if aux_indices is not None:
             aux_local = torch.searchsorted(rows, aux_indices)
             aux_values = encode_selected(xs, W_enc_r, b_enc_r, aux_local, b_dec=b_dec)
-        out = self._loss(xs, values, local, aux_values, aux_local, W_dec_r, b_dec, t, sample_weights)
+        out = self._loss(xs, Selection(values, local, filled), aux_values, aux_local, W_dec_r, b_dec, t,
+                         sample_weights)
         out.indices, out.touched = indices, touched
         return out
 
-    def _select(self, xs, W_enc, b_enc, b_dec):
-        """(values, indices, filled) of the training code: TopK's k per row (filled None: every slot holds one)."""
-        values, indices = topk_encode(xs, W_enc, b_enc, self.cfg.k, b_dec=b_dec)
-        return values, indices, None
+    # parameter name -> its learning rate as a multiple of the weights' (with torch.optim.Adam)
+    LR_SCALES: dict[str, float] = {}
+
+    # whether loss(touched_rows=True) serves this architecture: every parameter it trains is W_enc, b_enc,
+    # W_dec (rows) or b_dec
+    TOUCHED_ROWS = True
+
+    def _select(self, xs, W_enc, b_enc, b_dec) -> Selection:
+        """The training code of the normalised inputs xs."""
+        raise NotImplementedError
+
+    def _sparsity(self, code: Selection, W_dec: torch.Tensor, recon: torch.Tensor) -> torch.Tensor | None:
+        """The sparsity penalty of a training code decoded by W_dec (its rows at code.indices) with
+        reconstruction loss ``recon``, or None."""
+        return None
 
     def _k_aux(self, dead: torch.Tensor) -> int:
         return min(self.cfg.k_aux, dead.numel())
 
-    def _loss(self, xs, values, indices, aux_values, aux_indices, W_dec, b_dec, t, sample_weights) -> Loss:
+    def _loss(self, xs, code, aux_values, aux_indices, W_dec, b_dec, t, sample_weights) -> Loss:
         """The loss from a code (and AuxK's code of dead latents, or None) decoded with W_dec."""
+        values, indices = code.values, code.indices
         if sample_weights is None:
             recon = sparse_decode_mse(values, indices, W_dec, b_dec, xs, t=t)
         else:
@@ -187,7 +246,11 @@ class TopKSAE(torch.nn.Module):
             aux_hat = sparse_decode(aux_values, aux_indices, W_dec).float()
             total_variance = ((residual - residual.mean(0)) ** 2).sum().clamp_min(1e-12)
             aux = ((aux_hat - residual) ** 2).sum() / total_variance
-        return Loss(recon + self.cfg.aux_coef * aux, recon, aux, values, indices)
+        total = recon + self.cfg.aux_coef * aux
+        sparsity = self._sparsity(code, W_dec, recon)
+        if sparsity is not None:
+            total = total + sparsity
+        return Loss(total, recon, aux, values, indices, sparsity=sparsity)
 
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens
@@ -250,12 +313,15 @@ class TopKSAE(torch.nn.Module):
         atomic_write_text(os.path.join(directory, CONFIG_FILE), json.dumps(dataclasses.asdict(self.cfg), indent=2))
         write_checksums(directory, [WEIGHTS_FILE])
 
+    # tensors of the state beyond the shared ones: name -> shape as config keys
+    EXTRA_TENSORS: dict[str, tuple[str, ...]] = {}
+
     @classmethod
-    def load(cls, directory: str, device: str | torch.device = "cpu") -> "TopKSAE":
+    def load(cls, directory: str, device: str | torch.device = "cpu") -> "SAE":
         """Loads our format, checked: the weights against ``checksums.json`` (CorruptFileError; directories
         written before checksums existed have none and load unchecked), ``cfg.json`` (ValueError naming a
         missing, unknown or invalid key) and every tensor's shape against the config (ValueError). The
-        class follows cfg.json's ``arch`` (TopKSAE or BatchTopKSAE). SAELens and sparsify directories are
+        class follows cfg.json's ``arch`` (``SAE_CLASSES``). SAELens and sparsify directories are
         read by ``ssae_kernels.formats.load_sae``."""
         cfg_path, weights_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
         raw = read_json_object(cfg_path)
@@ -278,22 +344,46 @@ class TopKSAE(torch.nn.Module):
         verify_weights(directory, WEIGHTS_FILE)
         tensors = read_safetensors(weights_path)
         spec = {"W_enc": ("num_latents", "d_in"), "W_dec": ("num_latents", "d_in"), "b_enc": ("num_latents",),
-                "b_dec": ("d_in",), "input_scale": (), "tokens_since_fired": ("num_latents",)}
-        if cfg.arch == "batchtopk":
-            spec["threshold"] = ()
+                "b_dec": ("d_in",), "input_scale": (), "tokens_since_fired": ("num_latents",),
+                **sae_class(cfg).EXTRA_TENSORS}
         check_shapes(weights_path, tensors, spec, {"d_in": cfg.d_in, "num_latents": cfg.num_latents}, cfg_path)
         sae = sae_class(cfg)(cfg)
         sae.load_state_dict(tensors)
         return sae.to(device)
 
 
-class BatchTopKSAE(TopKSAE):
+class TopKSAE(SAE):
+    """TopK (Gao et al. 2024): the k largest ReLU(pre) of every row."""
+
+    def encode(self, x: torch.Tensor):
+        """(values, indices) [N, k] of the k active latents per row of x [N, d_in] (raw activations)."""
+        W_enc, b_enc, _, b_dec = self._weights()
+        return topk_encode(self._scaled(x), W_enc, b_enc, self.cfg.k, b_dec=b_dec)
+
+    def _select(self, xs, W_enc, b_enc, b_dec):
+        return Selection(*topk_encode(xs, W_enc, b_enc, self.cfg.k, b_dec=b_dec))
+
+
+def _filled(counts: torch.Tensor, width: int) -> torch.Tensor:
+    """[N, width]: which slots of a threshold code hold a latent."""
+    return torch.arange(width, device=counts.device) < counts.unsqueeze(1)
+
+
+def _k_sparse_threshold(sae: SAE, x: torch.Tensor) -> float:
+    """The N * k-th largest ReLU(pre) of a raw sample x [n, d_in] under the current weights: the threshold
+    at which the sample's mean L0 is k."""
+    W_enc, b_enc, _, b_dec = sae._weights()
+    return float(batch_topk_encode(sae._scaled(x), W_enc, b_enc, sae.cfg.k, sae.cfg.max_k, b_dec=b_dec)[3])
+
+
+class BatchTopKSAE(SAE):
     """BatchTopK (Bussmann et al. 2024): trained on the N * k largest ReLU'd pre-activations of each batch
     (rows share the budget, at most ``max_k`` each; ``batch_topk_encode``), encoded with the batch
     threshold estimated in training: every latent above it, at most ``max_k`` per row
     (``threshold_encode``), so the number of active latents varies by token around k."""
 
     THRESHOLD_DECAY = 0.9  # the estimate: an exponential moving average of the recent training batches' thresholds
+    EXTRA_TENSORS = {"threshold": ()}
 
     def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
         super().__init__(cfg, generator=generator)
@@ -306,8 +396,8 @@ class BatchTopKSAE(TopKSAE):
             raise RuntimeError("this BatchTopK SAE has no threshold yet: it is estimated during training "
                                "(its code keeps the latents above it)")
         W_enc, b_enc, _, b_dec = self._weights()
-        values, indices, _ = threshold_encode((x * self.input_scale).to(self.compute_dtype), W_enc, b_enc,
-                                              self.threshold.to(self.compute_dtype), self.cfg.max_k, b_dec=b_dec)
+        values, indices, _ = threshold_encode(self._scaled(x), W_enc, b_enc, self.threshold.to(self.compute_dtype),
+                                              self.cfg.max_k, b_dec=b_dec)
         return values, indices
 
     def _select(self, xs, W_enc, b_enc, b_dec):
@@ -318,16 +408,90 @@ class BatchTopKSAE(TopKSAE):
                 self.threshold.fill_(float(threshold))
             else:
                 self.threshold.mul_(self.THRESHOLD_DECAY).add_((1 - self.THRESHOLD_DECAY) * float(threshold))
-        filled = torch.arange(self.cfg.max_k, device=xs.device) < counts.unsqueeze(1)
-        return values, indices, filled
+        return Selection(values, indices, _filled(counts, self.cfg.max_k))
+
+
+class JumpReLUSAE(SAE):
+    """JumpReLU (Rajamanoharan et al. 2024): ``z_m = pre_m`` where it exceeds the learned threshold
+    theta_m, else 0; at most ``max_k`` latents per row. Training adds a penalty on the batch's mean L0 whose
+    multiplier adapts until L0 holds at k, and trains theta through the straight-through pseudo-derivatives of
+    ``jumprelu_encode`` (kernel width ``bandwidth``). The thresholds start at the value that gives a
+    data sample a mean L0 of k, so the code is k-sparse from the first step."""
+
+    EXTRA_TENSORS = {"threshold": ("num_latents",), "l0_multiplier": ()}
+    L0_RHO = 20.0  # weight of the quadratic term
+    L0_GAIN = 0.05  # the multiplier's change per step per unit of relative L0 error
+    # Adam moves a parameter by about lr per step: at the weights' rate, thresholds of order 1 could not
+    # follow the pre-activations' scale within a run of a few thousand steps
+    LR_SCALES = {"threshold": 10.0}
+    TOUCHED_ROWS = False  # theta is trained through latents that are not in the code
+
+    def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
+        super().__init__(cfg, generator=generator)
+        self.threshold = torch.nn.Parameter(torch.zeros(cfg.num_latents))  # at the normalised scale
+        self.register_buffer("l0_multiplier", torch.zeros(()))
+
+    def encode(self, x: torch.Tensor):
+        """(values, indices) [N, max_k] of the latents above their thresholds, largest first (0 past a row's
+        count)."""
+        W_enc, b_enc, _, b_dec = self._weights()
+        values, indices, _ = threshold_encode(self._scaled(x), W_enc, b_enc, self.threshold.detach().to(W_enc.dtype),
+                                              self.cfg.max_k, b_dec=b_dec)
+        return values, indices
+
+    def _select(self, xs, W_enc, b_enc, b_dec):
+        code = jumprelu_encode(xs, W_enc, b_enc, self.threshold, self.cfg.max_k, bandwidth=self.cfg.bandwidth,
+                               b_dec=b_dec)
+        return Selection(code.values, code.indices, _filled(code.counts, self.cfg.max_k), code.l0)
+
+    def _sparsity(self, code, W_dec, recon):
+        # An augmented Lagrangian for the constraint L0 = k, in units of the reconstruction loss:
+        # lambda * r + (rho / 2) (r - 1)^2 with r = L0 / k. The quadratic term answers a deviation at once;
+        # the multiplier lambda integrates what remains (raised while L0 exceeds k, lowered while it falls
+        # short), so L0 settles at k whichever way the reconstruction pulls the thresholds.
+        ratio = code.l0.mean() / self.cfg.k
+        penalty = float(self.l0_multiplier) * ratio + self.L0_RHO / 2 * (ratio - 1) ** 2
+        with torch.no_grad():
+            self.l0_multiplier.add_(self.L0_GAIN * (float(ratio) - 1))
+        return recon.detach() * penalty
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, *, target_norm: float | None = None) -> None:
+        super().init_from_data(x, target_norm=target_norm)
+        self.threshold.fill_(_k_sparse_threshold(self, x))
+
+
+class ReLUSAE(SAE):
+    """The standard SAE: ``z = ReLU(pre)``, at most ``max_k`` latents per row (the largest), trained with the
+    penalty ``l1_coef * sum_m z_m |W_dec[m]|`` (mean over rows). b_enc starts at minus the value that gives a
+    data sample a mean L0 of k, so training starts sparse; l1_coef sets the L0 it reaches."""
+
+    def encode(self, x: torch.Tensor):
+        """(values, indices) [N, max_k] of the positive latents, largest first (0 past a row's count)."""
+        W_enc, b_enc, _, b_dec = self._weights()
+        values, indices, _ = threshold_encode(self._scaled(x), W_enc, b_enc, 0.0, self.cfg.max_k, b_dec=b_dec)
+        return values, indices
+
+    def _select(self, xs, W_enc, b_enc, b_dec):
+        values, indices, counts = threshold_encode(xs, W_enc, b_enc, 0.0, self.cfg.max_k, b_dec=b_dec)
+        return Selection(values, indices, _filled(counts, self.cfg.max_k))
+
+    def _sparsity(self, code, W_dec, recon):
+        norms = W_dec.float().norm(dim=1)
+        return self.cfg.l1_coef * (code.values.float() * norms[code.indices]).sum(1).mean()
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, *, target_norm: float | None = None) -> None:
+        super().init_from_data(x, target_norm=target_norm)
+        self.b_enc.fill_(-_k_sparse_threshold(self, x))
 
 
 # SAEConfig.arch -> the model class
-SAE_CLASSES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE}
+SAE_CLASSES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE, "relu": ReLUSAE}
 ARCHITECTURES = tuple(SAE_CLASSES)
 
 
-def sae_class(cfg: SAEConfig) -> type[TopKSAE]:
+def sae_class(cfg: SAEConfig) -> type[SAE]:
     """The model class of an SAE config's architecture."""
     return SAE_CLASSES[cfg.arch]
 

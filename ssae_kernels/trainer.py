@@ -1,4 +1,4 @@
-"""Training a TopK SAE on stored activations: Adam with warmup and decay, TERM, checkpoints, resume."""
+"""Training an SAE on stored activations: Adam with warmup and decay, TERM, checkpoints, resume."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import storage
 from .ops import StreamingTERM
 from .optim import SparseAdam
-from .sae import WEIGHTS_FILE, SAEConfig, TopKSAE, sae_class
+from .sae import SAE, WEIGHTS_FILE, SAEConfig, sae_class
 
 CHECKPOINT = "checkpoint"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -135,19 +135,24 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, sae: TopKSAE, acts: torch.Tensor, cfg: TrainConfig, out_dir: str, *,
+    def __init__(self, sae: SAE, acts: torch.Tensor, cfg: TrainConfig, out_dir: str, *,
                  progress: bool = True, metrics_file: str | None = None):
         self.sae, self.acts, self.cfg, self.out_dir = sae, acts, cfg, out_dir
         self.progress = progress
         self.lr = cfg.learning_rate(sae.cfg.num_latents)
         if cfg.optimizer == "sparse-adam":
+            if not sae.TOUCHED_ROWS:
+                raise ValueError(f"optimizer 'sparse-adam' cannot train a {type(sae).__name__} (its per-latent "
+                                 "thresholds learn from latents outside the code): use 'adam'")
             self.optimizer = SparseAdam({"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec},
                                         {"b_dec": sae.b_dec}, lr=self.lr, betas=(0.9, 0.999), eps=cfg.adam_eps,
                                         state_dtype=getattr(torch, cfg.optimizer_state))
         else:
             # fused: one pass over each parameter and its states, no temporaries of the parameter's size
-            self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=cfg.adam_eps,
-                                              fused=True)
+            scales = sae.LR_SCALES
+            groups = [{"params": [p for n, p in sae.named_parameters() if n not in scales]},
+                      *({"params": [getattr(sae, n)], "lr_scale": scale} for n, scale in scales.items())]
+            self.optimizer = torch.optim.Adam(groups, lr=self.lr, betas=(0.9, 0.999), eps=cfg.adam_eps, fused=True)
         self.sampler = BatchSampler(acts.shape[0], cfg.batch_size, cfg.seed)
         self.term = StreamingTERM(cfg.tilt, cfg.term_decay) if cfg.streaming_term else None
         self.step = 0
@@ -200,7 +205,7 @@ class Trainer:
         directory = directory or os.path.join(self.out_dir, CHECKPOINT)
         if checkpoint_step(directory) is None:
             raise ValueError(f"{directory} is not a complete checkpoint")
-        loaded = TopKSAE.load(directory)  # verifies the weights' checksum
+        loaded = SAE.load(directory)  # verifies the weights' checksum
         # The dead-latent horizon was fixed when the run started (it follows the first step count), so a
         # resume that extends the run keeps it; everything else must match.
         if dataclasses.replace(loaded.cfg, dead_tokens=self.sae.cfg.dead_tokens) != self.sae.cfg:
@@ -255,7 +260,7 @@ class Trainer:
             self.optimizer.lr = lr
         else:
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
         weights = None
         if self.term is not None:
             with torch.no_grad():
@@ -280,7 +285,8 @@ class Trainer:
             sae.b_dec.grad = None
             sae.normalize_decoder(rows.rows)
         else:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            # the weights' gradients, clipped together (parameters with their own learning rate are not)
+            torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], cfg.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             sae.normalize_decoder()
@@ -288,7 +294,7 @@ class Trainer:
         self.step += 1
         return batch, out
 
-    def train(self, on_step=None) -> TopKSAE:
+    def train(self, on_step=None) -> SAE:
         """Runs to ``cfg.steps``; ``on_step(trainer)`` is called after every step. Ctrl-C stops
         after the current step with a checkpoint; an exception leaves the last periodic checkpoint."""
         cfg, sae = self.cfg, self.sae
@@ -345,12 +351,13 @@ class Trainer:
         variance = ((xs - xs.mean(0)) ** 2).sum(1)
         return {"step": self.step, "loss": float(out.total), "reconstruction": float(out.reconstruction),
                 "aux": float(out.aux), "fvu": float(errors.sum() / variance.sum()),
+                **({} if out.sparsity is None else {"sparsity": float(out.sparsity)}),
                 "l0": float((out.values > 0).sum(1).float().mean()),
                 "dead_fraction": float(self.sae.dead_mask().float().mean()),
                 "lr": self.current_lr, "tokens_per_s": self.tokens_per_s}
 
 
-def new_sae(acts: torch.Tensor, num_latents: int, k: int, *, seed: int = 0, **cfg) -> TopKSAE:
+def new_sae(acts: torch.Tensor, num_latents: int, k: int, *, seed: int = 0, **cfg) -> SAE:
     """An SAE (TopK, or the ``arch`` in cfg) initialised for these activations (b_dec at their geometric
     median, inputs scaled to mean norm sqrt(d))."""
     g = torch.Generator().manual_seed(seed)

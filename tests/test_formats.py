@@ -13,7 +13,7 @@ import ssae_kernels
 from ssae_kernels import formats
 from ssae_kernels.recipes import export
 from ssae_kernels.recipes.common import UsageError
-from ssae_kernels.sae import SAEConfig, TopKSAE
+from ssae_kernels.sae import SAEConfig, TopKSAE, sae_class
 from ssae_kernels.storage import CorruptFileError
 
 WEIGHTS = {"ssae": "sae.safetensors", "saelens": "sae_weights.safetensors", "sparsify": "sae.safetensors"}
@@ -202,9 +202,9 @@ def test_loads_sparsify_directories(tmp_path):
 
 
 def test_unsupported_checkpoints_are_rejected(tmp_path):
-    (tmp_path / "cfg.json").write_text(json.dumps({"d_in": 4, "d_sae": 8, "architecture": "jumprelu"}))
+    (tmp_path / "cfg.json").write_text(json.dumps({"d_in": 4, "d_sae": 8, "architecture": "gated"}))
     save_file({"W_enc": torch.zeros(4, 8)}, str(tmp_path / "sae_weights.safetensors"))
-    with pytest.raises(ValueError, match="not a TopK SAE"):
+    with pytest.raises(ValueError, match="SAELens architecture 'gated' is not supported"):
         formats.load_sae(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no cfg.json"):
         formats.load_sae(str(tmp_path / "missing"))
@@ -381,3 +381,185 @@ def test_export_command_errors_name_the_flag(tmp_path):
     assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit):
         _parse("--sae", str(tmp_path / "ours"), "--out", str(tmp_path / "o"))  # --format is required
+
+
+# ---- threshold architectures: ReLU (SAELens standard), JumpReLU, BatchTopK; Gemma Scope -----------------
+
+
+def _threshold_sae(arch, d=16, M=60, scale=0.37, max_k=60):
+    """An SAE of ``arch`` with random weights whose codes hold a few latents per row."""
+    torch.manual_seed(5)
+    sae = sae_class(SAEConfig(d_in=d, num_latents=M, k=4, arch=arch, max_k=max_k))(
+        SAEConfig(d_in=d, num_latents=M, k=4, arch=arch, max_k=max_k))
+    with torch.no_grad():
+        sae.W_enc.normal_()
+        sae.b_enc.normal_().sub_(1.0)
+        sae.b_dec.normal_()
+        sae.input_scale.fill_(scale)
+        if arch == "jumprelu":
+            sae.threshold.uniform_(0.0, 2.0)
+        elif arch == "batchtopk":
+            sae.threshold.fill_(0.8)
+    return sae
+
+
+def _dense_sum(values, indices, M):
+    """[N, M] from a code whose empty slots hold value 0 at index 0 (added, so they change nothing)."""
+    return torch.zeros(values.shape[0], M).scatter_add_(1, indices.long(), values.float())
+
+
+ARCH_FORMATS = [("relu", "saelens"), ("jumprelu", "saelens"), ("batchtopk", "saelens"), ("jumprelu", "gemmascope"),
+                ("batchtopk", "gemmascope")]
+
+
+@pytest.mark.parametrize("arch,fmt", ARCH_FORMATS)
+def test_threshold_architectures_round_trip(tmp_path, arch, fmt):
+    sae = _threshold_sae(arch)
+    directory = str(tmp_path / fmt)
+    formats.export_sae(sae, directory, fmt)
+    assert formats.detect_format(directory) == fmt
+    back = formats.load_sae(directory)
+    # Gemma Scope keeps no metadata: a BatchTopK SAE comes back as the JumpReLU SAE it equals
+    assert back.cfg.arch == (arch if fmt == "saelens" else "jumprelu")
+    x = 3 * torch.randn(50, 16)
+    _close(back(x), sae(x))
+    _close(_dense_sum(*back.encode(x), 60), _dense_sum(*sae.encode(x), 60))
+
+
+def test_gemmascope_loads_from_the_file_and_folds_b_dec(tmp_path):
+    sae = _threshold_sae("jumprelu", scale=1.0)
+    formats.export_sae(sae, str(tmp_path), "gemmascope")
+    import numpy as np
+
+    with np.load(tmp_path / "params.npz") as data:
+        p = {key: torch.from_numpy(data[key]).double() for key in data.files}
+    assert sorted(p) == ["W_dec", "W_enc", "b_dec", "b_enc", "threshold"] and p["W_enc"].shape == (16, 60)
+    x = 3 * torch.randn(40, 16, dtype=torch.float64)
+    pre = x @ p["W_enc"] + p["b_enc"]  # Gemma Scope's encoder: x itself, no b_dec
+    expected = (torch.relu(pre) * (pre > p["threshold"])) @ p["W_dec"] + p["b_dec"]
+    _close(formats.load_sae(str(tmp_path / "params.npz"))(x.float()).double(), expected)
+
+
+def test_loaded_thresholds_act_like_the_peers(tmp_path):
+    # SAELens and Gemma Scope compute ReLU(pre) * (pre > theta): a negative threshold acts as 0
+    sae = _threshold_sae("jumprelu", scale=1.0)
+    with torch.no_grad():
+        sae.threshold[:30] = -1.5
+    formats.export_sae(sae, str(tmp_path), "saelens")
+    loaded = formats.load_sae(str(tmp_path))
+    assert bool((loaded.threshold[:30] == 0).all()) and torch.equal(loaded.threshold[30:], sae.threshold[30:])
+    x = 3 * torch.randn(40, 16)
+    w = load_file(str(tmp_path / "sae_weights.safetensors"))
+    pre = x @ w["W_enc"] + w["b_enc"] - w["b_dec"] @ w["W_enc"]
+    _close(loaded(x), (torch.relu(pre) * (pre > w["threshold"])) @ w["W_dec"] + w["b_dec"])
+
+
+def test_max_k_caps_loaded_threshold_saes(tmp_path):
+    sae = _threshold_sae("relu", scale=1.0)
+    formats.export_sae(sae, str(tmp_path), "saelens")
+    x = 3 * torch.randn(40, 16)
+    full = formats.load_sae(str(tmp_path))
+    assert full.cfg.max_k == 60
+    capped = formats.load_sae(str(tmp_path), max_k=3)
+    values, indices = capped.encode(x)
+    want_values, want_indices, _ = ssae_kernels.threshold_encode(x, capped.W_enc, capped.b_enc, 0.0, 3,
+                                                                  b_dec=capped.b_dec)
+    assert values.shape == (40, 3) and torch.equal(indices, want_indices)
+
+
+def test_gemmascope_without_cfg_gets_default_settings(tmp_path):
+    sae = _threshold_sae("jumprelu", M=2000, scale=1.0)
+    formats.export_sae(sae, str(tmp_path), "gemmascope")
+    loaded = formats.load_sae(str(tmp_path))
+    assert loaded.cfg.max_k == formats.DEFAULT_MAX_K and loaded.cfg.k == formats.DEFAULT_MAX_K // 4
+
+
+@pytest.mark.parametrize("arch,fmt", [("relu", "sparsify"), ("relu", "gemmascope"), ("topk", "gemmascope")])
+def test_formats_that_cannot_hold_an_architecture_say_so(tmp_path, arch, fmt):
+    sae = _trained_like_sae() if arch == "topk" else _threshold_sae(arch)
+    with pytest.raises(ValueError, match=f"format '{fmt}' cannot hold a {arch} SAE"):
+        formats.export_sae(sae, str(tmp_path), fmt)
+
+
+def test_bad_gemmascope_files_are_named(tmp_path):
+    (tmp_path / "params.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"params\.npz: not a readable \.npz file"):
+        formats.load_sae(str(tmp_path))
+    import numpy as np
+
+    np.savez(tmp_path / "params.npz", W_enc=np.zeros((4, 8), np.float32), W_dec=np.zeros((8, 4), np.float32),
+             b_enc=np.zeros(8, np.float32), b_dec=np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="missing array 'threshold'"):
+        formats.load_sae(str(tmp_path))
+    np.savez(tmp_path / "params.npz", W_enc=np.zeros((4, 8), np.float32), W_dec=np.zeros((8, 5), np.float32),
+             b_enc=np.zeros(8, np.float32), b_dec=np.zeros(4, np.float32), threshold=np.zeros(8, np.float32))
+    with pytest.raises(ValueError, match=r"tensor 'W_dec' has shape \[8, 5\], expected \[8, 4\]"):
+        formats.load_sae(str(tmp_path))
+
+
+def test_a_batchtopk_file_with_different_thresholds_is_refused(tmp_path):
+    sae = _threshold_sae("batchtopk")
+    formats.export_sae(sae, str(tmp_path), "saelens")
+    path = str(tmp_path / "sae_weights.safetensors")
+    w = load_file(path)
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    w["threshold"][3] += 1
+    save_file(w, path, metadata=metadata)
+    os.remove(tmp_path / "checksums.json")
+    with pytest.raises(ValueError, match="a BatchTopK SAE has one threshold"):
+        formats.load_sae(str(tmp_path))
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "batchtopk"])
+def test_saelens_loads_our_threshold_saes(tmp_path, arch):
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = _threshold_sae(arch, d=32, M=128, max_k=128)
+    directory = _written(tmp_path, "saelens", sae)
+    peer = sae_lens.SAE.load_from_disk(directory)
+    assert type(peer).__name__ == ("StandardSAE" if arch == "relu" else "JumpReLUSAE")
+    x = 3 * torch.randn(64, 32)
+    with torch.no_grad():
+        _close(peer(x), sae(x))
+        _close(peer.encode(x), _dense_sum(*sae.encode(x), 128))
+
+
+@pytest.mark.parametrize("peer_class", ["StandardSAE", "JumpReLUSAE"])
+def test_we_load_what_saelens_saves(tmp_path, peer_class):
+    sae_lens = pytest.importorskip("sae_lens")
+    cls = getattr(sae_lens, peer_class)
+    peer = cls(getattr(sae_lens, peer_class + "Config")(d_in=24, d_sae=90, dtype="float32", device="cpu"))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for name, p in peer.named_parameters():
+            p.copy_(torch.rand_like(p) if name == "threshold" else torch.randn_like(p) - (1.0 if name == "b_enc" else 0))
+    peer.save_model(str(tmp_path))
+    ours = formats.load_sae(str(tmp_path))
+    assert ours.cfg.arch == {"StandardSAE": "relu", "JumpReLUSAE": "jumprelu"}[peer_class]
+    x = 2 * torch.randn(64, 24)
+    with torch.no_grad():
+        _close(ours(x), peer(x))
+        _close(_dense_sum(*ours.encode(x), 90), peer.encode(x))
+
+
+def test_saelens_reads_our_gemmascope_file(tmp_path, monkeypatch):
+    # SAELens's own Gemma Scope loader (hub download replaced by our file, shapes by config overrides)
+    pytest.importorskip("sae_lens")
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.loading import pretrained_sae_loaders as loaders
+
+    sae = _threshold_sae("jumprelu", d=32, M=128, max_k=128)
+    formats.export_sae(sae, str(tmp_path), "gemmascope")
+    monkeypatch.setattr(loaders, "hf_hub_download", lambda **kwargs: str(tmp_path / "params.npz"))
+    cfg, state, _ = loaders.gemma_2_sae_huggingface_loader("google/gemma-scope-2b-pt-res", "layer_3/width_16k/average_l0_50",
+                                                           cfg_overrides={"d_in": 32, "d_sae": 128,
+                                                                          "normalize_activations": "none"})
+    fields = {f for f in JumpReLUSAEConfig.__dataclass_fields__}
+    peer = JumpReLUSAE(JumpReLUSAEConfig(**{key: value for key, value in cfg.items() if key in fields}))
+    peer.load_state_dict(state)
+    x = 3 * torch.randn(64, 32)
+    with torch.no_grad():
+        _close(peer(x), sae(x))
+        _close(peer.encode(x), _dense_sum(*sae.encode(x), 128))

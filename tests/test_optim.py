@@ -93,7 +93,7 @@ def test_state_needs_a_flush_and_round_trips():
     assert other.step_count == 2 and torch.equal(other.state["W"][0], opt.state["W"][0])
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
 def test_touched_rows_loss_has_the_dense_loss_and_gradients(arch):
     torch.manual_seed(0)
     cfg = SAEConfig(d_in=12, num_latents=64, k=4, k_aux=6, dead_tokens=10, arch=arch)

@@ -153,7 +153,7 @@ def encode_selected(x, W_enc, b_enc, indices, *, b_dec=None):
     With the indices of :func:`topk_encode` this gives its values and the same gradients, at
     O(N * k * d): the encode of a training step can select under ``torch.no_grad()`` and take
     the values' gradient from here, e.g. on a gathered copy of just the rows the batch touched
-    (``TopKSAE.loss(..., touched_rows=True)``), so that the weight gradients are [R, d] and not [M, d].
+    (``SAE.loss(..., touched_rows=True)``), so that the weight gradients are [R, d] and not [M, d].
 
     Args: as :func:`topk_encode`, with ``indices`` [N, k] int64 in [0, M) instead of k.
     Returns: [N, k], dtype of x. Differentiable in x, W_enc, b_enc and b_dec.

@@ -1,4 +1,4 @@
-"""``ssae train``: harvest a model's activations, train a TopK SAE on them, evaluate it on held-out documents."""
+"""``ssae train``: harvest a model's activations, train an SAE (TopK, BatchTopK, JumpReLU or ReLU) on them, evaluate it on held-out documents."""
 
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ class TrainRunConfig:
     k: int = 32
     arch: str = "topk"
     max_k: int | None = None
+    bandwidth: float | None = None
+    l1_coef: float | None = None
     steps: int = 800
     batch_size: int = 4096
     lr: float | None = None
@@ -63,9 +65,10 @@ class TrainRunConfig:
 
 
 def add_subcommands(sub) -> None:
-    p = sub.add_parser("train", help="train a TopK or BatchTopK SAE on a model's activations, evaluate, report",
-                       description="Harvests the residual stream after --layer, trains a TopK (or BatchTopK) SAE "
-                                   "on it and evaluates it on held-out documents.", formatter_class=HelpFormatter)
+    p = sub.add_parser("train", help="train an SAE (TopK, BatchTopK, JumpReLU, ReLU) on a model's activations, "
+                                     "evaluate, report",
+                       description="Harvests the residual stream after --layer, trains an SAE of architecture "
+                                   "--arch on it and evaluates it on held-out documents.", formatter_class=HelpFormatter)
     add_model_args(p)
     p.add_argument("--text", default=text.BUILTIN,
                    help="text: 'builtin:python-docs', a .txt/.jsonl/.parquet file or directory, or a hub dataset name")
@@ -77,12 +80,20 @@ def add_subcommands(sub) -> None:
                    help="hold out more documents until they give at least this many evaluation tokens")
     p.add_argument("--activation-cache", default=None, help="directory to reuse (or write) harvested activations")
     p.add_argument("--latents", type=int, default=4608, help="dictionary size M")
-    p.add_argument("--k", type=int, default=32, help="active latents per token (batchtopk: on average)")
+    p.add_argument("--k", type=int, default=32,
+                   help="active latents per token: exactly (topk), on average (batchtopk), the target mean L0 "
+                        "(jumprelu) or the mean L0 at initialisation (relu, whose --l1-coef sets where it goes)")
     p.add_argument("--arch", choices=ARCHITECTURES, default="topk",
                    help="topk: k latents per token; batchtopk: the batch's N*k largest, shared across its tokens, "
-                        "encoded after training with the batch threshold it estimated")
+                        "encoded after training with the batch threshold it estimated; jumprelu: learned "
+                        "per-latent thresholds, an L0 penalty towards k; relu: ReLU with an L1 penalty")
     p.add_argument("--max-k", type=int, default=None,
-                   help="batchtopk: the most latents one token may keep (default 4 k)")
+                   help="all but topk: the most latents one token may keep (default 4 k)")
+    p.add_argument("--bandwidth", type=float, default=None,
+                   help="jumprelu: width of the thresholds' straight-through kernel, in normalised "
+                        "pre-activation units (default 0.05)")
+    p.add_argument("--l1-coef", type=float, default=None,
+                   help="relu: weight of the L1 penalty sum_m z_m |W_dec[m]| at the normalised scale (default 3: L0 about 32 on the built-in model)")
     p.add_argument("--steps", type=int, default=800, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
     p.add_argument("--lr", type=float, default=None, help="learning rate (None: 2e-4 / sqrt(M / 2^14))")
@@ -122,8 +133,19 @@ def check(cfg: TrainRunConfig) -> None:
                    max_tokens=cfg.max_tokens, checkpoint_every=cfg.checkpoint_every)
     if cfg.k > cfg.latents:
         raise UsageError(f"--k {cfg.k} must not exceed --latents {cfg.latents}")
-    if cfg.max_k is not None and cfg.arch != "batchtopk":
-        raise UsageError(f"--max-k applies to --arch batchtopk only, not {cfg.arch}")
+    if cfg.max_k is not None and cfg.arch == "topk":
+        raise UsageError("--max-k does not apply to --arch topk (it keeps exactly --k per token)")
+    for option, arch in (("bandwidth", "jumprelu"), ("l1_coef", "relu")):
+        value = getattr(cfg, option)
+        flag = "--" + option.replace("_", "-")
+        if value is not None and cfg.arch != arch:
+            raise UsageError(f"{flag} applies to --arch {arch} only, not {cfg.arch}")
+        if value is not None and (not 0 <= value < float("inf") or (option == "bandwidth" and value == 0)):
+            raise UsageError(f"{flag} must be a {'positive' if option == 'bandwidth' else 'non-negative'} finite "
+                             f"number, got {value}")
+    if cfg.arch == "jumprelu" and cfg.optimizer == "sparse-adam":
+        raise UsageError("--optimizer sparse-adam cannot train --arch jumprelu (its thresholds learn from latents "
+                         "outside the code): use --optimizer adam")
     if cfg.max_k is not None and not cfg.k <= cfg.max_k <= cfg.latents:
         raise UsageError(f"--max-k {cfg.max_k} must lie in [--k, --latents] = [{cfg.k}, {cfg.latents}]")
     if cfg.context < 2:
@@ -219,7 +241,8 @@ def _train(cfg: TrainRunConfig) -> dict:
                             streaming_term=cfg.streaming_term, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
                             log_to=cfg.log_to)
     sae = new_sae(acts, cfg.latents, cfg.k, seed=cfg.seed, compute_dtype=cfg.dtype, arch=cfg.arch,
-                  max_k=cfg.max_k, dead_tokens=dead_tokens_for(cfg.steps, cfg.batch_size)).to(cfg.device)
+                  max_k=cfg.max_k, bandwidth=cfg.bandwidth, l1_coef=cfg.l1_coef,
+                  dead_tokens=dead_tokens_for(cfg.steps, cfg.batch_size)).to(cfg.device)
     trainer = Trainer(sae, acts, train_cfg, cfg.out, progress=progress)
     # A resumed run that died before its first checkpoint starts again from step 0.
     trainer.begin(resume=cfg.resume and recover_checkpoint(cfg.out) is not None)

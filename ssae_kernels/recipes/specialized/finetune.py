@@ -13,12 +13,12 @@ import warnings
 import torch
 
 from ...formats import detect_format, load_sae
-from ...sae import TopKSAE
+from ...sae import SAE
 from ...trainer import TrainConfig, Trainer
 from ..common import UsageError, dead_tokens_for
 
 
-def from_general(directory: str, device: str | torch.device = "cpu") -> TopKSAE:
+def from_general(directory: str, device: str | torch.device = "cpu") -> SAE:
     """The general SAE of ``directory`` (ours, SAELens or sparsify) as the start of a finetune.
 
     Our checkpoints load unchanged. Other formats have no input scale; they get one (inputs scaled to
@@ -33,7 +33,7 @@ def from_general(directory: str, device: str | torch.device = "cpu") -> TopKSAE:
     return sae
 
 
-def scale_for_finetuning(general: TopKSAE, acts: torch.Tensor) -> None:
+def scale_for_finetuning(general: SAE, acts: torch.Tensor) -> None:
     """``match_scale`` on the finetuning data for an SAE of another format, which has no input scale of its
     own (see ``from_general``); our SAEs keep theirs."""
     if getattr(general, "foreign_format", False) and float(general.input_scale) == 1.0:
@@ -41,7 +41,7 @@ def scale_for_finetuning(general: TopKSAE, acts: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def match_scale(sae: TopKSAE, acts: torch.Tensor) -> float:
+def match_scale(sae: SAE, acts: torch.Tensor) -> float:
     """Gives an SAE with input_scale 1 the scale at which rows of ``acts`` have mean norm sqrt(d),
     rescaling b_enc and b_dec with it: the pre-activations scale uniformly, so the same latents are
     selected and x_hat is unchanged (up to rounding). Returns the scale."""
@@ -53,7 +53,7 @@ def match_scale(sae: TopKSAE, acts: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def calibrate_tilt(sae: TopKSAE, acts: torch.Tensor, batch_size: int, *, ess: float = 0.25, batches: int = 8,
+def calibrate_tilt(sae: SAE, acts: torch.Tensor, batch_size: int, *, ess: float = 0.25, batches: int = 8,
                    seed: int = 0) -> float:
     """The TERM tilt t at which the tilted weights softmax(t * loss) of a batch have an effective sample
     size (1 / sum w^2) of ``ess`` times the batch, on ``sae``'s per-token losses over ``acts`` (the
@@ -127,7 +127,7 @@ def check_finetune_options(*, replay: float, tilt: float | str, tilt_ess: float)
         raise UsageError(f"--tilt-ess must be in (0, 1), got {tilt_ess}")
 
 
-def start_finetune(general: TopKSAE, *, dead_tokens: int | None = None) -> TopKSAE:
+def start_finetune(general: SAE, *, dead_tokens: int | None = None) -> SAE:
     """A copy of ``general`` with identical parameters and input scale; the firing counters restart (a
     latent is dead after ``dead_tokens`` finetuning tokens without firing)."""
     sae = copy.deepcopy(general)
@@ -137,7 +137,7 @@ def start_finetune(general: TopKSAE, *, dead_tokens: int | None = None) -> TopKS
     return sae
 
 
-def finetune(general: TopKSAE, acts: torch.Tensor, cfg: TrainConfig, out_dir: str, *, progress: bool = True,
+def finetune(general: SAE, acts: torch.Tensor, cfg: TrainConfig, out_dir: str, *, progress: bool = True,
              resume: bool = False, dead_tokens: int | None = None) -> Trainer:
     """Trains a copy of ``general`` on ``acts`` with the training layer's Trainer (checkpoints in
     ``out_dir/checkpoint``, metrics in ``out_dir/metrics.jsonl``, resume), then saves ``out_dir/sae``.

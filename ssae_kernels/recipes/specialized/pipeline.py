@@ -27,7 +27,7 @@ import torch
 from ... import models, retrieval
 from ...activations import token_chunks
 from ...evaluate import reconstruction_metrics
-from ...sae import TopKSAE
+from ...sae import SAE
 from ...trainer import TrainConfig, Trainer, new_sae
 from ..common import (HelpFormatter, UsageError, add_model_args, add_out_args, check_positive, check_sources,
                       config_from_args, dead_tokens_for, harvest_cached, keep_mask, run_settings, set_threads)
@@ -261,7 +261,7 @@ def train_general(cfg: SpecializedConfig, acts: torch.Tensor, out_dir: str, prog
     return sae, trainer.tokens_per_s
 
 
-def finetune_all(cfg: SpecializedConfig, general: TopKSAE, tune_acts: torch.Tensor, tilt: float,
+def finetune_all(cfg: SpecializedConfig, general: SAE, tune_acts: torch.Tensor, tilt: float,
                  general_acts: torch.Tensor | None, phase: Phases, progress: bool) -> tuple[dict, dict]:
     """({name: SAE} of the general SAE and every finetune of it, {name: how it was finetuned}): ERM and TERM
     on ``tune_acts``, the ``--extra-tilts``, and with ``--control`` more steps on general data alone."""

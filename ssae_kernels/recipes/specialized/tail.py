@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ...evaluate import downstream_losses
-from ...sae import TopKSAE
+from ...sae import SAE
 from ..common import UsageError
 
 
@@ -63,7 +63,7 @@ class TailEval:
 
 
 @torch.no_grad()
-def tail_metrics(sae: TopKSAE, acts: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, *,
+def tail_metrics(sae: SAE, acts: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, *,
                  keep: torch.Tensor | None = None, coverage_threshold: float = 0.2,
                  batch_size: int = 4096) -> TailEval:
     """Reconstruction of ``acts`` [T, d] (raw) by ``sae``, by token-frequency bin (see ``frequency_bins``).
@@ -123,7 +123,7 @@ def tail_metrics(sae: TopKSAE, acts: torch.Tensor, tokens: torch.Tensor, counts:
     return TailEval(summary, e.float(), ranks, bins, latent_counts)
 
 
-def evaluate_saes(saes: dict[str, TopKSAE], acts: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, *,
+def evaluate_saes(saes: dict[str, SAE], acts: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, *,
                   keep: torch.Tensor | None = None, coverage_threshold: float = 0.2,
                   model=None, chunks: list[list[int]] | None = None, layer: int | None = None,
                   progress: bool = True) -> tuple[dict, dict[str, TailEval]]:
