@@ -179,6 +179,23 @@ class PeakRSS:
         return False
 
 
+def peak_call_bytes(fn, device) -> int:
+    """The memory one call of ``fn`` takes at its peak above what was in use before it: allocated bytes on a
+    GPU, resident bytes on the CPU (``PeakRSS``; exact for large buffers only with ``MALLOC_ENV``)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with PeakRSS() as m:
+        fn()
+    return m.extra
+
+
 def probe_allocation(megabytes: float = 100.0, warm_megabytes: float = 0.0, chunk_megabytes: float = 0.0) -> dict:
     """Soundness check of PeakRSS (run it through ``run_isolated``).
 

@@ -13,7 +13,7 @@ import ssae_kernels
 from ssae_kernels import formats
 from ssae_kernels.recipes import export
 from ssae_kernels.recipes.common import UsageError
-from ssae_kernels.sae import SAEConfig, TopKSAE, sae_class
+from ssae_kernels.sae import SAE, SAEConfig, TopKSAE, sae_class
 from ssae_kernels.storage import CorruptFileError
 
 WEIGHTS = {"ssae": "sae.safetensors", "saelens": "sae_weights.safetensors", "sparsify": "sae.safetensors"}
@@ -563,3 +563,17 @@ def test_saelens_reads_our_gemmascope_file(tmp_path, monkeypatch):
     with torch.no_grad():
         _close(peer(x), sae(x))
         _close(peer.encode(x), _dense_sum(*sae.encode(x), 128))
+
+
+def test_export_command_writes_gemmascope_and_names_formats_that_cannot_hold_the_sae(tmp_path):
+    _threshold_sae("jumprelu").save(str(tmp_path / "jump"))
+    result = export.run(export.ExportConfig(sae=str(tmp_path / "jump"), format="gemmascope", out=str(tmp_path / "gs")))
+    assert result["weights"] == str(tmp_path / "gs" / "params.npz")
+    # and back, from the .npz file itself
+    back = export.run(export.ExportConfig(sae=str(tmp_path / "gs" / "params.npz"), format="ssae", out=str(tmp_path / "o")))
+    assert back["source_format"] == "gemmascope"
+    x = 3 * torch.randn(30, 16)
+    _close(SAE.load(str(tmp_path / "o"))(x), _threshold_sae("jumprelu")(x))
+    _threshold_sae("relu").save(str(tmp_path / "relu"))
+    with pytest.raises(UsageError, match="--format gemmascope: format 'gemmascope' cannot hold a relu SAE"):
+        export.run(export.ExportConfig(sae=str(tmp_path / "relu"), format="gemmascope", out=str(tmp_path / "x")))

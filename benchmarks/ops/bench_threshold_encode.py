@@ -1,4 +1,5 @@
-"""ssae_kernels.threshold_encode vs the dense PyTorch threshold encode: forward (no grad) and forward + backward.
+"""ssae_kernels.threshold_encode vs the dense PyTorch threshold encode: time and peak memory, forward (no grad)
+and forward + backward.
 
 Baseline: ``pre = F.linear(x - b_dec, W_enc, b_enc)``, the mask ``pre > threshold``, its count per row and
 ``topk(where(mask, pre, -inf), max_k)`` (it stores the [N, M] pre-activations). The per-latent thresholds
@@ -24,7 +25,10 @@ NOTES = [
     "stores the [N, M] pre-activations). Thresholds per latent, around the level that leaves about k "
     "latents per row active (L0 ~ k); max_k = 2k. `forward+backward`: `values.backward(g)` for a random "
     "[N, max_k] g, gradients into W_enc, b_enc and b_dec (none into x). `max rel diff` compares the values "
-    "(and the gradients where all indices agree); `index_agreement`: the fraction of equal indices.",
+    "(and the gradients where all indices agree); `index_agreement`: the fraction of equal indices. "
+    "`peak_MB_ours`, `peak_MB_baseline`: memory one call takes at its peak above what was in use before it "
+    "(resident bytes on the CPU, with glibc returning freed buffers of 64 KiB and more; allocated bytes on a "
+    "GPU), inputs and weights excluded.",
 ]
 
 
@@ -71,14 +75,15 @@ def build_cases(shape, device, dtype):
     params = (t["W_enc"], t["b_enc"], t["b_dec"])
     desc = "topk(where(F.linear(x - b_dec, W_enc, b_enc) > threshold, pre, -inf), max_k)"
     return [
-        common.Case(MODULE, "forward", forward(ours, params), forward(dense, params), desc, compare=compare),
+        common.Case(MODULE, "forward", forward(ours, params), forward(dense, params), desc, compare=compare,
+                    memory=True),
         common.Case(MODULE, "forward+backward", step(ours, common.leaves(*params)),
-                    step(dense, common.leaves(*params)), desc, compare=compare),
+                    step(dense, common.leaves(*params)), desc, compare=compare, memory=True),
     ]
 
 
 def main(argv=None):
-    return common.main(MODULE, __doc__, build_cases, NOTES, argv)
+    return common.main(MODULE, __doc__, build_cases, NOTES, argv, memory=True)
 
 
 if __name__ == "__main__":

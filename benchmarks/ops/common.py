@@ -56,6 +56,7 @@ class Case:
     # (ours output, baseline output) -> (max rel diff, extra facts for the record); default: max_rel_diff
     compare: Callable | None = None
     extra: dict = field(default_factory=dict)
+    memory: bool = False  # also measure each side's peak memory above the start of one call
 
 
 def parser(module: str, doc: str) -> argparse.ArgumentParser:
@@ -171,6 +172,9 @@ def measure(case: Case, *, device, repeats: int, min_sample_s: float) -> dict:
         return {"status": "error", "reason": "baseline: " + _reason(error)}
     diff, facts = case.compare(out_ours, out_base) if case.compare else (max_rel_diff(out_ours, out_base), {})
     del out_ours, out_base
+    if case.memory:  # after the probe calls: one-off allocations (caches, lazy state) are already made
+        facts["peak_MB_ours"] = harness.peak_call_bytes(case.ours, device) / 1e6
+        facts["peak_MB_baseline"] = harness.peak_call_bytes(case.baseline, device) / 1e6
     _freeze()  # the first calls may have imported more
     calls = 1
     if probe < min_sample_s:  # the first call may include one-off costs: time one more round to size the rounds
@@ -228,9 +232,14 @@ def records_for(module, shape_name, shape, case: Case, result, *, dtype, device,
     ]
 
 
-def main(module: str, doc: str, build_cases: Callable, notes=(), argv=None) -> list[dict]:
-    """Parse the arguments, run every case of every shape, print and write the results; returns the records."""
+def main(module: str, doc: str, build_cases: Callable, notes=(), argv=None, memory: bool = False) -> list[dict]:
+    """Parse the arguments, run every case of every shape, print and write the results; returns the records.
+    ``memory``: some cases measure peak memory, which on the CPU needs ``harness.MALLOC_ENV`` (so that freed
+    buffers leave the resident set): run from the command line, the process starts again with it when it is
+    missing."""
     args = parse_args(module, doc, argv)
+    if memory and argv is None and args.device == "cpu" and any(os.environ.get(k) != v for k, v in harness.MALLOC_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **harness.MALLOC_ENV})
     import torch
 
     import ssae_kernels  # noqa: F401  (registers torch.ops.ssae)

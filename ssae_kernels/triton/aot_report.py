@@ -85,30 +85,35 @@ def _encode_specs():
     for (arch, size), cfg in sorted(te.ENCODE_CONFIGS.items()):
         dtype = "bf16" if size == 2 else "fp32"
         precision = None if size == 2 else "tf32x3"
-        for k, has_bound in ((32, False), (128, False), (te.MAX_K_PER_ROUND, False), (te.MAX_K_PER_ROUND, True)):
+        # (threshold: threshold_encode's variant, at the max_k of a JumpReLU / BatchTopK SAE with k = 32)
+        for k, has_bound, threshold in ((32, False, False), (128, False, False), (te.MAX_K_PER_ROUND, False, False),
+                                        (te.MAX_K_PER_ROUND, True, False), (128, False, True)):
             capacity = te.buffer_capacity(k, cfg.block_m)
             rows = te.compact_rows(capacity, cfg.block_n)
             label = (f"{dtype}{' ' + precision if precision else ''} CAP={capacity} CR={rows} BN={cfg.block_n} "
                      f"BM={cfg.block_m} BK={cfg.block_k} w={cfg.num_warps} s={cfg.num_stages}"
-                     f"{' bound' if has_bound else ''}")
+                     f"{' bound' if has_bound else ''}{' threshold' if threshold else ''}")
             specs.append(Spec(
                 "topk_encode._encode_kernel", te._encode_kernel, label,
-                dict(x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", bias_ptr="*fp32", bound_ptr="*i64", buf_ptr="*i64",
+                dict(x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", bias_ptr="*fp32", thr_ptr="*fp32", above_ptr="*i64",
+                     bound_ptr="*i64", buf_ptr="*i64",
                      count_ptr="*i32", theta_ptr="*i64", shared_ptr="*i64", N="i32", M="i32", D="i32",
                      stride_x="i32", stride_wm="i32", latents_per_split="i32", num_splits="i32", k="i32"),
                 dict(stride_wd=1, CAPACITY=capacity, COMPACT_ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
-                     BLOCK_K=cfg.block_k, HAS_BOUND=has_bound, UPCAST=False, PRECISION=precision),
+                     BLOCK_K=cfg.block_k, HAS_BOUND=has_bound, HAS_THRESHOLD=threshold, UPCAST=False,
+                     PRECISION=precision),
                 cfg.num_warps, cfg.num_stages, aligned=("D", "stride_x", "stride_wm", "latents_per_split"),
                 needs_tensor_cores=True, extra=dict(block_n=cfg.block_n), archs=(arch,)))
-    for kp in (2, 32, 128, te.MAX_K_PER_ROUND):
+    for kp, raw in ((2, False), (32, False), (128, False), (te.MAX_K_PER_ROUND, False), (128, True)):
         block_r = te.merge_block_rows(kp)
         capacity = te.buffer_capacity(kp, te.ENCODE_CONFIGS[(90, 2)].block_m)
         store_bound = kp == te.MAX_K_PER_ROUND
         specs.append(Spec(
-            "topk_encode._merge_kernel", te._merge_kernel, f"KP={kp} CAP={capacity} BLOCK_R={block_r} w=4",
+            "topk_encode._merge_kernel", te._merge_kernel,
+            f"KP={kp} CAP={capacity} BLOCK_R={block_r} w=4{' raw' if raw else ''}",
             dict(buf_ptr="*i64", count_ptr="*i32", values_ptr="*bf16", indices_ptr="*i64", bound_ptr="*i64",
                  N="i32", num_splits="i32", k_round="i32", col0="i32", k_total="i32"),
-            dict(KP=kp, CAPACITY=capacity, BLOCK_R=block_r, ROUND_BF16=False, STORE_BOUND=store_bound), 4))
+            dict(KP=kp, CAPACITY=capacity, BLOCK_R=block_r, ROUND_BF16=False, STORE_BOUND=store_bound, RAW=raw), 4))
     cfg = te.FOLD_BIAS_CONFIG
     for dtype in ("bf16", "fp32"):
         specs.append(Spec(

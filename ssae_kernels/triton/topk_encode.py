@@ -179,13 +179,22 @@ def _below(key, low, bound):
 
 
 @triton.jit
-def _append(acc, cols, bias_ptr, count_ptr, buf_rows, state, row_ok, theta, count, M, m_end, bound,
-            HAS_BOUND: tl.constexpr, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr):
-    """Append the keys of one [BLOCK_N, WIDTH] score tile that beat their row's theta; new count."""
+def _append(acc, cols, bias_ptr, thr_ptr, count_ptr, buf_rows, state, row_ok, theta, count, above, M, m_end,
+            bound, HAS_BOUND: tl.constexpr, HAS_THRESHOLD: tl.constexpr, BLOCK_N: tl.constexpr,
+            WIDTH: tl.constexpr):
+    """Append the keys of one [BLOCK_N, WIDTH] score tile that beat their row's theta (and, with
+    HAS_THRESHOLD, their latent's threshold); returns the new count and the running count of scores above
+    the thresholds."""
     bias = tl.load(bias_ptr + cols, mask=cols < M, other=0.0).to(tl.float32)
-    key = _score_keys(acc + bias[None, :])
+    score = acc + bias[None, :]
+    key = _score_keys(score)
     low = 0x7FFFFFFF - cols  # lower latent, larger low: wins ties
-    take = row_ok[:, None] & (cols[None, :] < m_end) & _above(key, low, theta)
+    valid = row_ok[:, None] & (cols[None, :] < m_end)
+    if HAS_THRESHOLD:  # NaN is never above
+        thr = tl.load(thr_ptr + cols, mask=cols < M, other=0.0)
+        valid = valid & (score > thr[None, :])
+        above += tl.sum(valid.to(tl.int32), axis=1)
+    take = valid & _above(key, low, theta)
     if HAS_BOUND:
         take = take & _below(key, low, bound)
     # a slot per taken key, in any order (compaction selects by value): an atomic per key, issued only by
@@ -193,7 +202,7 @@ def _append(acc, cols, bias_ptr, count_ptr, buf_rows, state, row_ok, theta, coun
     slot = tl.atomic_add(tl.broadcast_to(count_ptr + state[:, None], [BLOCK_N, WIDTH]), 1, mask=take,
                          sem="relaxed", scope="cta")
     tl.store(buf_rows[:, None] + slot, (key.to(tl.int64) << 32) | low.to(tl.int64)[None, :], mask=take)
-    return count + tl.sum(take.to(tl.int32), axis=1)
+    return count + tl.sum(take.to(tl.int32), axis=1), above
 
 
 @triton.jit
@@ -263,11 +272,12 @@ def _compact(buf_ptr, count_ptr, theta_ptr, shared_ptr, count, row0, split, num_
 
 
 @triton.jit
-def _encode_kernel(x_ptr, w_ptr, bias_ptr, bound_ptr, buf_ptr, count_ptr, theta_ptr, shared_ptr,
+def _encode_kernel(x_ptr, w_ptr, bias_ptr, thr_ptr, above_ptr, bound_ptr, buf_ptr, count_ptr, theta_ptr, shared_ptr,
                    N, M, D, stride_x, stride_wm, stride_wd, latents_per_split, num_splits, k,
                    CAPACITY: tl.constexpr, COMPACT_ROWS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                   HAS_BOUND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                   HAS_BOUND: tl.constexpr, HAS_THRESHOLD: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     row0 = pid_n * BLOCK_N
@@ -284,6 +294,7 @@ def _encode_kernel(x_ptr, w_ptr, bias_ptr, bound_ptr, buf_ptr, count_ptr, theta_
 
     theta = tl.full([BLOCK_N], INT64_MIN, tl.int64)  # a key must exceed it to be kept
     count = tl.zeros([BLOCK_N], tl.int32)  # keys in the row's buffer (count_ptr starts at 0 too)
+    above = tl.zeros([BLOCK_N], tl.int32)  # HAS_THRESHOLD: scores above their thresholds
     for m0 in range(m_begin, m_end, BLOCK_M):
         cols = m0 + tl.arange(0, BLOCK_M)
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wm
@@ -301,13 +312,15 @@ def _encode_kernel(x_ptr, w_ptr, bias_ptr, bound_ptr, buf_ptr, count_ptr, theta_
         # holds column pairs of the MMA tile), halving the registers its scattered stores need.
         even, odd = tl.split(tl.reshape(acc, [BLOCK_N, BLOCK_M // 2, 2]))
         half = m0 + 2 * tl.arange(0, BLOCK_M // 2)
-        count = _append(even, half, bias_ptr, count_ptr, buf_rows, state, row_ok, theta, count, M, m_end,
-                        bound, HAS_BOUND, BLOCK_N, BLOCK_M // 2)
-        count = _append(odd, half + 1, bias_ptr, count_ptr, buf_rows, state, row_ok, theta, count, M, m_end,
-                        bound, HAS_BOUND, BLOCK_N, BLOCK_M // 2)
+        count, above = _append(even, half, bias_ptr, thr_ptr, count_ptr, buf_rows, state, row_ok, theta, count,
+                               above, M, m_end, bound, HAS_BOUND, HAS_THRESHOLD, BLOCK_N, BLOCK_M // 2)
+        count, above = _append(odd, half + 1, bias_ptr, thr_ptr, count_ptr, buf_rows, state, row_ok, theta, count,
+                               above, M, m_end, bound, HAS_BOUND, HAS_THRESHOLD, BLOCK_N, BLOCK_M // 2)
         if tl.max(count, axis=0) > CAPACITY - BLOCK_M:  # some row might not take the next tile
             theta, count = _compact(buf_ptr, count_ptr, theta_ptr, shared_ptr, count, row0, pid_s, num_splits,
                                     N, k, CAPACITY, COMPACT_ROWS, BLOCK_N)
+    if HAS_THRESHOLD and not HAS_BOUND:  # the true counts, once (rounds after the first see the same scores)
+        tl.atomic_add(above_ptr + rows, above.to(tl.int64), mask=row_ok, sem="relaxed")
     # the split's k best in front of each buffer; counts for the merge
     _compact(buf_ptr, count_ptr, theta_ptr, shared_ptr, count, row0, pid_s, num_splits, N, k,
              CAPACITY, COMPACT_ROWS, BLOCK_N)
@@ -325,7 +338,7 @@ def _split_keys(buf_ptr, count_ptr, rows, row_ok, slots, split, num_splits, CAPA
 @triton.jit
 def _merge_kernel(buf_ptr, count_ptr, values_ptr, indices_ptr, bound_ptr, N, num_splits, k_round, col0, k_total,
                   KP: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_R: tl.constexpr, ROUND_BF16: tl.constexpr,
-                  STORE_BOUND: tl.constexpr):
+                  STORE_BOUND: tl.constexpr, RAW: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     slots = tl.arange(0, KP)
@@ -338,10 +351,14 @@ def _merge_kernel(buf_ptr, count_ptr, values_ptr, indices_ptr, bound_ptr, N, num
 
     hi = (best >> 32).to(tl.int32)
     score = tl.where(hi < 0, hi ^ 0x7FFFFFFF, hi).to(tl.float32, bitcast=True)
-    value = tl.where(score < 0.0, 0.0, score)  # ReLU that keeps NaN
+    value = score if RAW else tl.where(score < 0.0, 0.0, score)  # ReLU that keeps NaN
     if ROUND_BF16:
         value = rne_bf16(value)
     index = 0x7FFFFFFF - (best & 0x7FFFFFFF)
+    # a threshold encode may hold fewer than k keys (no real key is INT64_MIN): value 0, index 0
+    present = best != INT64_MIN
+    value = tl.where(present, value, 0.0)
+    index = tl.where(present, index, 0)
     keep = row_ok[:, None] & (slots[None, :] < k_round)
     out = rows.to(tl.int64)[:, None] * k_total + col0 + slots[None, :]
     tl.store(values_ptr + out, value.to(values_ptr.dtype.element_ty), mask=keep)
@@ -373,7 +390,16 @@ FOLD_BIAS_CONFIG = dict(BLOCK_M=32, BLOCK_D=128, num_warps=4)
 
 def topk_encode(x, W_enc, b_enc, k, b_dec=None, *, config: EncodeConfig | None = None, splits: int | None = None):
     """Launcher with the schema's signature; ``config`` and ``splits`` override the plan (tests)."""
-    for t, name in ((x, "x"), (W_enc, "W_enc"), (b_enc, "b_enc"), (b_dec, "b_dec")):
+    values, indices, _ = fused_encode(x, W_enc, b_enc, k, b_dec, config=config, splits=splits)
+    return values, indices
+
+
+def fused_encode(x, W_enc, b_enc, k, b_dec=None, threshold=None, *, config: EncodeConfig | None = None,
+                 splits: int | None = None):
+    """(values, indices, counts) of the k best scores per row: ``topk_encode`` (ReLU'd values, counts None),
+    or with ``threshold`` (a 0-d or [M] tensor) ``threshold_encode``: only scores above their latent's
+    threshold, raw values, 0 / 0 in the slots past a row's count, and the true counts [N] int64."""
+    for t, name in ((x, "x"), (W_enc, "W_enc"), (b_enc, "b_enc"), (b_dec, "b_dec"), (threshold, "threshold")):
         if t is not None:
             check_dtype(t, name)
             check_device(t, name)
@@ -386,6 +412,9 @@ def topk_encode(x, W_enc, b_enc, k, b_dec=None, *, config: EncodeConfig | None =
         x = x.contiguous()
     # O(M) vectors: contiguous copies are cheap next to the O(M d) weights, which are never copied
     b_enc = torch.zeros(M, dtype=x.dtype, device=device) if b_enc is None else b_enc.contiguous()
+    has_threshold = threshold is not None
+    if has_threshold:  # compared with the float32 scores, as the other backends do
+        threshold = threshold.to(torch.float32).expand(M).contiguous()
     plan = encode_plan(N, M, k, x.dtype, device, config=config, splits=splits)
     cfg = plan.config
     with device_guard(x):
@@ -398,6 +427,7 @@ def topk_encode(x, W_enc, b_enc, k, b_dec=None, *, config: EncodeConfig | None =
 
         values = torch.empty(N, k, dtype=x.dtype, device=device)
         indices = torch.empty(N, k, dtype=torch.int64, device=device)
+        counts = torch.zeros(N, dtype=torch.int64, device=device) if has_threshold else None
         buf = torch.empty(plan.scratch_shape, dtype=torch.int64, device=device)
         count = torch.empty(N * plan.splits, dtype=torch.int32, device=device)  # zeroed per round
         theta = torch.empty(N * plan.splits, dtype=torch.int64, device=device)
@@ -411,14 +441,15 @@ def topk_encode(x, W_enc, b_enc, k, b_dec=None, *, config: EncodeConfig | None =
             shared.fill_(torch.iinfo(torch.int64).min)
             count.zero_()
             _encode_kernel[(triton.cdiv(N, cfg.block_n), plan.splits)](
-                x, W_enc, bias, bound, buf, count, theta, shared, N, M, d, x.stride(0),
+                x, W_enc, bias, threshold if has_threshold else bias, counts if has_threshold else shared, bound,
+                buf, count, theta, shared, N, M, d, x.stride(0),
                 W_enc.stride(0), W_enc.stride(1), plan.latents_per_split, plan.splits, k_round,
                 CAPACITY=plan.capacity, COMPACT_ROWS=compact_rows(plan.capacity, cfg.block_n),
                 BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
-                HAS_BOUND=r > 0, UPCAST=upcast_dot(x.dtype), PRECISION=precision,
+                HAS_BOUND=r > 0, HAS_THRESHOLD=has_threshold, UPCAST=upcast_dot(x.dtype), PRECISION=precision,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             _merge_kernel[(triton.cdiv(N, block_r),)](
                 buf, count, values, indices, bound, N, plan.splits, k_round, col0, k,
                 KP=plan.kp, CAPACITY=plan.capacity, BLOCK_R=block_r, ROUND_BF16=round_bf16_in_kernel(x.dtype),
-                STORE_BOUND=r + 1 < plan.rounds, num_warps=4)
-    return values, indices
+                STORE_BOUND=r + 1 < plan.rounds, RAW=has_threshold, num_warps=4)
+    return values, indices, counts
