@@ -27,9 +27,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .sae import (CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig, check_shapes, read_json_object, read_safetensors,
-                  sae_class, verify_weights)
-from .storage import atomic_write, atomic_write_text, write_checksums
+from .sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig, sae_class
+from .storage import (atomic_write, atomic_write_text, check_shapes, read_json_object, read_safetensors, verify_weights,
+                      write_checksums)
 
 FORMATS = ("ssae", "saelens", "sparsify", "gemmascope")
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .ops import (batch_topk_encode, encode_selected, jumprelu_encode, sparse_decode, sparse_decode_mse, threshold_encode,
                   topk_encode)
-from .storage import (MANIFEST, CorruptFileError, atomic_write, atomic_write_text, read_checksums, verify_checksums,
-                      write_checksums)
+from .storage import (MANIFEST, atomic_write, atomic_write_text, check_shapes, read_checksums, read_config,
+                      read_safetensors, verify_weights, write_checksums)
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -50,7 +50,7 @@ class SAEConfig:
     arch: str = "topk"
     max_k: int | None = None  # all but topk: the most latents a row may keep; default 4 k (at most num_latents)
     bandwidth: float | None = None  # jumprelu: the pseudo-derivatives' kernel width, pre-activation units; default 0.05
-    l1_coef: float | None = None  # relu: weight of the L1 penalty sum_m z_m |W_dec[m]|; default 3
+    l1_coef: float | None = None  # relu: weight of the L1 penalty sum_m z_m |W_dec[m]|; default 1.5
 
     def __post_init__(self):
         for name in ("d_in", "num_latents", "k"):
@@ -67,7 +67,7 @@ class SAEConfig:
         if self.arch != "topk" and self.max_k is None:
             self.max_k = min(self.num_latents, 4 * self.k)
         for name, arch, default in (("bandwidth", "jumprelu", 0.05),
-                                    ("l1_coef", "relu", 3.0)):
+                                    ("l1_coef", "relu", 1.5)):
             value = getattr(self, name)
             if value is None:
                 if self.arch == arch:
@@ -324,21 +324,7 @@ class SAE(torch.nn.Module):
         class follows cfg.json's ``arch`` (``SAE_CLASSES``). SAELens and sparsify directories are
         read by ``ssae_kernels.formats.load_sae``."""
         cfg_path, weights_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
-        raw = read_json_object(cfg_path)
-        missing = [key for key in ("d_in", "num_latents", "k") if key not in raw]
-        if missing:
-            raise ValueError(f"{cfg_path}: missing key {missing[0]!r} (required: d_in, num_latents, k)")
-        known = {f.name for f in dataclasses.fields(SAEConfig)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{cfg_path}: unknown keys {unknown} (known: {sorted(known)})")
-        for key in ("d_in", "num_latents", "k"):
-            if isinstance(raw[key], bool) or not isinstance(raw[key], int):
-                raise ValueError(f"{cfg_path}: key {key!r} must be a positive int, got {raw[key]!r}")
-        try:
-            cfg = SAEConfig(**raw)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{cfg_path}: {e}") from None
+        cfg = read_config(cfg_path, SAEConfig, ("d_in", "num_latents", "k"))
         if not os.path.isfile(weights_path):
             raise FileNotFoundError(f"{weights_path}: missing ({directory} has {CONFIG_FILE} but no weights)")
         verify_weights(directory, WEIGHTS_FILE)
@@ -364,6 +350,22 @@ class TopKSAE(SAE):
         return Selection(*topk_encode(xs, W_enc, b_enc, self.cfg.k, b_dec=b_dec))
 
 
+class ThresholdSAE(SAE):
+    """The architectures whose inference code is every latent above a threshold, at most ``max_k`` per row."""
+
+    def _threshold(self):
+        """The threshold of inference: a float, or a 0-d or [M] tensor in the compute dtype."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor):
+        """(values, indices) [N, max_k] of the latents above their thresholds, largest first (value 0 and index 0
+        past a row's count)."""
+        W_enc, b_enc, _, b_dec = self._weights()
+        values, indices, _ = threshold_encode(self._scaled(x), W_enc, b_enc, self._threshold(), self.cfg.max_k,
+                                              b_dec=b_dec)
+        return values, indices
+
+
 def _filled(counts: torch.Tensor, width: int) -> torch.Tensor:
     """[N, width]: which slots of a threshold code hold a latent."""
     return torch.arange(width, device=counts.device) < counts.unsqueeze(1)
@@ -376,7 +378,7 @@ def _k_sparse_threshold(sae: SAE, x: torch.Tensor) -> float:
     return float(batch_topk_encode(sae._scaled(x), W_enc, b_enc, sae.cfg.k, sae.cfg.max_k, b_dec=b_dec)[3])
 
 
-class BatchTopKSAE(SAE):
+class BatchTopKSAE(ThresholdSAE):
     """BatchTopK (Bussmann et al. 2024): trained on the N * k largest ReLU'd pre-activations of each batch
     (rows share the budget, at most ``max_k`` each; ``batch_topk_encode``), encoded with the batch
     threshold estimated in training: every latent above it, at most ``max_k`` per row
@@ -390,15 +392,11 @@ class BatchTopKSAE(SAE):
         # at the normalised scale; NaN until the first training batch
         self.register_buffer("threshold", torch.full((), float("nan")))
 
-    def encode(self, x: torch.Tensor):
-        """(values, indices) [N, max_k] of the latents above the threshold (0 in the slots past a row's count)."""
+    def _threshold(self):
         if not bool(torch.isfinite(self.threshold)):
             raise RuntimeError("this BatchTopK SAE has no threshold yet: it is estimated during training "
                                "(its code keeps the latents above it)")
-        W_enc, b_enc, _, b_dec = self._weights()
-        values, indices, _ = threshold_encode(self._scaled(x), W_enc, b_enc, self.threshold.to(self.compute_dtype),
-                                              self.cfg.max_k, b_dec=b_dec)
-        return values, indices
+        return self.threshold.to(self.compute_dtype)
 
     def _select(self, xs, W_enc, b_enc, b_dec):
         values, indices, counts, threshold = batch_topk_encode(xs, W_enc, b_enc, self.cfg.k, self.cfg.max_k,
@@ -411,7 +409,7 @@ class BatchTopKSAE(SAE):
         return Selection(values, indices, _filled(counts, self.cfg.max_k))
 
 
-class JumpReLUSAE(SAE):
+class JumpReLUSAE(ThresholdSAE):
     """JumpReLU (Rajamanoharan et al. 2024): ``z_m = pre_m`` where it exceeds the learned threshold
     theta_m, else 0; at most ``max_k`` latents per row. Training adds a penalty on the batch's mean L0 whose
     multiplier adapts until L0 holds at k, and trains theta through the straight-through pseudo-derivatives of
@@ -431,13 +429,8 @@ class JumpReLUSAE(SAE):
         self.threshold = torch.nn.Parameter(torch.zeros(cfg.num_latents))  # at the normalised scale
         self.register_buffer("l0_multiplier", torch.zeros(()))
 
-    def encode(self, x: torch.Tensor):
-        """(values, indices) [N, max_k] of the latents above their thresholds, largest first (0 past a row's
-        count)."""
-        W_enc, b_enc, _, b_dec = self._weights()
-        values, indices, _ = threshold_encode(self._scaled(x), W_enc, b_enc, self.threshold.detach().to(W_enc.dtype),
-                                              self.cfg.max_k, b_dec=b_dec)
-        return values, indices
+    def _threshold(self):
+        return self.threshold.detach().to(self.compute_dtype)
 
     def _select(self, xs, W_enc, b_enc, b_dec):
         code = jumprelu_encode(xs, W_enc, b_enc, self.threshold, self.cfg.max_k, bandwidth=self.cfg.bandwidth,
@@ -461,16 +454,13 @@ class JumpReLUSAE(SAE):
         self.threshold.fill_(_k_sparse_threshold(self, x))
 
 
-class ReLUSAE(SAE):
+class ReLUSAE(ThresholdSAE):
     """The standard SAE: ``z = ReLU(pre)``, at most ``max_k`` latents per row (the largest), trained with the
     penalty ``l1_coef * sum_m z_m |W_dec[m]|`` (mean over rows). b_enc starts at minus the value that gives a
     data sample a mean L0 of k, so training starts sparse; l1_coef sets the L0 it reaches."""
 
-    def encode(self, x: torch.Tensor):
-        """(values, indices) [N, max_k] of the positive latents, largest first (0 past a row's count)."""
-        W_enc, b_enc, _, b_dec = self._weights()
-        values, indices, _ = threshold_encode(self._scaled(x), W_enc, b_enc, 0.0, self.cfg.max_k, b_dec=b_dec)
-        return values, indices
+    def _threshold(self):
+        return 0.0
 
     def _select(self, xs, W_enc, b_enc, b_dec):
         values, indices, counts = threshold_encode(xs, W_enc, b_enc, 0.0, self.cfg.max_k, b_dec=b_dec)
@@ -494,57 +484,6 @@ ARCHITECTURES = tuple(SAE_CLASSES)
 def sae_class(cfg: SAEConfig) -> type[SAE]:
     """The model class of an SAE config's architecture."""
     return SAE_CLASSES[cfg.arch]
-
-
-def read_json_object(path: str) -> dict:
-    """The JSON object in ``path``; ValueError naming the file when it is not valid JSON or not an object."""
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(value).__name__}")
-    return value
-
-
-def verify_weights(directory: str, name: str) -> bool:
-    """``storage.verify_checksums`` of one file (CorruptFileError naming it when it differs); also a
-    CorruptFileError, naming the manifest, when ``checksums.json`` itself is unreadable. False without one."""
-    try:
-        return verify_checksums(directory, [name])
-    except CorruptFileError:
-        raise
-    except (ValueError, AttributeError, TypeError) as e:  # not JSON, or not a JSON object of names
-        raise CorruptFileError(f"{os.path.join(directory, MANIFEST)}: unreadable checksum manifest ({e})") from None
-
-
-def read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file (on the CPU); CorruptFileError naming the file when it cannot be parsed."""
-    try:
-        return load_file(path)
-    except Exception as e:  # safetensors raises its own SafetensorError (and OSError on a truncated file)
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise CorruptFileError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def check_shapes(weights_path: str, tensors: dict[str, torch.Tensor], spec: dict[str, tuple[str, ...]],
-                 dims: dict[str, int], cfg_path: str) -> None:
-    """ValueError naming the weights file and the tensor when a tensor is missing, unexpected or not of its
-    shape. ``spec`` gives each tensor's shape as config keys, ``dims`` their values read from ``cfg_path``."""
-    missing = [name for name in spec if name not in tensors]
-    if missing:
-        raise ValueError(f"{weights_path}: missing tensor {missing[0]!r} (expected {sorted(spec)})")
-    extra = sorted(set(tensors) - set(spec))
-    if extra:
-        raise ValueError(f"{weights_path}: unexpected tensors {extra} (expected {sorted(spec)})")
-    for name, keys in spec.items():
-        expected, found = [dims[key] for key in keys], list(tensors[name].shape)
-        if found != expected:
-            source = ", ".join(f"{key}={dims[key]}" for key in dict.fromkeys(keys)) or "a scalar"
-            raise ValueError(f"{weights_path}: tensor {name!r} has shape {found}, expected {expected} "
-                             f"({source} in {cfg_path})")
 
 
 def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-6) -> torch.Tensor:

@@ -83,7 +83,7 @@ def test_config_of_the_penalised_architectures():
     jump = SAEConfig(d_in=8, num_latents=100, k=5, arch="jumprelu")
     relu = SAEConfig(d_in=8, num_latents=100, k=5, arch="relu")
     assert (jump.bandwidth, jump.l1_coef, jump.max_k) == (0.05, None, 20)
-    assert (relu.l1_coef, relu.bandwidth, relu.max_k) == (3.0, None, 20)
+    assert (relu.l1_coef, relu.bandwidth, relu.max_k) == (1.5, None, 20)
     assert sae_class(jump) is JumpReLUSAE and sae_class(relu) is ReLUSAE
     with pytest.raises(ValueError, match="bandwidth applies to arch 'jumprelu' only, not 'relu'"):
         SAEConfig(d_in=8, num_latents=100, k=5, arch="relu", bandwidth=0.1)

@@ -93,7 +93,7 @@ def add_subcommands(sub) -> None:
                    help="jumprelu: width of the thresholds' straight-through kernel, in normalised "
                         "pre-activation units (default 0.05)")
     p.add_argument("--l1-coef", type=float, default=None,
-                   help="relu: weight of the L1 penalty sum_m z_m |W_dec[m]| at the normalised scale (default 3: L0 about 32 on the built-in model)")
+                   help="relu: weight of the L1 penalty sum_m z_m |W_dec[m]| at the normalised scale (default 1.5: L0 about 34 on the built-in model)")
     p.add_argument("--steps", type=int, default=800, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
     p.add_argument("--lr", type=float, default=None, help="learning rate (None: 2e-4 / sqrt(M / 2^14))")
