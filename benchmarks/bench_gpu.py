@@ -187,6 +187,15 @@ def _dense_encode(x, W, b, k, bd):
     return top.values.relu(), top.indices
 
 
+def _dense_threshold_encode(x, W, b, threshold, max_k, bd):
+    pre = (x - bd) @ W.T + b
+    keep = pre > threshold
+    counts = keep.sum(1)
+    top = torch.where(keep, pre, float("-inf")).topk(max_k, dim=1)
+    filled = torch.arange(max_k, device=x.device) < counts.unsqueeze(1)
+    return torch.where(filled, top.values, 0), torch.where(filled, top.indices, 0), counts
+
+
 def _dense_code(values, indices, M):
     return torch.zeros(values.shape[0], M, dtype=values.dtype, device=values.device).scatter_(1, indices, values)
 
@@ -194,6 +203,8 @@ def _dense_code(values, indices, M):
 GPU_BACKENDS = ("triton", "cuda")
 # The primitives one training step runs (forward and backward).
 STEP_OPS = ("topk_encode", "sparse_decode", "sampled_dot", "latent_transpose", "sparse_transpose_matmul")
+# Timed beside them: the encode of the threshold architectures (JumpReLU, ReLU, BatchTopK at inference).
+OTHER_OPS = ("threshold_encode",)
 
 
 def backend_reasons(name, ops=STEP_OPS) -> list[str]:
@@ -236,6 +247,10 @@ def run(shape_name, dtype, repeats, json_path=None, gpu_backends=GPU_BACKENDS, d
     values, indices = _dense_encode(x, W_enc, b_enc, k, b_dec)
     offsets, order = backends.BACKENDS["reference"].kernel("latent_transpose")(indices, M)
     grad = torch.randn(N, d, device=dev, generator=gen).to(dtype)
+    # threshold_encode: the level that leaves about k of the M latents of a row above it, and a cap of 2k
+    sample = ((x[:64] - b_dec) @ W_enc.T + b_enc).float().flatten()[:2**24]
+    threshold = torch.quantile(sample, 1 - k / M).to(dtype)
+    max_k = min(2 * k, M)
 
     def on(backend, fn):
         def call():
@@ -246,6 +261,8 @@ def run(shape_name, dtype, repeats, json_path=None, gpu_backends=GPU_BACKENDS, d
     def ours(backend):  # op -> callable on ``backend``
         return {
             "topk_encode": on(backend, lambda: ssae_kernels.topk_encode(x, W_enc, b_enc, k, b_dec=b_dec)),
+            "threshold_encode": on(backend, lambda: ssae_kernels.threshold_encode(x, W_enc, b_enc, threshold, max_k,
+                                                                                   b_dec=b_dec)),
             "sparse_decode": on(backend, lambda: ssae_kernels.sparse_decode(values, indices, W_dec, b_dec)),
             "sampled_dot": on(backend, lambda: ops.sampled_dot(grad, indices, W_dec)),
             "latent_transpose": on(backend, lambda: ops.latent_transpose(indices, M)),
@@ -255,6 +272,7 @@ def run(shape_name, dtype, repeats, json_path=None, gpu_backends=GPU_BACKENDS, d
     baselines = {  # op -> provider -> callable
         "gemm_floor": {"torch": lambda: x @ W_enc.T},
         "topk_encode": {"dense": lambda: _dense_encode(x, W_enc, b_enc, k, b_dec)},
+        "threshold_encode": {"dense": lambda: _dense_threshold_encode(x, W_enc, b_enc, threshold, max_k, b_dec)},
         "sparse_decode": {
             "dense": lambda: _dense_code(values, indices, M) @ W_dec + b_dec,
             "embedding_bag": lambda: torch.nn.functional.embedding_bag(
@@ -273,7 +291,7 @@ def run(shape_name, dtype, repeats, json_path=None, gpu_backends=GPU_BACKENDS, d
     # its row with the reasons (skipped[op][backend]).
     cases, skipped = {"gemm_floor": baselines["gemm_floor"]}, {}
     per_backend = {name: ours(name) for name in gpu_backends}
-    for op in STEP_OPS:
+    for op in (*STEP_OPS, *OTHER_OPS):
         cases[op] = {}
         for name in gpu_backends:
             reasons = backend_reasons(name, (op,))
@@ -286,6 +304,7 @@ def run(shape_name, dtype, repeats, json_path=None, gpu_backends=GPU_BACKENDS, d
     optimizer_cases, skipped["sparse_adam_"], optimizer_bytes = _optimizer_cases(indices, M, d, dev, gpu_backends)
     model_rows, _ = model(N, d, M, k, s, gpu)
     model_of = {"topk_encode": ["encode (fused GEMM + top-k)", "encode merge", "fold bias (W @ b_dec)"],
+                "threshold_encode": ["encode (fused GEMM + top-k)", "encode merge", "fold bias (W @ b_dec)"],
                 "sparse_decode": ["sparse_decode"], "sampled_dot": ["sampled_dot"],
                 "latent_transpose": ["latent_transpose"], "sparse_transpose_matmul": ["sparse_transpose_matmul"],
                 "gemm_floor": ["dense GEMM floor x @ W_enc.T"]}

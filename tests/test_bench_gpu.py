@@ -93,7 +93,7 @@ def test_run_gives_every_backend_a_row(monkeypatch, capsys, tmp_path):
     lines = out.splitlines()
     assert not any("failed:" in line and " triton " in line for line in lines), out
     timed = {(r["op"], r["provider"]) for r in results}
-    for op in bench_gpu.STEP_OPS + ("training_step",):
+    for op in bench_gpu.STEP_OPS + bench_gpu.OTHER_OPS + ("training_step",):
         assert (op, "triton") in timed and ((op, "dense") in timed or (op, "torch") in timed), op
         cuda_rows = [line for line in lines if line.startswith(f"{op:<24} cuda ")]
         assert len(cuda_rows) == 1, out

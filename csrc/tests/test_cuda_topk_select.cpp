@@ -3,7 +3,9 @@
 // same encode_pipeline() as the ATen binding (double-buffered score chunks,
 // latent splits, the final merge of the splits), with the "GEMM" copying
 // precomputed scores. Results must equal a stable descending sort of each full
-// row (NaN first, ties to the lower index). Also checks the key encoding.
+// row (NaN first, ties to the lower index); with per-latent thresholds
+// (threshold_encode), of the scores above them, padded with 0 / 0, and their
+// counts. Also checks the key encoding.
 //
 // Thread order: every case runs with the block's threads in forward order, in
 // reverse, and in fresh random orders drawn for every phase (between two
@@ -84,11 +86,12 @@ struct Problem {
   int64_t N, M, k;
   std::vector<float> gemm, bias;  // "GEMM outputs" x @ W.T [N, M] and b_enc [M]
   std::vector<float> wb;          // with b_dec folded: the GEMM's extra row W @ b_dec [M], else empty
+  std::vector<float> threshold;   // threshold_encode: per-latent thresholds [M]; empty for topk_encode
 };
 
 Problem make_problem(int64_t N, int64_t M, int64_t k, Fill fill, double nan_rate, double inf_rate,
                      bool fold = false) {
-  Problem p{N, M, k, std::vector<float>(size_t(N * M)), std::vector<float>(size_t(M)), {}};
+  Problem p{N, M, k, std::vector<float>(size_t(N * M)), std::vector<float>(size_t(M)), {}, {}};
   std::normal_distribution<float> normal;
   std::uniform_real_distribution<double> u01;
   for (int64_t i = 0; i < N * M; ++i) {
@@ -139,9 +142,10 @@ TopkEncodePlan make_plan(int64_t N, int64_t M, int64_t k, int64_t row_block, int
   return p;
 }
 
-// Emulates the binding's topk_encode with a chosen plan; returns values (float) and indices.
+// Emulates the binding's topk_encode (threshold_encode when p.threshold is set) with a chosen plan; returns
+// values (float), indices and (threshold_encode) the per-row counts of scores above threshold.
 void emulate(const Problem& p, const TopkEncodePlan& plan, int order_mode, std::vector<float>& values,
-             std::vector<int64_t>& indices) {
+             std::vector<int64_t>& indices, std::vector<int64_t>& counts) {
   const int64_t R = plan.row_block, C = plan.latent_chunk, P = plan.splits, seg = plan.split_latents,
                 S = plan.state_stride;
   const topk_key garbage = 0xdeadbeefcafef00dULL;  // uninitialised scratch must never matter
@@ -155,6 +159,8 @@ void emulate(const Problem& p, const TopkEncodePlan& plan, int order_mode, std::
       size_t(plan.score_buffers), std::vector<float>(size_t(plan.score_rows * C), std::numeric_limits<float>::quiet_NaN()));
   values.assign(size_t(p.N * p.k), -1.0f);
   indices.assign(size_t(p.N * p.k), -1);
+  const bool raw = !p.threshold.empty();
+  std::vector<uint32_t> above(size_t(p.N * P), 0u);  // the binding zeroes it once per call
   HostExec ex(order_mode);
   int64_t expect_step = 0;
 
@@ -191,7 +197,9 @@ void emulate(const Problem& p, const TopkEncodePlan& plan, int order_mode, std::
                               state[s.parity].data() + b * S,
                               state[s.parity ^ 1].data() + b * S,
                               row_min.data() + b,
-                              cand.data() + r * C + first};
+                              cand.data() + r * C + first,
+                              raw ? p.threshold.data() + s.m0 + first : nullptr,
+                              raw ? above.data() + s.n0 * P + b : nullptr};
           select_chunk(ex, sh, row);
         }
       },
@@ -199,9 +207,11 @@ void emulate(const Problem& p, const TopkEncodePlan& plan, int order_mode, std::
         for (int64_t r : ex.block_order(s.rows)) {  // the blocks of finish_kernel
           std::vector<topk_key> shared_buf(size_t(kSortSharedKeys), garbage);
           topk_key* buf;
-          const auto store = [&](int64_t j, float v, int64_t latent) {
-            values[size_t((s.n0 + r) * p.k + j)] = v < 0.0f ? 0.0f : v;
-            indices[size_t((s.n0 + r) * p.k + j)] = latent;
+          const auto store = [&](int64_t j, topk_key key) {  // as finish_kernel's
+            const float v = key_score(key);
+            const bool below = raw && is_below(key);
+            values[size_t((s.n0 + r) * p.k + j)] = below ? 0.0f : raw ? v : v < 0.0f ? 0.0f : v;
+            indices[size_t((s.n0 + r) * p.k + j)] = below ? 0 : key_latent(key);
           };
           if (P == 1) {
             topk_key* srow = state[parity].data() + r * S;
@@ -219,6 +229,9 @@ void emulate(const Problem& p, const TopkEncodePlan& plan, int order_mode, std::
       });
   CHECK(expect_step == plan.steps());
   CHECK(ex.phases > 0);
+  counts.assign(size_t(p.N), 0);
+  for (int64_t n = 0; n < p.N; ++n)
+    for (int64_t sp = 0; sp < P; ++sp) counts[size_t(n)] += above[size_t(n * P + sp)];
 }
 
 void run_plan(const Problem& p, const TopkEncodePlan& plan, const std::string& what) {
@@ -229,8 +242,9 @@ void run_plan(const Problem& p, const TopkEncodePlan& plan, const std::string& w
                                       mode == 0 ? "forward" : mode == 1 ? "reverse" : "random seed ",
                                       mode >= 2 ? int64_t(kOrderSeeds[mode - 2]) : int64_t(-1)));
     std::vector<float> values;
-    std::vector<int64_t> indices;
-    emulate(p, plan, mode, values, indices);
+    std::vector<int64_t> indices, counts;
+    emulate(p, plan, mode, values, indices, counts);
+    const bool raw = !p.threshold.empty();
 
     int64_t bad_rows = 0;
     for (int64_t n = 0; n < N; ++n) {
@@ -238,19 +252,28 @@ void run_plan(const Problem& p, const TopkEncodePlan& plan, const std::string& w
       std::iota(rank.begin(), rank.end(), 0);
       std::vector<float> pre(static_cast<size_t>(M));
       for (int64_t m = 0; m < M; ++m) pre[size_t(m)] = pre_activation(p, n, m);
+      if (raw) {  // threshold_encode: only scores above their thresholds (never NaN)
+        rank.erase(std::remove_if(rank.begin(), rank.end(),
+                                  [&](int64_t m) { return !(pre[size_t(m)] > p.threshold[size_t(m)]); }),
+                   rank.end());
+        CHECK_MSG(counts[size_t(n)] == int64_t(rank.size()), "row ", n, ": count ", counts[size_t(n)], ", want ",
+                  rank.size());
+      }
       std::stable_sort(rank.begin(), rank.end(), [&](int64_t a, int64_t b) {
         const bool an = std::isnan(pre[size_t(a)]), bn = std::isnan(pre[size_t(b)]);
         if (an || bn) return an && !bn;
         return pre[size_t(a)] > pre[size_t(b)];
       });
       for (int64_t j = 0; j < k; ++j) {
-        const float want = pre[size_t(rank[size_t(j)])];
-        const float want_v = want < 0.0f ? 0.0f : want;
+        const bool filled = j < int64_t(rank.size());  // always, for topk_encode
+        const float want = filled ? pre[size_t(rank[size_t(j)])] : 0.0f;
+        const float want_v = raw ? want : want < 0.0f ? 0.0f : want;
+        const int64_t want_i = filled ? rank[size_t(j)] : 0;
         const float got_v = values[size_t(n * k + j)];
         const bool v_ok = std::isnan(want_v) ? std::isnan(got_v) : got_v == want_v;
-        if (indices[size_t(n * k + j)] != rank[size_t(j)] || !v_ok) {
+        if (indices[size_t(n * k + j)] != want_i || !v_ok) {
           CHECK_MSG(false, "row ", n, " slot ", j, ": got ", indices[size_t(n * k + j)], " (", got_v, "), want ",
-                    rank[size_t(j)], " (", want_v, ")");
+                    want_i, " (", want_v, ")");
           ++bad_rows;
           break;
         }
@@ -268,6 +291,18 @@ void run_case(int64_t N, int64_t M, int64_t k, Fill fill, double nan_rate, doubl
   run_plan(p, make_plan(N, M, k, row_block, splits, seg, fold),
            ssae_test::str("N=", N, " M=", M, " k=", k, " fill=", int(fill), " nan=", nan_rate, " inf=", inf_rate,
                           " fold=", fold));
+}
+
+// threshold_encode's problems: run_case's with per-latent thresholds drawn in [lo, hi] (lo = hi: one for all).
+void run_threshold_case(int64_t N, int64_t M, int64_t k, Fill fill, double nan_rate, float lo, float hi,
+                        int64_t row_block, int64_t splits, int64_t seg, bool fold = false) {
+  Problem p = make_problem(N, M, k, fill, nan_rate, 0.0, fold);
+  std::uniform_real_distribution<float> draw(lo, hi);
+  p.threshold.resize(size_t(M));
+  for (auto& t : p.threshold) t = lo == hi ? lo : draw(rng);
+  run_plan(p, make_plan(N, M, k, row_block, splits, seg, fold),
+           ssae_test::str("threshold N=", N, " M=", M, " max_k=", k, " fill=", int(fill), " nan=", nan_rate,
+                          " thresholds in [", lo, ", ", hi, "] fold=", fold));
 }
 
 // A problem run under plan_topk_encode's own plan for a device of
@@ -313,6 +348,10 @@ void check_keys() {
   CHECK(pack_key(1.0f, 4) > pack_key(0.99999994f, 0));
   CHECK(pack_key(std::numeric_limits<float>::quiet_NaN(), 9) > pack_key(INFINITY, 0));
   CHECK(pack_key(-INFINITY, (int64_t(1) << 32) - 1) > topk_key(0));  // 0 is below every real key
+  // threshold_encode's below-threshold keys: under every real score's key, above 0, one per latent
+  CHECK(below_key(0) < pack_key(-INFINITY, (int64_t(1) << 32) - 1) && below_key((int64_t(1) << 32) - 2) > 0);
+  CHECK(is_below(below_key(7)) && !is_below(pack_key(-INFINITY, 7)) && key_latent(below_key(7)) == 7);
+  CHECK(below_key(3) > below_key(4));
 }
 
 }  // namespace
@@ -378,6 +417,18 @@ int main() {
   run_planned(1, 9000, 40, Fill::kSmallInts, 8, int64_t(1) << 20);
   run_planned(33, 3000, 16, Fill::kNormal, 2, int64_t(34) * 12 * 512, true);
   run_planned(5, 700, 700, Fill::kNormal, 132, kEncodeScratchBytes);
+
+  // threshold_encode: per-latent thresholds; rows with fewer scores above them than max_k (0 / 0 padding),
+  // none, all; ties at and around the thresholds; NaN never kept; splits, chunks and the fold.
+  run_threshold_case(9, 300, 32, Fill::kNormal, 0.0, 0.5, 2.5, 4, 1, 128);
+  run_threshold_case(9, 300, 32, Fill::kNormal, 0.0, 1e30f, 1e30f, 4, 1, 128);    // none above
+  run_threshold_case(5, 300, 300, Fill::kNormal, 0.0, -1e30f, -1e30f, 5, 1, 64);  // all above, max_k = M
+  run_threshold_case(6, 130, 9, Fill::kSmallInts, 0.0, 0.0, 0.0, 3, 1, 29);       // scores equal to it: not above
+  run_threshold_case(6, 150, 11, Fill::kNormal, 0.3, -0.5, 0.5, 3, 1, 40);        // NaN never above
+  run_threshold_case(3, 1000, 20, Fill::kNormal, 0.0, 1.0, 2.0, 3, 4, 64);        // splits
+  run_threshold_case(2, 300, 100, Fill::kNormal, 0.0, -0.2, 0.8, 2, 8, 16);
+  run_threshold_case(4, 333, 11, Fill::kNormal, 0.05, 0.0, 1.0, 2, 3, 40, true);  // the fold
+  run_threshold_case(2, 2500, 2100, Fill::kNormal, 0.0, -0.5, 0.5, 2, 1, 1024);   // sort in global memory
 
   return ssae_test::finish("test_cuda_topk_select");
 }

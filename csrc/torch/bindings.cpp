@@ -20,17 +20,13 @@
 
 // Every op with a kernel in each compiled backend: ssae::<op> is served by ssae::<op>_cpu and ssae::<op>_cuda.
 #define SSAE_COMPILED_OPS(X)                                                                                  \
-  X(topk_encode) X(sparse_decode) X(sampled_dot) X(latent_transpose) X(sparse_transpose_matmul)              \
+  X(topk_encode) X(threshold_encode) X(sparse_decode) X(sampled_dot) X(latent_transpose) X(sparse_transpose_matmul)              \
   X(tilted_group_stats) X(row_sq_error) X(sparse_decode_sq_error) X(sparse_decode_residual) X(project_subspace) \
   X(project_subspace_) X(sparse_adam_)
-
-// Ops with a kernel in the CPU backend only (so far).
-#define SSAE_CPU_ONLY_OPS(X) X(threshold_encode)
 
 TORCH_LIBRARY_IMPL(ssae, CPU, m) {
 #define SSAE_CPU_IMPL(op) SSAE_ROUTED_IMPL(m, op, "cpu", ssae::route::cpu_serves, ssae::op##_cpu);
   SSAE_COMPILED_OPS(SSAE_CPU_IMPL)
-  SSAE_CPU_ONLY_OPS(SSAE_CPU_IMPL)
 #undef SSAE_CPU_IMPL
 }
 

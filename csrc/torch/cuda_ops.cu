@@ -81,10 +81,16 @@ class StreamEvent {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const at::Tensor& W_enc,
-                                                    const std::optional<at::Tensor>& b_enc, int64_t k,
-                                                    const std::optional<at::Tensor>& b_dec) {
-  checks::encode_args(x, W_enc, b_enc, k, b_dec, kCUDA);
+namespace {
+
+// The fused encode of topk_encode and threshold_encode (arguments checked). With
+// `threshold` (float32 [M]) only scores above their latent's threshold are
+// selected (topk_select.h: below_key), values are raw, and the third result
+// holds each row's count of scores above threshold; otherwise it is undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_encode(const at::Tensor& x, const at::Tensor& W_enc,
+                                                            const std::optional<at::Tensor>& b_enc, int64_t k,
+                                                            const std::optional<at::Tensor>& b_dec,
+                                                            const at::Tensor& threshold) {
   const int64_t N = x.size(0), d = x.size(1), M = W_enc.size(0);
   // Latents are packed into 32 bits of the selection keys.
   TORCH_CHECK(M < (int64_t(1) << 32), "W_enc has ", M, " latents; the cuda backend supports at most 2^32 - 1");
@@ -120,6 +126,10 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const a
   auto state = at::empty({2, R * plan.splits * plan.state_stride}, x.options().dtype(at::kLong));
   auto row_min = at::empty({R * plan.splits}, x.options().dtype(at::kLong));
   auto state_ptr = [&](int parity) { return reinterpret_cast<cuda::topk_key*>(state[parity].data_ptr()); };
+  const bool raw = threshold.defined();
+  // threshold_encode: per (row, split) counts of scores above threshold (each < 2^31: a split holds fewer latents)
+  auto above = raw ? at::zeros({N * plan.splits}, x.options().dtype(at::kInt)) : at::Tensor();
+  const float* threshold_ptr = raw ? threshold.data_ptr<float>() : nullptr;
 
   // Overlap (docs/cuda.md): with more than one GEMM chunk, the GEMMs run on a
   // second stream into two score buffers, so that the GEMM of chunk g + 1 runs
@@ -165,7 +175,8 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const a
             tile, s.cols, fold ? tile + s.rows * s.cols : bias_ptr + s.m0, s.rows, s.cols, s.m0, s.seen,
             k, plan.splits, plan.split_latents, plan.state_stride, state_ptr(s.parity), state_ptr(s.parity ^ 1),
             reinterpret_cast<cuda::topk_key*>(row_min.data_ptr()), reinterpret_cast<uint32_t*>(cand.data_ptr()), C,
-            stream));
+            raw ? threshold_ptr + s.m0 : nullptr,
+            raw ? reinterpret_cast<uint32_t*>(above.data_ptr()) + s.n0 * plan.splits : nullptr, stream));
         if (overlap) select_done[s.buffer].record(stream);
       },
       [&](const cuda::EncodeStep& s, int parity) {
@@ -173,10 +184,35 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const a
           using T = typename decltype(tag)::type;
           C10_CUDA_CHECK(cuda::topk_finish<T>(state_ptr(parity), state_ptr(parity ^ 1), s.rows, k, plan.splits, M, C,
                                               plan.split_latents, plan.state_stride, ptr<T>(values) + s.n0 * k,
-                                              indices.data_ptr<int64_t>() + s.n0 * k, stream));
+                                              indices.data_ptr<int64_t>() + s.n0 * k, raw, stream));
         });
       });
+  if (!raw) return {values, indices, at::Tensor()};
+  return {values, indices, above.view({N, plan.splits}).to(at::kLong).sum(1)};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const at::Tensor& W_enc,
+                                                    const std::optional<at::Tensor>& b_enc, int64_t k,
+                                                    const std::optional<at::Tensor>& b_dec) {
+  checks::encode_args(x, W_enc, b_enc, k, b_dec, kCUDA);
+  auto [values, indices, counts] = fused_encode(x, W_enc, b_enc, k, b_dec, at::Tensor());
   return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_encode_cuda(const at::Tensor& x, const at::Tensor& W_enc,
+                                                                     const std::optional<at::Tensor>& b_enc,
+                                                                     const at::Tensor& threshold, int64_t max_k,
+                                                                     const std::optional<at::Tensor>& b_dec) {
+  checks::encode_args(x, W_enc, b_enc, max_k, b_dec, kCUDA, "max_k");
+  const int64_t M = W_enc.size(0);
+  checks::threshold_arg(threshold, x, M);
+  // compared with the float32 scores, as on the other backends
+  const auto per_latent = threshold.to(at::kFloat).expand({M}).contiguous();
+  TORCH_CHECK_VALUE(at::isfinite(per_latent).all().item<bool>(), "threshold must be finite, got ",
+                    at::isfinite(per_latent).logical_not().sum().item<int64_t>(), " non-finite entries");
+  return fused_encode(x, W_enc, b_enc, max_k, b_dec, per_latent);
 }
 
 namespace {

@@ -15,6 +15,10 @@ namespace ssae {
 std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const at::Tensor& W_enc,
                                                     const std::optional<at::Tensor>& b_enc, int64_t k,
                                                     const std::optional<at::Tensor>& b_dec);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_encode_cuda(const at::Tensor& x, const at::Tensor& W_enc,
+                                                                     const std::optional<at::Tensor>& b_enc,
+                                                                     const at::Tensor& threshold, int64_t max_k,
+                                                                     const std::optional<at::Tensor>& b_dec);
 at::Tensor sparse_decode_cuda(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
                               const std::optional<at::Tensor>& b_dec);
 at::Tensor sampled_dot_cuda(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& W);

@@ -7,7 +7,7 @@ from . import checks
 from .checks import FLOAT_DTYPES, GPU_DTYPES
 from .registry import call, define
 from .topk_encode import _check as _check_encode
-from .topk_encode import _int32_latents, encoder_grads, pre_activations
+from .topk_encode import _cuda_limit, _int32_latents, encoder_grads, pre_activations
 
 
 def threshold_encode(x, W_enc, b_enc, threshold, max_k, *, b_dec=None):
@@ -110,7 +110,7 @@ OP = define(
     "(Tensor x, Tensor W_enc, Tensor? b_enc, Tensor threshold, int max_k, Tensor? b_dec=None) "
     "-> (Tensor values, Tensor indices, Tensor counts)",
     module=__name__.rsplit(".", 1)[-1], check=_check, fake=_fake, reference=reference,
-    dtypes={"cpu": FLOAT_DTYPES, "triton": GPU_DTYPES},
-    limits={"cpu": _int32_latents("cpu"), "triton": _int32_latents("triton")},
+    dtypes={"cpu": FLOAT_DTYPES, "triton": GPU_DTYPES, "cuda": GPU_DTYPES},
+    limits={"cpu": _int32_latents("cpu"), "triton": _int32_latents("triton"), "cuda": _cuda_limit},
     backward=_backward, setup_context=_setup_context,
 )

@@ -26,7 +26,8 @@ __global__ void __launch_bounds__(kFoldThreads) fold_chunk_bias_kernel(float* ro
 __global__ void __launch_bounds__(kSelectThreads)
     select_chunk_kernel(const float* scores, int64_t ld, const float* bias, int64_t cols, int64_t col0, int64_t seen,
                         int64_t k, int64_t splits, int64_t seg, int64_t state_stride, const topk_key* state_in,
-                        topk_key* state_out, topk_key* row_min, uint32_t* cand, int64_t cand_stride) {
+                        topk_key* state_out, topk_key* row_min, uint32_t* cand, int64_t cand_stride,
+                        const float* threshold, uint32_t* above) {
   __shared__ SelectShared sh;
   const int64_t b = blockIdx.x;
   const int64_t r = b / splits, s = b - r * splits;
@@ -40,12 +41,14 @@ __global__ void __launch_bounds__(kSelectThreads)
                       state_in + b * state_stride,
                       state_out + b * state_stride,
                       row_min + b,
-                      cand + r * cand_stride + first};
+                      cand + r * cand_stride + first,
+                      threshold ? threshold + first : nullptr,
+                      above ? above + b : nullptr};
   DeviceExec ex;
   select_chunk(ex, sh, row);
 }
 
-template <typename T, bool kShared>
+template <typename T, bool kShared, bool kRaw>
 __global__ void __launch_bounds__(kSelectThreads)
     finish_kernel(topk_key* state, topk_key* scratch, int64_t k, int64_t splits, int64_t M, int64_t chunk, int64_t seg,
                   int64_t state_stride, T* values, int64_t* indices) {
@@ -54,9 +57,16 @@ __global__ void __launch_bounds__(kSelectThreads)
   T* v = values + r * k;
   int64_t* ix = indices + r * k;
   DeviceExec ex;
-  const auto store = [&](int64_t j, float s, int64_t latent) {
-    v[j] = from_float<T>(s < 0.0f ? 0.0f : s);  // ReLU that keeps NaN, as torch.relu
-    ix[j] = latent;
+  const auto store = [&](int64_t j, topk_key key) {
+    const float s = key_score(key);
+    if (kRaw) {  // threshold_encode: raw values; 0 / 0 where fewer than k scores were above threshold
+      const bool below = is_below(key);
+      v[j] = from_float<T>(below ? 0.0f : s);
+      ix[j] = below ? 0 : key_latent(key);
+    } else {
+      v[j] = from_float<T>(s < 0.0f ? 0.0f : s);  // ReLU that keeps NaN, as torch.relu
+      ix[j] = key_latent(key);
+    }
   };
   if (splits == 1) {
     topk_key* row = state + r * state_stride;
@@ -83,37 +93,41 @@ cudaError_t fold_chunk_bias(float* row, const float* b_enc, int64_t cols, cudaSt
 cudaError_t topk_select_chunk(const float* scores, int64_t ld, const float* bias, int64_t rows, int64_t cols,
                               int64_t col0, int64_t seen, int64_t k, int64_t splits, int64_t seg,
                               int64_t state_stride, const topk_key* state_in, topk_key* state_out, topk_key* row_min,
-                              uint32_t* cand, int64_t cand_stride, cudaStream_t stream) {
+                              uint32_t* cand, int64_t cand_stride, const float* threshold, uint32_t* above,
+                              cudaStream_t stream) {
   const Launch l = select_launch(rows, splits);
   if (!grid_fits(l) || cols < 1 || k < 1 || splits < 1 || seg < 1 || splits * seg < cols || cand_stride < cols)
     return cudaErrorInvalidValue;
   select_chunk_kernel<<<unsigned(l.blocks), l.threads, 0, stream>>>(scores, ld, bias, cols, col0, seen, k, splits,
                                                                     seg, state_stride, state_in, state_out, row_min,
-                                                                    cand, cand_stride);
+                                                                    cand, cand_stride, threshold, above);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t topk_finish(topk_key* state, topk_key* scratch, int64_t rows, int64_t k, int64_t splits, int64_t M,
                         int64_t latent_chunk, int64_t seg, int64_t state_stride, T* values, int64_t* indices,
-                        cudaStream_t stream) {
+                        bool raw, cudaStream_t stream) {
   const Launch l = finish_launch(rows);
   if (!grid_fits(l) || k < 1 || splits < 1 || state_stride < next_pow2(k) || (splits > 1 && !scratch))
     return cudaErrorInvalidValue;
-  if (sort_in_shared(state_stride))
-    finish_kernel<T, true><<<unsigned(l.blocks), l.threads, 0, stream>>>(state, scratch, k, splits, M, latent_chunk,
-                                                                         seg, state_stride, values, indices);
-  else
-    finish_kernel<T, false><<<unsigned(l.blocks), l.threads, 0, stream>>>(state, scratch, k, splits, M, latent_chunk,
-                                                                          seg, state_stride, values, indices);
+  const auto launch = [&](auto kernel) {
+    kernel<<<unsigned(l.blocks), l.threads, 0, stream>>>(state, scratch, k, splits, M, latent_chunk, seg, state_stride,
+                                                         values, indices);
+  };
+  const bool shared = sort_in_shared(state_stride);
+  if (shared && raw) launch(finish_kernel<T, true, true>);
+  else if (shared) launch(finish_kernel<T, true, false>);
+  else if (raw) launch(finish_kernel<T, false, true>);
+  else launch(finish_kernel<T, false, false>);
   return cudaGetLastError();
 }
 
 template cudaError_t topk_finish<float>(topk_key*, topk_key*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                        int64_t, float*, int64_t*, cudaStream_t);
+                                        int64_t, float*, int64_t*, bool, cudaStream_t);
 template cudaError_t topk_finish<__nv_bfloat16>(topk_key*, topk_key*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                                int64_t, int64_t, __nv_bfloat16*, int64_t*, cudaStream_t);
+                                                int64_t, int64_t, __nv_bfloat16*, int64_t*, bool, cudaStream_t);
 template cudaError_t topk_finish<__half>(topk_key*, topk_key*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                         int64_t, __half*, int64_t*, cudaStream_t);
+                                         int64_t, __half*, int64_t*, bool, cudaStream_t);
 
 }  // namespace ssae::cuda

@@ -35,12 +35,18 @@ cudaError_t fold_chunk_bias(float* row, const float* b_enc, int64_t cols, cudaSt
 // (r, s): rows r * splits + s of state_in / state_out / row_min (strides
 // state_stride, state_stride, 1). seen: latents every split merged before
 // (chunk index x seg). cand: row r at r * cand_stride (>= cols).
+// threshold_encode: threshold (float32 + col0, null for topk_encode) holds the
+// chunk's latents' thresholds, and above [rows * splits] the (row, split)
+// counts of scores above them, increased by this chunk's.
 cudaError_t topk_select_chunk(const float* scores, int64_t ld, const float* bias, int64_t rows, int64_t cols,
                               int64_t col0, int64_t seen, int64_t k, int64_t splits, int64_t seg,
                               int64_t state_stride, const topk_key* state_in, topk_key* state_out, topk_key* row_min,
-                              uint32_t* cand, int64_t cand_stride, cudaStream_t stream);
+                              uint32_t* cand, int64_t cand_stride, const float* threshold, uint32_t* above,
+                              cudaStream_t stream);
 
-// values [rows, k] = ReLU(score) as T, indices [rows, k] int64, descending.
+// values [rows, k] = ReLU(score) as T, indices [rows, k] int64, descending;
+// with raw (threshold_encode) the score itself, and value 0, index 0 for the
+// keys of scores below their thresholds (topk_select.h: below_key).
 // state: the rows' splits after the last chunk (latent_chunk = splits * seg of
 // the plan, M latents in all). state is overwritten when splits == 1 and
 // k > kSortSharedKeys (it is the sort buffer); scratch (rows * splits *
@@ -48,6 +54,6 @@ cudaError_t topk_select_chunk(const float* scores, int64_t ld, const float* bias
 template <typename T>
 cudaError_t topk_finish(topk_key* state, topk_key* scratch, int64_t rows, int64_t k, int64_t splits, int64_t M,
                         int64_t latent_chunk, int64_t seg, int64_t state_stride, T* values, int64_t* indices,
-                        cudaStream_t stream);
+                        bool raw, cudaStream_t stream);
 
 }  // namespace ssae::cuda

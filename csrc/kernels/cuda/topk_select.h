@@ -77,6 +77,14 @@ SSAE_FN topk_key pack_key(float score, int64_t latent) {
 SSAE_FN float key_score(topk_key key) { return order_float(uint32_t(key >> 32)); }
 SSAE_FN int64_t key_latent(topk_key key) { return int64_t(~uint32_t(key)); }
 
+// threshold_encode: a score not above its latent's threshold gets a key with a
+// zero high half, below every real score's key (order_bits(-inf) > 0) and
+// still > 0 and unique, so the selection runs unchanged: a row's k best keys
+// are its scores above threshold, largest first, then (when there are fewer
+// than k) below-threshold keys, which the finish writes as value 0, index 0.
+SSAE_FN topk_key below_key(int64_t latent) { return topk_key(~uint32_t(latent)); }
+SSAE_FN bool is_below(topk_key key) { return (key >> 32) == 0; }
+
 struct SelectShared {
   uint32_t hist[kRadixBins];
   uint32_t scan[2][kRadixBins];
@@ -85,6 +93,7 @@ struct SelectShared {
   uint32_t digit;  // radix digit of the k-th key at this pass
   uint32_t above;  // keys in higher bins
   uint32_t count;  // keys in the digit's bin
+  uint32_t nabove;  // threshold_encode: scores of the segment above their thresholds
   topk_key kmin;
 };
 
@@ -174,9 +183,17 @@ struct SelectRow {
   topk_key* state_out;       // receives min(k, seen + cols) keys
   topk_key* row_min;         // smallest key of the state, read once the state holds k keys
   uint32_t* cand;            // [cols] scratch: segment columns that beat the split's threshold
+  // threshold_encode only (null for topk_encode): the float32 thresholds of the segment's latents, and the
+  // (row, split)'s count of scores above them, increased by this segment's
+  const float* threshold = nullptr;
+  uint32_t* above = nullptr;
 };
 
-SSAE_FN topk_key chunk_key(const SelectRow& a, int64_t c) { return pack_key(a.scores[c] + a.bias[c], a.col0 + c); }
+SSAE_FN topk_key chunk_key(const SelectRow& a, int64_t c) {
+  const float score = a.scores[c] + a.bias[c];
+  if (a.threshold && !(score > a.threshold[c])) return below_key(a.col0 + c);  // NaN is never above
+  return pack_key(score, a.col0 + c);
+}
 
 // Merges the segment into the split's top-k: keys of the segment above the
 // current k-th key are listed, then select_top() over (state + listed keys).
@@ -184,22 +201,28 @@ template <class Exec>
 SSAE_FN void select_chunk(Exec& ex, SelectShared& sh, const SelectRow& a) {
   const int T = ex.threads();
   const int64_t filled = a.seen < a.k ? a.seen : a.k;
-  const topk_key threshold = filled == a.k ? *a.row_min : topk_key(0);
+  const topk_key kth_key = filled == a.k ? *a.row_min : topk_key(0);  // a candidate must beat it
 
   ex.each([&](int t) {
     if (t == 0) {
       sh.ncand = 0;
       sh.nout = 0;
+      sh.nabove = 0;
       sh.kmin = ~topk_key(0);
     }
   });
   ex.each([&](int t) {
     for (int64_t base = 0; base < a.cols; base += T) {
       const int64_t c = base + t;
-      const bool keep = c < a.cols && chunk_key(a, c) > threshold;
+      const topk_key key = c < a.cols ? chunk_key(a, c) : topk_key(0);
+      const bool keep = key > kth_key;  // key 0 (past the segment) never does
       const uint32_t slot = ex.append(&sh.ncand, keep);
       if (keep) a.cand[slot] = uint32_t(c);
+      if (a.threshold && key != 0 && !is_below(key)) ex.atomic_add(&sh.nabove, 1u);
     }
+  });
+  ex.each([&](int t) {
+    if (t == 0 && a.above) *a.above += sh.nabove;  // only this block touches the (row, split) count
   });
   const int64_t total = filled + int64_t(sh.ncand);
   const auto key_at = [&](int64_t i) -> topk_key {
@@ -248,7 +271,7 @@ SSAE_FN void merge_splits(Exec& ex, SelectShared& sh, const MergeRow& a) {
 }
 
 // Sorts a row's k keys in descending order and emits them through
-// store(j, score, latent). buf holds `padded` = next_pow2(k) keys (shared
+// store(j, key). buf holds `padded` = next_pow2(k) keys (shared
 // memory, or the row's own state buffer: state may alias buf).
 template <class Exec, class Store>
 SSAE_FN void finish_row(Exec& ex, topk_key* buf, const topk_key* state, int64_t k, int64_t padded, Store&& store) {
@@ -272,7 +295,7 @@ SSAE_FN void finish_row(Exec& ex, topk_key* buf, const topk_key* state, int64_t 
         }
       });
   ex.each([&](int t) {
-    for (int64_t j = t; j < k; j += T) store(j, key_score(buf[j]), key_latent(buf[j]));
+    for (int64_t j = t; j < k; j += T) store(j, buf[j]);
   });
 }
 
