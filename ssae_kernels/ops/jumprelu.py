@@ -31,7 +31,7 @@ class JumpReLUCode(NamedTuple):
     values: torch.Tensor
     indices: torch.Tensor  # [N, max_k] int64
     counts: torch.Tensor  # [N] int64, latents above their threshold before the cap
-    l0: torch.Tensor  # [N] float32, the kept latents per row, differentiable in the threshold
+    l0: torch.Tensor  # [N] float32 (float64 for float64 x), the kept latents per row, differentiable in the threshold
 
 
 def jumprelu_encode(x, W_enc, b_enc, threshold, max_k, *, bandwidth, b_dec=None) -> JumpReLUCode:
@@ -74,7 +74,7 @@ def jumprelu_encode(x, W_enc, b_enc, threshold, max_k, *, bandwidth, b_dec=None)
     pre, indices, present, kept = (t.gather(1, order) for t in (pre, indices, present, kept))
     theta_at = _at(theta, indices)
     values = _JumpReLU.apply(pre, theta_at, present, eps)
-    l0 = _Step.apply(pre, theta_at, present, eps).float().sum(1)
+    l0 = _Step.apply(pre, theta_at, present, eps).to(checks.accumulation_dtype(x.dtype)).sum(1)
     counts = kept.sum(1)
     if over.numel():
         counts[over] = exact[2]
@@ -140,4 +140,4 @@ def jumprelu_reference(x, W_enc, b_enc, threshold, bandwidth, b_dec=None):
     lift = theta.detach() - theta  # value 0, derivative -1 in theta
     code = torch.where(above, pre, 0) + theta.detach() * kernel * lift
     l0 = above.to(pre.dtype).sum(1) + (kernel * lift).sum(1)
-    return code, l0.float()
+    return code, l0.to(checks.accumulation_dtype(x.dtype))

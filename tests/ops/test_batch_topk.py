@@ -120,3 +120,15 @@ def test_bad_input(override, error, match):
     args.update(override)
     with pytest.raises(error, match=match):
         ssae_kernels.batch_topk_encode(x, W, b, args["k"], args["max_k"], b_dec=bd)
+
+
+def test_matches_saelens_batchtopk():
+    # SAELens's BatchTopK activation (its training forward) on the dense pre-activations: the same code.
+    batchtopk = pytest.importorskip("sae_lens.saes.batchtopk_sae")
+    N, d, M, k = 64, 32, 500, 6
+    x, W, b, bd = make_encode_inputs(N, d, M, torch.float64)
+    values, indices, counts, _ = ssae_kernels.batch_topk_encode(x, W, b, k, M, b_dec=bd)
+    theirs = batchtopk.BatchTopK(k)(reference.pre_activations(x, W, b, bd))
+    ours = torch.zeros(N, M, dtype=torch.float64).scatter_add(1, indices, values)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert torch.equal(counts, (theirs > 0).sum(1))

@@ -135,3 +135,25 @@ def test_lower_precision_follows_the_float64_definition(dtype):
     torch.testing.assert_close(_dense(code, 300).detach().double()[clear], want_code[clear], rtol=0.02, atol=0.05)
     code.values.float().sum().backward()
     assert theta.grad is not None and theta.grad.dtype == dtype and W.grad.dtype == dtype
+
+
+def test_pseudo_derivatives_match_saelens():
+    # SAELens's JumpReLU and Step autograd functions (DeepMind's estimator: no straight-through term to the
+    # pre-activations) on the dense pre-activations: the same code, L0 and gradients as ours.
+    jumprelu_sae = pytest.importorskip("sae_lens.saes.jumprelu_sae")
+    N, d, M, eps = 40, 24, 300, 0.2
+    x, W, b, bd, theta = _inputs(N, d, M)
+    g = torch.randn(N, M, dtype=torch.float64)
+    inputs = (x, W, b, bd, theta)
+
+    code = ssae_kernels.jumprelu_encode(x, W, b, theta, M, bandwidth=eps, b_dec=bd)
+    ours = _grads((_dense(code, M) * g).sum() + 0.7 * code.l0.sum(), inputs)
+
+    pre = reference.pre_activations(x, W, b, bd)
+    feature = jumprelu_sae.JumpReLU.apply(pre, theta, eps, False)
+    l0 = jumprelu_sae.Step.apply(pre, theta, eps, False).sum(1)
+    torch.testing.assert_close(_dense(code, M).detach(), feature.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(code.l0, l0.detach())
+    theirs = _grads((feature * g).sum() + 0.7 * l0.sum(), inputs)
+    for name, a, e in zip(("x", "W_enc", "b_enc", "b_dec", "threshold"), ours, theirs):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=lambda m: f"grad {name}: {m}")
