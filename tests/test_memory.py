@@ -105,3 +105,14 @@ def test_ssae_plan_bfloat16_moments_fit_a_larger_dictionary(capsys):
     assert cli.main(["plan", "--latents", "1024", "--d", "64", "--device-memory", "24GB",
                      "--optimizer-state", "bfloat16"]) == 2
     assert "needs optimizer 'sparse-adam'" in capsys.readouterr().err
+
+
+def test_train_plans_a_threshold_architecture_at_its_code_width(monkeypatch):
+    # BatchTopK, JumpReLU and ReLU codes are max_k wide (default 4 k), not k
+    from ssae_kernels.recipes.common import UsageError
+    from ssae_kernels.recipes.train import TrainRunConfig, check_memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1)
+    for arch, max_k, width in (("topk", None, 32), ("jumprelu", None, 128), ("relu", 200, 200)):
+        with pytest.raises(UsageError, match=f"--batch 4096 --k {width} "):
+            check_memory(TrainRunConfig(out="unused", arch=arch, max_k=max_k), 576)

@@ -173,14 +173,16 @@ def check_memory(cfg: TrainRunConfig, d_in: int) -> None:
     free = memory.available_bytes(cfg.device)
     if free is None:
         return
-    planned = memory.plan(cfg.latents, d_in, cfg.batch_size, cfg.k, compute_dtype=cfg.dtype, device=cfg.device,
+    # a threshold architecture's code is max_k wide (SAEConfig's default: 4 k)
+    width = cfg.k if cfg.arch == "topk" else cfg.max_k or min(cfg.latents, 4 * cfg.k)
+    planned = memory.plan(cfg.latents, d_in, cfg.batch_size, width, compute_dtype=cfg.dtype, device=cfg.device,
                           optimizer=cfg.optimizer, optimizer_state=cfg.optimizer_state,
                           dataset_tokens=cfg.max_tokens, runtime_bytes=0)
     if planned.total > free:
         raise UsageError(
             f"--latents {cfg.latents} at d_in {d_in} with --batch-size {cfg.batch_size} and --max-tokens "
             f"{cfg.max_tokens} needs {planned.total / 1e9:.1f} GB by the memory planner (ssae plan --latents "
-            f"{cfg.latents} --d {d_in} --batch {cfg.batch_size} --k {cfg.k} --dtype {cfg.dtype} --optimizer "
+            f"{cfg.latents} --d {d_in} --batch {cfg.batch_size} --k {width} --dtype {cfg.dtype} --optimizer "
             f"{cfg.optimizer} --optimizer-state {cfg.optimizer_state} --tokens {cfg.max_tokens}), but {free / 1e9:.1f} GB are free on {cfg.device}")
 
 
