@@ -27,8 +27,8 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import save_file
 
-from .ops import (batch_topk_encode, encode_selected, jumprelu_encode, sparse_decode, sparse_decode_mse, threshold_encode,
-                  topk_encode)
+from .ops import (batch_topk_encode, encode_selected, jumprelu_encode, sparse_decode, sparse_decode_mse,
+                  threshold_encode, topk_encode)
 from .storage import (MANIFEST, atomic_write, atomic_write_text, check_shapes, read_checksums, read_config,
                       read_safetensors, verify_weights, write_checksums)
 
@@ -119,6 +119,12 @@ class Loss:
 class SAE(torch.nn.Module):
     """What every architecture shares: parameters, decoding, the loss, files. A subclass defines
     ``encode`` (inference) and ``_select`` (the training code), and ``_sparsity`` when it has a penalty."""
+
+    EXTRA_TENSORS: dict[str, tuple[str, ...]] = {}  # state beyond the shared tensors: name -> shape as config keys
+    LR_SCALES: dict[str, float] = {}  # parameter name -> its learning rate as a multiple of the weights' (Adam)
+    TOUCHED_ROWS = True  # loss(touched_rows=True) serves it: it trains only rows of W_enc, b_enc, W_dec, and b_dec
+    DATA_PARALLEL = True  # data_parallel.py serves it: a batch changes its state only through gradients, dead counts
+
     def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
         super().__init__()
         self.cfg = cfg
@@ -210,13 +216,6 @@ class SAE(torch.nn.Module):
         out.indices, out.touched = indices, touched
         return out
 
-    # parameter name -> its learning rate as a multiple of the weights' (with torch.optim.Adam)
-    LR_SCALES: dict[str, float] = {}
-
-    # whether loss(touched_rows=True) serves this architecture: every parameter it trains is W_enc, b_enc,
-    # W_dec (rows) or b_dec
-    TOUCHED_ROWS = True
-
     def _select(self, xs, W_enc, b_enc, b_dec) -> Selection:
         """The training code of the normalised inputs xs."""
         raise NotImplementedError
@@ -256,10 +255,14 @@ class SAE(torch.nn.Module):
         return self.tokens_since_fired >= self.cfg.dead_tokens
 
     @torch.no_grad()
-    def update_firing(self, values: torch.Tensor, indices: torch.Tensor) -> None:
+    def update_firing(self, values: torch.Tensor, indices: torch.Tensor, *, combine=None, tokens: int | None = None):
+        """Adds ``tokens`` (default: the code's rows) to every latent's count and restarts the latents that fired,
+        an [M] bool mask that ``combine`` (data parallel: the union over the ranks) sees first."""
         fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
         fired[indices[values > 0]] = True
-        self.tokens_since_fired += values.shape[0]
+        if combine is not None:
+            fired = combine(fired)
+        self.tokens_since_fired += values.shape[0] if tokens is None else tokens
         self.tokens_since_fired[fired] = 0
 
     @torch.no_grad()
@@ -312,9 +315,6 @@ class SAE(torch.nn.Module):
         atomic_write(os.path.join(directory, WEIGHTS_FILE), lambda p: save_file(tensors, p))
         atomic_write_text(os.path.join(directory, CONFIG_FILE), json.dumps(dataclasses.asdict(self.cfg), indent=2))
         write_checksums(directory, [WEIGHTS_FILE])
-
-    # tensors of the state beyond the shared ones: name -> shape as config keys
-    EXTRA_TENSORS: dict[str, tuple[str, ...]] = {}
 
     @classmethod
     def load(cls, directory: str, device: str | torch.device = "cpu") -> "SAE":
@@ -384,6 +384,7 @@ class BatchTopKSAE(ThresholdSAE):
     threshold estimated in training: every latent above it, at most ``max_k`` per row
     (``threshold_encode``), so the number of active latents varies by token around k."""
 
+    DATA_PARALLEL = False  # the batch threshold is a statistic of the whole batch
     THRESHOLD_DECAY = 0.9  # the estimate: an exponential moving average of the recent training batches' thresholds
     EXTRA_TENSORS = {"threshold": ()}
 
@@ -423,6 +424,7 @@ class JumpReLUSAE(ThresholdSAE):
     # follow the pre-activations' scale within a run of a few thousand steps
     LR_SCALES = {"threshold": 10.0}
     TOUCHED_ROWS = False  # theta is trained through latents that are not in the code
+    DATA_PARALLEL = False  # the L0 multiplier follows the batch's L0
 
     def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
         super().__init__(cfg, generator=generator)

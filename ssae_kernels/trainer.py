@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import storage
+from .data_parallel import DataParallel
 from .ops import StreamingTERM
 from .optim import SparseAdam
 from .sae import SAE, WEIGHTS_FILE, SAEConfig, sae_class
@@ -136,9 +137,21 @@ class NonFiniteLoss(RuntimeError):
 
 class Trainer:
     def __init__(self, sae: SAE, acts: torch.Tensor, cfg: TrainConfig, out_dir: str, *,
-                 progress: bool = True, metrics_file: str | None = None):
+                 progress: bool = True, metrics_file: str | None = None, data_parallel: DataParallel | None = None):
+        """``data_parallel``: this process's part in data-parallel training (``data_parallel.py``); every rank
+        then holds the same ``acts`` and trains on its share of each batch, and rank 0 writes the files."""
         self.sae, self.acts, self.cfg, self.out_dir = sae, acts, cfg, out_dir
-        self.progress = progress
+        self.dp = data_parallel
+        if self.dp is not None:
+            self.dp.check_batch(cfg.batch_size)
+            unsupported = ("optimizer 'sparse-adam'" if cfg.optimizer == "sparse-adam" else
+                           "TERM" if cfg.tilt or cfg.streaming_term else
+                           f"a {type(sae).__name__}" if not sae.DATA_PARALLEL else None)
+            if unsupported:
+                raise ValueError(f"data-parallel training does not support {unsupported} yet (TopK and ReLU SAEs, "
+                                 "optimizer 'adam', ERM)")
+        self.writes = self.dp is None or self.dp.writes  # whether this process writes the run's files
+        self.progress = progress and self.writes
         self.lr = cfg.learning_rate(sae.cfg.num_latents)
         if cfg.optimizer == "sparse-adam":
             if not sae.TOUCHED_ROWS:
@@ -167,13 +180,27 @@ class Trainer:
         """Starts a fresh run (an empty metrics file) or, with ``resume``, continues from the newest complete
         checkpoint in out_dir, with the metrics file cut back to that checkpoint's step."""
         if not resume:
-            storage.atomic_write_text(self.metrics_file, "")
-            return
-        directory = recover_checkpoint(self.out_dir)
-        if directory is None:
-            raise FileNotFoundError(f"{self.out_dir} holds no complete checkpoint to resume from")
-        self.load_checkpoint(directory)
-        cut_metrics(self.metrics_file, self.step)
+            if self.writes:
+                storage.atomic_write_text(self.metrics_file, "")
+        else:
+            directory = recover_checkpoint(self.out_dir) if self.writes else os.path.join(self.out_dir, CHECKPOINT)
+            if self.dp is not None:
+                self.dp.barrier()  # rank 0 has finished any interrupted rotation
+            if checkpoint_step(directory) is None:
+                raise FileNotFoundError(f"{self.out_dir} holds no complete checkpoint to resume from")
+            self.load_checkpoint(directory)
+            if self.writes:
+                cut_metrics(self.metrics_file, self.step)
+        if self.dp is not None:  # every rank starts from rank 0's weights
+            self.dp.broadcast_module(self.sae)
+            self.dp.barrier()
+
+    def checkpoint(self) -> None:
+        """``save_checkpoint`` on the rank that writes; the others wait for it."""
+        if self.writes:
+            self.save_checkpoint()
+        if self.dp is not None:
+            self.dp.barrier()
 
     def save_checkpoint(self) -> str:
         """Writes out_dir/checkpoint so that a crash at any point leaves a complete one behind: a new
@@ -255,6 +282,8 @@ class Trainer:
         """One optimizer step on the next batch; returns (batch, Loss)."""
         cfg, sae = self.cfg, self.sae
         batch = self.acts[self.sampler.indices(self.step)]
+        if self.dp is not None:
+            batch = self.dp.rows(batch)
         lr = self.current_lr = self.lr * cfg.lr_factor(self.step)
         if isinstance(self.optimizer, SparseAdam):
             self.optimizer.lr = lr
@@ -269,12 +298,17 @@ class Trainer:
             weights = self.term.weights(errors)
         sparse = isinstance(self.optimizer, SparseAdam)
         out = sae.loss(batch, t=0.0 if self.term else cfg.tilt, sample_weights=weights, touched_rows=sparse)
-        if not torch.isfinite(out.total):
+        non_finite = not bool(torch.isfinite(out.total))
+        if self.dp is not None:  # every rank stops together
+            non_finite = self.dp.any(non_finite, out.total.device)
+        if non_finite:
             raise NonFiniteLoss(
                 f"non-finite loss {float(out.total.detach())} at step {self.step} (reconstruction "
                 f"{float(out.reconstruction.detach())}, aux {float(out.aux.detach())}); the last good checkpoint "
                 f"is in {os.path.join(self.out_dir, CHECKPOINT)}. Try a lower learning rate or a smaller tilt.")
         out.total.backward()
+        if self.dp is not None:
+            self.dp.average_gradients(sae.parameters())
         sae.remove_parallel_decoder_grad(out.touched)
         if sparse:
             rows = out.touched
@@ -290,7 +324,10 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             sae.normalize_decoder()
-        sae.update_firing(out.values, out.indices)
+        if self.dp is None:
+            sae.update_firing(out.values, out.indices)
+        else:
+            sae.update_firing(out.values, out.indices, combine=self.dp.union, tokens=cfg.batch_size)
         self.step += 1
         return batch, out
 
@@ -301,7 +338,7 @@ class Trainer:
         config = {**dataclasses.asdict(cfg), **dataclasses.asdict(sae.cfg)}
         sinks = []
         try:  # a missing logging library fails here, before any training
-            for name in cfg.log_to:
+            for name in cfg.log_to if self.writes else ():
                 sinks.append(METRIC_SINKS[name](self.out_dir, config))
         except BaseException:
             for _, close in sinks:
@@ -310,7 +347,7 @@ class Trainer:
         interrupted = []
         previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
-        log = open(self.metrics_file, "a")  # begin() created or cut it
+        log = open(self.metrics_file if self.writes else os.devnull, "a")  # begin() created or cut it
         started, start_step = time.perf_counter(), self.step
         try:
             while self.step < cfg.steps and not interrupted:
@@ -319,7 +356,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     elapsed = time.perf_counter() - started
                     self.tokens_per_s = (self.step - start_step) * cfg.batch_size / max(elapsed, 1e-9)
-                    record = self._metrics(batch, out)
+                    record = self._metrics(batch, out)  # (data parallel: of rank 0's share of the batch)
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     for write, _ in sinks:
@@ -328,7 +365,7 @@ class Trainer:
                                     dead=f"{100 * record['dead_fraction']:.1f}%",
                                     tok_s=f"{self.tokens_per_s:,.0f}")
                 if self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
+                    self.checkpoint()
                 if on_step is not None:
                     on_step(self)
         finally:
@@ -337,7 +374,7 @@ class Trainer:
             for _, close in sinks:
                 close()
             signal.signal(signal.SIGINT, previous)
-        self.save_checkpoint()
+        self.checkpoint()
         if interrupted:
             raise KeyboardInterrupt(f"stopped at step {self.step}; checkpoint saved in "
                                     f"{os.path.join(self.out_dir, CHECKPOINT)} (resume to continue)")

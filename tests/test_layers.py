@@ -7,7 +7,8 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "ssae_kernels"
 OP_LAYER = ["ops", "triton", "backends.py", "reference.py", "info.py", "distributed.py"]
-TRAINING_LAYER = ["sae.py", "trainer.py", "activations.py", "evaluate.py", "formats.py", "storage.py", "memory.py",
+TRAINING_LAYER = ["sae.py", "trainer.py", "data_parallel.py", "activations.py", "evaluate.py", "formats.py",
+                  "storage.py", "memory.py",
                   "models.py", "text.py", "retrieval.py"]
 ABOVE_OPS = {m.removesuffix(".py") for m in TRAINING_LAYER} | {"recipes", "cli", "data"}
 

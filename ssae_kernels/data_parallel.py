@@ -1,0 +1,77 @@
+"""Data-parallel training over the ranks of a torch.distributed group (gloo on CPU, NCCL on GPU).
+
+Every rank draws the same global batch (``trainer.BatchSampler``: the same seed and step on every rank) and
+trains on its equal share of the rows; the gradients are averaged over the ranks with one all-reduce of
+all of them (flattened), so each step is the single-process step on the whole batch, up to the order of
+floating-point sums. The latents that fired anywhere in the batch restart their dead counts on every rank.
+Rank 0 writes checkpoints and metrics; a checkpoint holds no trace of the world size, so a run resumes
+with any number of ranks (one process included).
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+
+# A rank that died leaves the others waiting in a collective: they fail after this long instead of hanging.
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+class DataParallel:
+    """This process's part in data-parallel training (the group must be initialised)."""
+
+    def __init__(self, group=None):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("data-parallel training needs torch.distributed initialised (run under torchrun)")
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+
+    @property
+    def writes(self) -> bool:
+        """Whether this rank writes the run's files."""
+        return self.rank == 0
+
+    def check_batch(self, batch_size: int) -> None:
+        if batch_size % self.world:
+            raise ValueError(f"batch_size {batch_size} must be a multiple of the world size {self.world} "
+                             "(every rank trains on an equal share of each batch)")
+
+    def rows(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a global batch."""
+        share = batch.shape[0] // self.world
+        return batch[self.rank * share:(self.rank + 1) * share]
+
+    def average_gradients(self, params) -> None:
+        """Every gradient becomes its mean over the ranks (one all-reduce of them all, flattened)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat, group=self.group)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def union(self, mask: torch.Tensor) -> torch.Tensor:
+        """The elementwise OR of a bool mask over the ranks."""
+        counts = mask.to(torch.int32)
+        dist.all_reduce(counts, group=self.group)
+        return counts > 0
+
+    def any(self, flag: bool, device) -> bool:
+        """Whether ``flag`` holds on any rank."""
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+        dist.all_reduce(t, group=self.group)
+        return bool(t.item())
+
+    def broadcast_module(self, module: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank."""
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0, group=self.group)
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
