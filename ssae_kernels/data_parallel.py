@@ -11,6 +11,7 @@ with any number of ranks (one process included).
 from __future__ import annotations
 
 import datetime
+import os
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,9 @@ class DataParallel:
             raise RuntimeError("data-parallel training needs torch.distributed initialised (run under torchrun)")
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        # where the small control tensors live: the CPU for gloo, this rank's GPU for NCCL
+        self.device = torch.device("cpu") if dist.get_backend(group) == "gloo" else \
+            torch.device("cuda", torch.cuda.current_device())
 
     @property
     def writes(self) -> bool:
@@ -62,9 +66,9 @@ class DataParallel:
         dist.all_reduce(counts, group=self.group)
         return counts > 0
 
-    def any(self, flag: bool, device) -> bool:
+    def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank."""
-        t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
         dist.all_reduce(t, group=self.group)
         return bool(t.item())
 
@@ -75,3 +79,22 @@ class DataParallel:
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
+
+
+def world_size() -> int:
+    """The number of processes torchrun started (WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def from_environment(device: str) -> tuple[DataParallel | None, str]:
+    """(DataParallel, this rank's device) under torchrun with more than one process, after initialising the
+    process group (gloo for CPU devices, NCCL for CUDA ones, each rank on GPU LOCAL_RANK); (None, device)
+    otherwise."""
+    if world_size() <= 1:
+        return None, device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=DEFAULT_TIMEOUT)
+    return DataParallel(), device

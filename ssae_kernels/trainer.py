@@ -186,7 +186,7 @@ class Trainer:
             directory = recover_checkpoint(self.out_dir) if self.writes else os.path.join(self.out_dir, CHECKPOINT)
             if self.dp is not None:
                 self.dp.barrier()  # rank 0 has finished any interrupted rotation
-            if checkpoint_step(directory) is None:
+            if directory is None or checkpoint_step(directory) is None:
                 raise FileNotFoundError(f"{self.out_dir} holds no complete checkpoint to resume from")
             self.load_checkpoint(directory)
             if self.writes:
@@ -300,7 +300,7 @@ class Trainer:
         out = sae.loss(batch, t=0.0 if self.term else cfg.tilt, sample_weights=weights, touched_rows=sparse)
         non_finite = not bool(torch.isfinite(out.total))
         if self.dp is not None:  # every rank stops together
-            non_finite = self.dp.any(non_finite, out.total.device)
+            non_finite = self.dp.any(non_finite)
         if non_finite:
             raise NonFiniteLoss(
                 f"non-finite loss {float(out.total.detach())} at step {self.step} (reconstruction "

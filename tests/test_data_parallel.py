@@ -149,3 +149,35 @@ def test_unsupported_settings_are_refused():
 
     with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
         DataParallel()
+
+
+def test_ssae_train_under_torchrun_equals_one_process(tmp_path):
+    # the whole command, data-parallel on 2 processes, against the same command in one process (AuxK off: its
+    # normalisation is per rank)
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from tiny_model import save_tiny, write_corpus
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun not found beside the Python executable")
+    tiny, corpus = save_tiny(str(tmp_path / "tiny")), write_corpus(str(tmp_path))
+    base = ["train", "--model", tiny, "--layer", "1", "--text", corpus, "--max-tokens", "3000", "--context", "32",
+            "--latents", "64", "--k", "4", "--steps", "12", "--batch-size", "256", "--eval-fraction", "0.2",
+            "--eval-min-tokens", "0", "--ce-sequences", "2", "--checkpoint-every", "5", "--quiet",
+            "--activation-cache", str(tmp_path / "acts"), "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "ssae_kernels.cli", *base, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    parallel = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "ssae_kernels.cli",
+                               *base, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                              timeout=600)
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert one["world_size"] == 1 and two["world_size"] == 2 and two["steps"] == 12
+    assert abs(one["fvu"] - two["fvu"]) < 1e-3, (one["fvu"], two["fvu"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -123,6 +125,8 @@ def _handler(args) -> None:
     cfg = config_from_args(TrainRunConfig, args)
     cfg.log_to = tuple(cfg.log_to)
     report = run(cfg)
+    if not report:  # a data-parallel rank other than 0
+        return
     print(json.dumps({k: report[k] for k in SUMMARY_KEYS}, indent=2))
     print(f"report: {os.path.join(cfg.out, 'report.md')}")
 
@@ -143,6 +147,12 @@ def check(cfg: TrainRunConfig) -> None:
         if value is not None and (not 0 <= value < float("inf") or (option == "bandwidth" and value == 0)):
             raise UsageError(f"{flag} must be a {'positive' if option == 'bandwidth' else 'non-negative'} finite "
                              f"number, got {value}")
+    from ..data_parallel import world_size
+
+    if world_size() > 1 and (cfg.arch not in ("topk", "relu") or cfg.optimizer != "adam" or cfg.tilt
+                             or cfg.streaming_term):
+        raise UsageError("under torchrun, ssae train supports --arch topk or relu with --optimizer adam and no TERM "
+                         "(--tilt 0, no --streaming-term) so far")
     if cfg.arch == "jumprelu" and cfg.optimizer == "sparse-adam":
         raise UsageError("--optimizer sparse-adam cannot train --arch jumprelu (its thresholds learn from latents "
                          "outside the code): use --optimizer adam")
@@ -207,22 +217,43 @@ def split_documents(docs: list[str], token_counts: list[int], eval_fraction: flo
 
 
 def run(cfg: TrainRunConfig) -> dict:
-    """Trains and evaluates; writes OUT/sae, OUT/report.json (returned), report.md and plots."""
+    """Trains and evaluates; writes OUT/sae, OUT/report.json (returned), report.md and plots. Under torchrun
+    with more than one process, trains data-parallel (``data_parallel.py``): rank 0 holds the run directory,
+    writes every file and evaluates; the other ranks return an empty dict."""
     check(cfg)
     set_threads(cfg.threads)
+    from ..data_parallel import from_environment
     from ..trainer import recover_checkpoint
 
-    with open_run(cfg.out, "train", run_settings(cfg), resume=cfg.resume, overwrite=cfg.overwrite,
-                  may_change=MAY_CHANGE_ON_RESUME, has_checkpoint=recover_checkpoint):
-        return _train(cfg)
+    dp, device = from_environment(cfg.device)
+    try:
+        with contextlib.ExitStack() as stack:
+            failed = False
+            if dp is None or dp.writes:
+                try:
+                    stack.enter_context(open_run(cfg.out, "train", run_settings(cfg), resume=cfg.resume,
+                                                 overwrite=cfg.overwrite, may_change=MAY_CHANGE_ON_RESUME,
+                                                 has_checkpoint=recover_checkpoint))
+                except BaseException:
+                    failed = True
+                    if dp is not None:
+                        dp.any(True)
+                    raise
+            if dp is not None and dp.any(failed):
+                raise UsageError("rank 0 could not open the run directory (its error says why)")
+            return _train(dataclasses.replace(cfg, device=device), dp)
+    finally:
+        if dp is not None:
+            torch.distributed.destroy_process_group()
 
 
-def _train(cfg: TrainRunConfig) -> dict:
+def _train(cfg: TrainRunConfig, dp=None) -> dict:
     from ..activations import harvest, token_chunks
     from ..evaluate import downstream_loss, reconstruction_metrics, write_report
     from ..trainer import TrainConfig, Trainer, new_sae, recover_checkpoint
 
-    progress = not cfg.quiet
+    writes = dp is None or dp.writes
+    progress = not cfg.quiet and writes
     started = time.perf_counter()
     model, tokenizer = models.load_model(cfg.model, device=cfg.device, progress=progress)
     models.check_layer(model, cfg.layer)
@@ -230,12 +261,14 @@ def _train(cfg: TrainRunConfig) -> dict:
     docs = text.read_texts(cfg.text, field=cfg.text_field)
     counts = [len(ids) for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]]
     train_docs, eval_docs = split_documents(docs, counts, cfg.eval_fraction, cfg.eval_min_tokens)
+    if dp is not None and not writes:
+        dp.barrier()  # rank 0 harvests first, into the activation cache when there is one
     data = harvest_cached(model, tokenizer, train_docs, cfg.layer, context=cfg.context, max_tokens=cfg.max_tokens,
                           cache=cfg.activation_cache, progress=progress, model_name=cfg.model)
+    if dp is not None and writes:
+        dp.barrier()
     harvested = time.perf_counter()
-    eval_data = harvest(model, tokenizer, eval_docs, cfg.layer, context=cfg.context, progress=progress)
     keep = keep_mask(data.acts, cfg.outlier_factor)
-    eval_keep = keep_mask(eval_data.acts, cfg.outlier_factor)
     acts = data.acts[keep].to(cfg.device)
 
     train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
@@ -245,13 +278,17 @@ def _train(cfg: TrainRunConfig) -> dict:
     sae = new_sae(acts, cfg.latents, cfg.k, seed=cfg.seed, compute_dtype=cfg.dtype, arch=cfg.arch,
                   max_k=cfg.max_k, bandwidth=cfg.bandwidth, l1_coef=cfg.l1_coef,
                   dead_tokens=dead_tokens_for(cfg.steps, cfg.batch_size)).to(cfg.device)
-    trainer = Trainer(sae, acts, train_cfg, cfg.out, progress=progress)
+    trainer = Trainer(sae, acts, train_cfg, cfg.out, progress=progress, data_parallel=dp)
     # A resumed run that died before its first checkpoint starts again from step 0.
     trainer.begin(resume=cfg.resume and recover_checkpoint(cfg.out) is not None)
     train_started = time.perf_counter()
     trainer.train()
     train_time = time.perf_counter() - train_started
+    if not writes:
+        return {}
     sae.save(os.path.join(cfg.out, "sae"))
+    eval_data = harvest(model, tokenizer, eval_docs, cfg.layer, context=cfg.context, progress=progress)
+    eval_keep = keep_mask(eval_data.acts, cfg.outlier_factor)
 
     recon = reconstruction_metrics(sae, eval_data.acts[eval_keep].to(cfg.device))
     recon_all = reconstruction_metrics(sae, eval_data.acts.to(cfg.device))
@@ -273,6 +310,7 @@ def _train(cfg: TrainRunConfig) -> dict:
         "eval_documents": len(eval_docs), "eval_tokens": int(eval_keep.sum()), "tokens_per_s": trainer.tokens_per_s,
         "train_seconds": train_time, "harvest_seconds": harvested - started,
         "total_seconds": time.perf_counter() - started, "threads": torch.get_num_threads(),
+        "world_size": 1 if dp is None else dp.world,
         **run_settings(cfg), "steps": trainer.step,
     }
     write_report(cfg.out, report, metrics_file=trainer.metrics_file, latent_frequency=recon["latent_frequency"])
