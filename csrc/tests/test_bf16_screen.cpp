@@ -146,18 +146,10 @@ void check_panels(int64_t rows, int64_t cols, int64_t d) {
   std::vector<float> out(size_t(rows * ldc), sentinel);
   ssae::cpu::dot_tile_bf16(rows, cols, ld, x16.data(), panels.data(), out.data(), ldc);
   const auto value = [](uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return double(f); };
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) {
-      double want = 0, magnitude = 0;
-      for (int64_t t = 0; t < d; ++t) {
-        const double term = value(x16[size_t(r * ld + t)]) * value(w16[size_t(c * ld + t)]);
-        want += term;
-        magnitude += std::fabs(term);
-      }
-      CHECK_NEAR(out[size_t(r * ldc + c)], want, 1e-6 * magnitude + 1e-30);
-    }
-    for (int64_t c = cols; c < ldc; ++c) CHECK_MSG(out[size_t(r * ldc + c)] == sentinel, "padding r=", r, " c=", c);
-  }
+  ssae_test::check_products(
+      out.data(), rows, cols, ldc, d, sentinel, [&](int64_t r, int64_t t) { return value(x16[size_t(r * ld + t)]); },
+      [&](int64_t c, int64_t t) { return value(w16[size_t(c * ld + t)]); },
+      [](double magnitude, double) { return 1e-6 * magnitude + 1e-30; });
 }
 
 void check_bound(int64_t d) {

@@ -24,18 +24,10 @@ void run(int64_t rows, int64_t cols, int64_t d, int64_t pad) {
   const float sentinel = 7.5f;
   std::vector<float> c(size_t(rows * ldc), sentinel);
   ssae::cpu::dot_tile(rows, cols, d, a.data(), b.data(), c.data(), ldc);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < cols; ++j) {
-      double want = 0, magnitude = 0;
-      for (int64_t t = 0; t < d; ++t) {
-        const double term = double(a[size_t(r * d + t)]) * double(b[size_t(j * d + t)]);
-        want += term;
-        magnitude += std::fabs(term);
-      }
-      CHECK_NEAR(c[size_t(r * ldc + j)], want, ssae_test::sum_tolerance<float>(d, magnitude, want));
-    }
-    for (int64_t j = cols; j < ldc; ++j) CHECK_MSG(c[size_t(r * ldc + j)] == sentinel, "padding at r=", r, " j=", j);
-  }
+  ssae_test::check_products(
+      c.data(), rows, cols, ldc, d, sentinel, [&](int64_t r, int64_t t) { return a[size_t(r * d + t)]; },
+      [&](int64_t j, int64_t t) { return b[size_t(j * d + t)]; },
+      [&](double magnitude, double want) { return ssae_test::sum_tolerance<float>(d, magnitude, want); });
 }
 
 }  // namespace

@@ -69,3 +69,27 @@ std::string str(const Args&... args) {
     CHECK_MSG((std::isnan(g_) && std::isnan(w_)) || (g_ == w_) || std::fabs(g_ - w_) <= t_, "got ", g_, \
               " want ", w_, " tol ", t_);                                                            \
   } while (0)
+
+namespace ssae_test {
+
+// A [rows, ldc] tile of dot products against sums in double: out[r * ldc + c] within
+// tolerance(magnitude, want) of want = sum_t a(r, t) * b(c, t) (magnitude: the sum of |terms|),
+// and the padding columns [cols, ldc) of each row untouched (still `sentinel`).
+template <class A, class B, class Tolerance>
+void check_products(const float* out, int64_t rows, int64_t cols, int64_t ldc, int64_t d, float sentinel, A&& a,
+                    B&& b, Tolerance&& tolerance) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      double want = 0, magnitude = 0;
+      for (int64_t t = 0; t < d; ++t) {
+        const double term = double(a(r, t)) * double(b(c, t));
+        want += term;
+        magnitude += std::fabs(term);
+      }
+      CHECK_NEAR(out[r * ldc + c], want, tolerance(magnitude, want));
+    }
+    for (int64_t c = cols; c < ldc; ++c) CHECK_MSG(out[r * ldc + c] == sentinel, "padding r=", r, " c=", c);
+  }
+}
+
+}  // namespace ssae_test
