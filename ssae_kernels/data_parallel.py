@@ -16,8 +16,22 @@ import os
 import torch
 import torch.distributed as dist
 
+from .distributed import control_device
+
 # A rank that died leaves the others waiting in a collective: they fail after this long instead of hanging.
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def unsupported(sae_class, optimizer: str, tilted: bool) -> str | None:
+    """What of a training setup data-parallel training does not support yet, or None: what a batch changes
+    beyond the gradients and the dead counts would differ between the ranks (``SAE.DATA_PARALLEL``)."""
+    if optimizer != "adam":
+        return f"optimizer {optimizer!r} (only 'adam')"
+    if tilted:
+        return "TERM (only ERM)"
+    if not sae_class.DATA_PARALLEL:
+        return f"a {sae_class.__name__}"
+    return None
 
 
 class DataParallel:
@@ -28,9 +42,7 @@ class DataParallel:
             raise RuntimeError("data-parallel training needs torch.distributed initialised (run under torchrun)")
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        # where the small control tensors live: the CPU for gloo, this rank's GPU for NCCL
-        self.device = torch.device("cpu") if dist.get_backend(group) == "gloo" else \
-            torch.device("cuda", torch.cuda.current_device())
+        self.device = control_device(group)
 
     @property
     def writes(self) -> bool:

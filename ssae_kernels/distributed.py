@@ -24,8 +24,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .ops import sparse_decode, topk_encode
-from .ops import checks
+from .ops import checks, sparse_decode, topk_encode
+
+
+def control_device(group=None) -> torch.device:
+    """Where a group's small control tensors (sizes, flags) live: the CPU for gloo, this rank's GPU otherwise."""
+    if dist.get_backend(group) == "gloo":
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def shard_offsets(num_latents: int, group=None) -> tuple[int, int]:
@@ -160,7 +166,5 @@ def _all_gather(t, group):
 
 
 def _all_gather_ints(values: list[int], group) -> list[list[int]]:
-    mine = torch.tensor(values, dtype=torch.int64)
-    if dist.get_backend(group) == "nccl":
-        mine = mine.cuda()
+    mine = torch.tensor(values, dtype=torch.int64, device=control_device(group))
     return [row.tolist() for row in _all_gather(mine, group).cpu()]

@@ -165,13 +165,11 @@ def load_sae(path: str, device: str | torch.device = "cpu", *, max_k: int | None
         if threshold.dim() == 1 and not bool((threshold == threshold[0]).all()):
             raise ValueError(f"{weights_path}: a BatchTopK SAE has one threshold, found different ones")
         threshold = threshold.reshape(-1)[0]
+    recorded_max_k, k = settings.pop("max_k", None), settings.pop("k", k)
     if arch != "topk":
-        max_k = max_k if max_k is not None else settings.pop("max_k", min(M, DEFAULT_MAX_K))
-        settings.pop("max_k", None)
+        max_k = max_k or recorded_max_k or min(M, DEFAULT_MAX_K)
         # k: what training aims at; for a checkpoint trained elsewhere, a quarter of the cap
-        k = min(settings.pop("k", k) or max(1, max_k // 4), max_k)
-    else:
-        k = settings.pop("k", k)
+        k = min(k or max(1, max_k // 4), max_k)
     try:
         sae_cfg = SAEConfig(d_in=d, num_latents=M, k=k, arch=arch, **({"max_k": max_k} if arch != "topk" else {}),
                             **settings)

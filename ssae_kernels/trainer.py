@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import storage
-from .data_parallel import DataParallel
+from .data_parallel import DataParallel, unsupported
 from .ops import StreamingTERM
 from .optim import SparseAdam
 from .sae import SAE, WEIGHTS_FILE, SAEConfig, sae_class
@@ -144,12 +144,9 @@ class Trainer:
         self.dp = data_parallel
         if self.dp is not None:
             self.dp.check_batch(cfg.batch_size)
-            unsupported = ("optimizer 'sparse-adam'" if cfg.optimizer == "sparse-adam" else
-                           "TERM" if cfg.tilt or cfg.streaming_term else
-                           f"a {type(sae).__name__}" if not sae.DATA_PARALLEL else None)
-            if unsupported:
-                raise ValueError(f"data-parallel training does not support {unsupported} yet (TopK and ReLU SAEs, "
-                                 "optimizer 'adam', ERM)")
+            missing = unsupported(type(sae), cfg.optimizer, bool(cfg.tilt or cfg.streaming_term))
+            if missing:
+                raise ValueError(f"data-parallel training does not support {missing} yet")
         self.writes = self.dp is None or self.dp.writes  # whether this process writes the run's files
         self.progress = progress and self.writes
         self.lr = cfg.learning_rate(sae.cfg.num_latents)
@@ -324,10 +321,8 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             sae.normalize_decoder()
-        if self.dp is None:
-            sae.update_firing(out.values, out.indices)
-        else:
-            sae.update_firing(out.values, out.indices, combine=self.dp.union, tokens=cfg.batch_size)
+        sae.update_firing(out.values, out.indices, combine=None if self.dp is None else self.dp.union,
+                          tokens=cfg.batch_size)
         self.step += 1
         return batch, out
 
@@ -347,13 +342,13 @@ class Trainer:
         interrupted = []
         previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
-        log = open(self.metrics_file if self.writes else os.devnull, "a")  # begin() created or cut it
+        log = open(self.metrics_file, "a") if self.writes else None  # begin() created or cut it
         started, start_step = time.perf_counter(), self.step
         try:
             while self.step < cfg.steps and not interrupted:
                 batch, out = self.train_step()
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if log and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     elapsed = time.perf_counter() - started
                     self.tokens_per_s = (self.step - start_step) * cfg.batch_size / max(elapsed, 1e-9)
                     record = self._metrics(batch, out)  # (data parallel: of rank 0's share of the batch)
@@ -370,7 +365,8 @@ class Trainer:
                     on_step(self)
         finally:
             bar.close()
-            log.close()
+            if log:
+                log.close()
             for _, close in sinks:
                 close()
             signal.signal(signal.SIGINT, previous)

@@ -144,11 +144,25 @@ def test_a_rank_that_dies_ends_the_others_with_an_error(tmp_path):
     assert checkpoint_step(recover_checkpoint(str(tmp_path / "run"))) == 3  # the last checkpoint is usable
 
 
-def test_unsupported_settings_are_refused():
-    from ssae_kernels.data_parallel import DataParallel
+def test_unsupported_settings_are_refused(monkeypatch, tmp_path):
+    from ssae_kernels.data_parallel import DataParallel, unsupported
+    from ssae_kernels.recipes.common import UsageError
+    from ssae_kernels.recipes.train import TrainRunConfig, check
+    from ssae_kernels.sae import SAE_CLASSES
 
     with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
         DataParallel()
+    assert unsupported(SAE_CLASSES["topk"], "adam", False) is None
+    assert unsupported(SAE_CLASSES["relu"], "adam", False) is None
+    assert unsupported(SAE_CLASSES["topk"], "sparse-adam", False) == "optimizer 'sparse-adam' (only 'adam')"
+    assert unsupported(SAE_CLASSES["topk"], "adam", True) == "TERM (only ERM)"
+    assert unsupported(SAE_CLASSES["jumprelu"], "adam", False) == "a JumpReLUSAE"
+    assert unsupported(SAE_CLASSES["batchtopk"], "adam", False) == "a BatchTopKSAE"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: refused before anything is loaded
+    with pytest.raises(UsageError, match="under torchrun .* does not support a BatchTopKSAE yet"):
+        check(TrainRunConfig(out=str(tmp_path / "a"), arch="batchtopk"))
+    with pytest.raises(UsageError, match="does not support TERM"):
+        check(TrainRunConfig(out=str(tmp_path / "b"), tilt=1.0))
 
 
 def test_ssae_train_under_torchrun_equals_one_process(tmp_path):

@@ -81,8 +81,8 @@ def add_subcommands(sub) -> None:
     """Registers ``export`` on the ``ssae`` subparsers."""
     p = sub.add_parser("export", formatter_class=HelpFormatter,
                        help="write an SAE in SAELens, sparsify or Gemma Scope format (read by their own loaders)",
-                       description="Writes an SAE (ours, SAELens, sparsify or Gemma Scope) in another library's format, "
-                                   "read by that library's own loader with the same forward pass as ours.")
+                       description="Writes an SAE (ours, SAELens, sparsify or Gemma Scope) in another library's "
+                                   "format, read by that library's own loader with the same forward pass as ours.")
     add_export_args(p)
     p.set_defaults(handler=lambda args: _handle(args))
 

@@ -1,4 +1,5 @@
-"""``ssae train``: harvest a model's activations, train an SAE (TopK, BatchTopK, JumpReLU or ReLU) on them, evaluate it on held-out documents."""
+"""``ssae train``: harvest a model's activations, train an SAE (TopK, BatchTopK, JumpReLU or ReLU) on them, evaluate
+it on held-out documents."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from .. import models, text
 from .common import (HelpFormatter, UsageError, add_model_args, add_out_args, check_positive, check_sources, config_from_args,
                      dead_tokens_for, harvest_cached, keep_mask, require_package, run_settings, set_threads)
-from ..sae import ARCHITECTURES
+from ..sae import ARCHITECTURES, SAE_CLASSES
 from ..trainer import OPTIMIZER_STATES, OPTIMIZERS
 from .rundir import open_run
 
@@ -95,7 +96,8 @@ def add_subcommands(sub) -> None:
                    help="jumprelu: width of the thresholds' straight-through kernel, in normalised "
                         "pre-activation units (default 0.05)")
     p.add_argument("--l1-coef", type=float, default=None,
-                   help="relu: weight of the L1 penalty sum_m z_m |W_dec[m]| at the normalised scale (default 1.5: L0 about 34 on the built-in model)")
+                   help="relu: weight of the L1 penalty sum_m z_m |W_dec[m]| at the normalised scale (default 1.5: "
+                        "L0 about 34 on the built-in model)")
     p.add_argument("--steps", type=int, default=800, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
     p.add_argument("--lr", type=float, default=None, help="learning rate (None: 2e-4 / sqrt(M / 2^14))")
@@ -147,12 +149,12 @@ def check(cfg: TrainRunConfig) -> None:
         if value is not None and (not 0 <= value < float("inf") or (option == "bandwidth" and value == 0)):
             raise UsageError(f"{flag} must be a {'positive' if option == 'bandwidth' else 'non-negative'} finite "
                              f"number, got {value}")
-    from ..data_parallel import world_size
+    from ..data_parallel import unsupported, world_size
 
-    if world_size() > 1 and (cfg.arch not in ("topk", "relu") or cfg.optimizer != "adam" or cfg.tilt
-                             or cfg.streaming_term):
-        raise UsageError("under torchrun, ssae train supports --arch topk or relu with --optimizer adam and no TERM "
-                         "(--tilt 0, no --streaming-term) so far")
+    tilted = bool(cfg.tilt or cfg.streaming_term)
+    missing = world_size() > 1 and unsupported(SAE_CLASSES[cfg.arch], cfg.optimizer, tilted)
+    if missing:
+        raise UsageError(f"under torchrun (data parallel), ssae train does not support {missing} yet")
     if cfg.arch == "jumprelu" and cfg.optimizer == "sparse-adam":
         raise UsageError("--optimizer sparse-adam cannot train --arch jumprelu (its thresholds learn from latents "
                          "outside the code): use --optimizer adam")
