@@ -1030,7 +1030,7 @@ class Encoder:
     def __init__(self, acts: np.ndarray, kind: str, n_rows: int, seed: int = 0):
         import torch
 
-        from ssae_kernels.sae import geometric_median
+        from ssae_kernels.initialization import geometric_median
 
         rng = np.random.default_rng(seed)
         order = rng.permutation(acts.shape[0])

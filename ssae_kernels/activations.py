@@ -49,28 +49,44 @@ def token_chunks(tokenizer, texts: list[str], context: int) -> list[list[int]]:
     return [([bos] if bos is not None else []) + c for c in chunks]
 
 
-@torch.no_grad()
 def harvest(model, tokenizer, texts: list[str], layer: int, *, context: int = 256, batch_size: int = 16,
             max_tokens: int | None = None, progress: bool = True, model_name: str = "") -> Activations:
     """The residual stream after decoder layer ``layer`` (HF's ``hidden_states[layer + 1]``) for
     every token of ``texts``, except each sequence's first position (BOS / attention sink) and padding.
     The forward pass stops after that layer."""
-    check_layer(model, layer)
+    return harvest_layers(model, tokenizer, texts, [layer], context=context, batch_size=batch_size,
+                          max_tokens=max_tokens, progress=progress, model_name=model_name)[layer]
+
+
+@torch.no_grad()
+def harvest_layers(model, tokenizer, texts: list[str], layers: list[int], *, context: int = 256,
+                   batch_size: int = 16, max_tokens: int | None = None, progress: bool = True,
+                   model_name: str = "") -> dict[int, Activations]:
+    """``harvest`` of several layers from one forward pass, which stops after the last of them:
+    layer -> its Activations (the same tokens for every layer)."""
+    if not layers:
+        raise ValueError("layers: none given")
+    for layer in layers:
+        check_layer(model, layer)
     chunks = token_chunks(tokenizer, texts, context)
     device = next(model.parameters()).device
-    block = decoder_layers(model)[layer]
-    captured = {}
+    captured, last = {}, max(layers)
 
-    def hook(module, args, output):
-        captured["h"] = output[0] if isinstance(output, tuple) else output
-        raise _StopForward
+    def hook_of(layer):
+        def hook(module, args, output):
+            captured[layer] = output[0] if isinstance(output, tuple) else output
+            if layer == last:
+                raise _StopForward
+        return hook
 
-    handle = block.register_forward_hook(hook)
-    acts, tokens = [], []
+    handles = [decoder_layers(model)[layer].register_forward_hook(hook_of(layer)) for layer in set(layers)]
+    acts, tokens = {layer: [] for layer in layers}, []
     total = sum(len(c) - 1 for c in chunks)
     if max_tokens is not None:
         total = min(total, max_tokens)
-    bar = tqdm(total=total, unit="tok", desc=f"activations (layer {layer})", disable=not progress)
+    named = ", ".join(map(str, sorted(set(layers))))
+    bar = tqdm(total=total, unit="tok", desc=f"activations (layer{'s' * (len(acts) > 1)} {named})",
+               disable=not progress)
     try:
         for start in range(0, len(chunks), batch_size):
             batch = chunks[start:start + batch_size]
@@ -87,19 +103,18 @@ def harvest(model, tokenizer, texts: list[str], layer: int, *, context: int = 25
                 pass
             keep = mask.bool()
             keep[:, 0] = False  # BOS / first position
-            acts.append(captured.pop("h").float().cpu()[keep])
+            for layer in acts:
+                acts[layer].append(captured.pop(layer).float().cpu()[keep])
             tokens.append(ids[keep])
             bar.update(min(int(keep.sum()), total - bar.n))  # the last batch may pass max_tokens
-            if max_tokens is not None and sum(a.shape[0] for a in acts) >= max_tokens:
+            if max_tokens is not None and sum(t.shape[0] for t in tokens) >= max_tokens:
                 break
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         bar.close()
-    out = torch.cat(acts)
-    tok = torch.cat(tokens)
-    if max_tokens is not None:
-        out, tok = out[:max_tokens], tok[:max_tokens]
-    return Activations(out, tok, layer, model_name)
+    tok = torch.cat(tokens)[:max_tokens]
+    return {layer: Activations(torch.cat(parts)[:max_tokens], tok, layer, model_name) for layer, parts in acts.items()}
 
 
 SHARD_ROWS = 1 << 19  # 512k rows per shard file

@@ -1,9 +1,9 @@
 """Data-parallel training over the ranks of a torch.distributed group (gloo on CPU, NCCL on GPU).
 
 Every rank draws the same global batch (``trainer.BatchSampler``: the same seed and step on every rank) and
-trains on its equal share of the rows; the gradients are averaged over the ranks with one all-reduce of
-all of them (flattened), so each step is the single-process step on the whole batch, up to the order of
-floating-point sums. The latents that fired anywhere in the batch restart their dead counts on every rank.
+trains on its equal share of the rows; the gradients are averaged over the ranks (torch.optim.Adam: an
+all-reduce of each; SparseAdam: an all-gather of the rows each rank touched, ``merge_touched``), so each step
+is the single-process step on the whole batch, up to the order of floating-point sums. The latents that fired anywhere in the batch restart their dead counts on every rank.
 Rank 0 writes checkpoints and metrics; a checkpoint holds no trace of the world size, so a run resumes
 with any number of ranks (one process included).
 """
@@ -24,9 +24,8 @@ DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 
 def unsupported(sae_class, optimizer: str, tilted: bool) -> str | None:
     """What of a training setup data-parallel training does not support yet, or None: what a batch changes
-    beyond the gradients and the dead counts would differ between the ranks (``SAE.DATA_PARALLEL``)."""
-    if optimizer != "adam":
-        return f"optimizer {optimizer!r} (only 'adam')"
+    beyond the gradients and the dead counts would differ between the ranks (``SAE.DATA_PARALLEL``). (Both
+    optimizers are served: torch.optim.Adam by a dense all-reduce, SparseAdam by ``merge_touched``.)"""
     if tilted:
         return "TERM (only ERM)"
     if not sae_class.DATA_PARALLEL:
@@ -34,13 +33,15 @@ def unsupported(sae_class, optimizer: str, tilted: bool) -> str | None:
     return None
 
 
-class DataParallel:
-    """This process's part in data-parallel training (the group must be initialised)."""
+class Ranks:
+    """This process's place in an initialised torch.distributed group: its rank, the world size, and the small
+    collectives that keep the ranks of a run in step."""
 
     def __init__(self, group=None):
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("data-parallel training needs torch.distributed initialised (run under torchrun)")
-        self.group = group
+            raise RuntimeError("training on several processes needs torch.distributed initialised (run under "
+                               "torchrun)")
+        self.group = dist.group.WORLD if group is None else group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.device = control_device(group)
 
@@ -48,6 +49,19 @@ class DataParallel:
     def writes(self) -> bool:
         """Whether this rank writes the run's files."""
         return self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank."""
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, group=self.group)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+
+class DataParallel(Ranks):
+    """This process's part in data-parallel training."""
 
     def check_batch(self, batch_size: int) -> None:
         if batch_size % self.world:
@@ -60,17 +74,34 @@ class DataParallel:
         return batch[self.rank * share:(self.rank + 1) * share]
 
     def average_gradients(self, params) -> None:
-        """Every gradient becomes its mean over the ranks (one all-reduce of them all, flattened)."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat, group=self.group)
-        flat /= self.world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        """Every gradient becomes its mean over the ranks (an all-reduce of each, in place)."""
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=self.group)
+                p.grad.div_(self.world)
+
+    def merge_touched(self, rows: torch.Tensor, grads: dict[str, torch.Tensor]):
+        """The touched-rows form of ``average_gradients`` (for SparseAdam): ``rows`` [R_r], the latents this rank
+        touched, and ``grads`` (name -> [R_r, ...], their gradient rows) become the union of the ranks' rows
+        (sorted) and the mean over the ranks of their gradients. All-gathers of the row ids and of each
+        gradient's rows, padded to the largest rank's count: O(touched rows * d) sent, not O(M * d)."""
+        counts = [int(c) for c in self._all_gather(torch.tensor([rows.numel()], device=rows.device))]
+        most = max(counts)
+        all_ids = self._all_gather(_padded(rows, most))
+        union, slot = torch.unique(torch.cat([ids[:n] for ids, n in zip(all_ids, counts)]), return_inverse=True)
+        slots = slot.split(counts)
+        merged = {}
+        for name, grad in grads.items():
+            total = grad.new_zeros((union.numel(), *grad.shape[1:]))
+            for part, n, where in zip(self._all_gather(_padded(grad, most)), counts, slots):
+                total.index_add_(0, where, part[:n])
+            merged[name] = total.div_(self.world)
+        return union, merged
+
+    def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return parts
 
     def union(self, mask: torch.Tensor) -> torch.Tensor:
         """The elementwise OR of a bool mask over the ranks."""
@@ -78,19 +109,11 @@ class DataParallel:
         dist.all_reduce(counts, group=self.group)
         return counts > 0
 
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on any rank."""
-        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
-        dist.all_reduce(t, group=self.group)
-        return bool(t.item())
-
     def broadcast_module(self, module: torch.nn.Module) -> None:
         """Rank 0's parameters and buffers on every rank."""
         for t in [*module.parameters(), *module.buffers()]:
             dist.broadcast(t.data, src=0, group=self.group)
 
-    def barrier(self) -> None:
-        dist.barrier(group=self.group)
 
 
 def world_size() -> int:
@@ -98,10 +121,9 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def from_environment(device: str) -> tuple[DataParallel | None, str]:
-    """(DataParallel, this rank's device) under torchrun with more than one process, after initialising the
-    process group (gloo for CPU devices, NCCL for CUDA ones, each rank on GPU LOCAL_RANK); (None, device)
-    otherwise."""
+def from_environment(device: str) -> tuple[Ranks | None, str]:
+    """(Ranks, this rank's device) under torchrun with more than one process, after initialising the process
+    group (gloo for CPU devices, NCCL for CUDA ones, each rank on GPU LOCAL_RANK); (None, device) otherwise."""
     if world_size() <= 1:
         return None, device
     if device.startswith("cuda"):
@@ -109,4 +131,13 @@ def from_environment(device: str) -> tuple[DataParallel | None, str]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=DEFAULT_TIMEOUT)
-    return DataParallel(), device
+    return Ranks(), device
+
+
+def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t with zero rows appended up to ``rows`` (t itself when it has that many)."""
+    if t.shape[0] == rows:
+        return t
+    out = t.new_zeros((rows, *t.shape[1:]))
+    out[:t.shape[0]] = t
+    return out

@@ -1,5 +1,6 @@
 """The encode and decode of a dictionary whose latents are sharded across the ranks of a torch.distributed
-group: rank r holds rows [offset_r, offset_r + M_r) of W_enc, b_enc and W_dec (shards may be uneven), and
+group: rank r holds rows [offset_r, offset_r + M_r) of W_enc, b_enc and W_dec (shards may be uneven, some
+even empty), and
 every rank holds the same inputs x, b_dec.
 
     values, indices = sharded_topk_encode(x, W_enc_shard, b_enc_shard, k, b_dec=b_dec)   # indices global
@@ -59,10 +60,11 @@ def sharded_topk_encode(x, W_enc_shard, b_enc_shard, k, *, b_dec=None, group=Non
     checks.tensor(x, "x", 2, "[N, d]")
     checks.tensor(W_enc_shard, "W_enc_shard", 2, "[M_r, d]")
     shapes = _all_gather_ints([x.shape[0], x.shape[1], W_enc_shard.shape[0], W_enc_shard.shape[1]], group)
-    if len({(n, d, dw) for n, d, _, dw in shapes}) != 1 or any(d != dw or m < 1 for _, d, m, dw in shapes):
+    if len({(n, d, dw) for n, d, _, dw in shapes}) != 1 or any(d != dw for _, d, _, dw in shapes) \
+            or sum(s[2] for s in shapes) < 1:
         described = ", ".join(f"rank {r}: x {list(s[:2])}, W_enc_shard {list(s[2:])}" for r, s in enumerate(shapes))
         raise ValueError(f"the ranks' shards do not fit together (every rank needs the same x [N, d] and a shard "
-                         f"[M_r >= 1, d]): {described}")
+                         f"[M_r, d], M_r >= 1 on some rank): {described}")
     rank = dist.get_rank(group)
     offset, M = sum(s[2] for s in shapes[:rank]), sum(s[2] for s in shapes)
     torch._check_value(1 <= k <= M, lambda: f"k must be in [1, M] with M = {M} latents over all ranks, got {k}")
@@ -72,12 +74,18 @@ def sharded_topk_encode(x, W_enc_shard, b_enc_shard, k, *, b_dec=None, group=Non
     # partial gradients.
     x_in, b_dec_in = _copy_to_shards(x, group), None if b_dec is None else _copy_to_shards(b_dec, group)
     k_r = min(k, M_r)
-    local_values, local = topk_encode(x_in, W_enc_shard, b_enc_shard, k_r, b_dec=b_dec_in)
-    with torch.no_grad():  # the raw scores rank the candidates (ReLU'd values tie at 0)
-        rows = x if b_dec is None else x - b_dec
-        scores = torch.ops.ssae.sampled_dot(rows, local, W_enc_shard.detach()).float()
-        if b_enc_shard is not None:
-            scores += b_enc_shard.detach().float()[local]
+    if k_r:
+        local_values, local = topk_encode(x_in, W_enc_shard, b_enc_shard, k_r, b_dec=b_dec_in)
+        with torch.no_grad():  # the raw scores rank the candidates (ReLU'd values tie at 0)
+            rows = x if b_dec is None else x - b_dec
+            scores = torch.ops.ssae.sampled_dot(rows, local, W_enc_shard.detach()).float()
+            if b_enc_shard is not None:
+                scores += b_enc_shard.detach().float()[local]
+    else:  # an empty shard: no candidates, but the inputs stay in its graph so that its backward joins the
+        # others' all-reduces (with zero gradients)
+        joined = sum(t.narrow(0, 0, 0).sum() for t in (x_in, b_dec_in) if t is not None)
+        local_values = torch.zeros(N, 1, dtype=x.dtype, device=x.device) + joined.to(x.dtype)
+        scores = local = torch.empty(N, 0, device=x.device)
     # every rank's candidates, padded to k: score -inf and index M (after every real latent)
     cand_scores = torch.full((N, k), float("-inf"), device=x.device)
     cand_indices = torch.full((N, k), M, dtype=torch.int64, device=x.device)
@@ -117,7 +125,10 @@ def sharded_sparse_decode(values, indices, W_dec_shard, b_dec=None, *, group=Non
     mine = (indices >= offset) & (indices < offset + W_dec_shard.shape[0])
     values_in = _copy_to_shards(values, group)
     local_values = torch.where(mine, values_in, torch.zeros((), dtype=values.dtype, device=values.device))
-    partial = sparse_decode(local_values, torch.where(mine, indices - offset, 0), W_dec_shard)
+    if W_dec_shard.shape[0]:
+        partial = sparse_decode(local_values, torch.where(mine, indices - offset, 0), W_dec_shard)
+    else:  # an empty shard adds nothing, and joins the backward's all-reduce of the values' gradient
+        partial = W_dec_shard.new_zeros(values.shape[0], W_dec_shard.shape[1]) + local_values.narrow(1, 0, 0).sum()
     x_hat = _reduce_from_shards(partial, group)
     return x_hat if b_dec is None else x_hat + b_dec
 

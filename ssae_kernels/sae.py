@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from .ops import (batch_topk_encode, encode_selected, jumprelu_encode, sparse_decode, sparse_decode_mse,
                   threshold_encode, topk_encode)
+from .initialization import geometric_median, random_unit_rows
 from .storage import (MANIFEST, atomic_write, atomic_write_text, check_shapes, read_checksums, read_config,
                       read_safetensors, verify_weights, write_checksums)
 
@@ -125,12 +126,13 @@ class SAE(torch.nn.Module):
     TOUCHED_ROWS = True  # loss(touched_rows=True) serves it: it trains only rows of W_enc, b_enc, W_dec, and b_dec
     DATA_PARALLEL = True  # data_parallel.py serves it: a batch changes its state only through gradients, dead counts
 
-    def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
+    def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None, latents: range | None = None):
+        """``latents``: the latents whose rows this module holds (all of them, but for a latent shard)."""
         super().__init__()
         self.cfg = cfg
-        M, d = cfg.num_latents, cfg.d_in
-        W_dec = torch.randn(M, d, generator=generator)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.latents = range(cfg.num_latents) if latents is None else latents
+        M, d = len(self.latents), cfg.d_in
+        W_dec = random_unit_rows(cfg.num_latents, d, self.latents, generator)
         self.W_dec = torch.nn.Parameter(W_dec)
         self.W_enc = torch.nn.Parameter(W_dec.clone())  # encoder starts as the decoder's transpose
         self.b_enc = torch.nn.Parameter(torch.zeros(M))
@@ -181,11 +183,12 @@ class SAE(torch.nn.Module):
         W_enc, b_enc, W_dec, b_dec = self._weights()
         xs = self._scaled(x)
         dead = self.dead_mask().nonzero().squeeze(1)
+        k_aux = min(self.cfg.k_aux, dead.numel())
         if not touched_rows:
             code = self._select(xs, W_enc, b_enc, b_dec)
             aux_values = aux_indices = None
             if dead.numel():
-                aux_values, local = topk_encode(xs, W_enc[dead], b_enc[dead], self._k_aux(dead), b_dec=b_dec)
+                aux_values, local = topk_encode(xs, W_enc[dead], b_enc[dead], k_aux, b_dec=b_dec)
                 aux_indices = dead[local]
             return self._loss(xs, code, aux_values, aux_indices, W_dec, b_dec, t, sample_weights)
 
@@ -196,7 +199,7 @@ class SAE(torch.nn.Module):
             _, indices, filled, _ = self._select(xs, W_enc, b_enc, b_dec)
             aux_indices = None
             if dead.numel():
-                aux_indices = dead[topk_encode(xs, W_enc[dead], b_enc[dead], self._k_aux(dead), b_dec=b_dec)[1]]
+                aux_indices = dead[topk_encode(xs, W_enc[dead], b_enc[dead], k_aux, b_dec=b_dec)[1]]
             rows = torch.unique(indices if aux_indices is None else torch.cat([indices.reshape(-1),
                                                                                 aux_indices.reshape(-1)]))
         touched = TouchedRows(rows, *(p.detach()[rows].requires_grad_() for p in (self.W_enc, self.b_enc,
@@ -225,9 +228,6 @@ class SAE(torch.nn.Module):
         reconstruction loss ``recon``, or None."""
         return None
 
-    def _k_aux(self, dead: torch.Tensor) -> int:
-        return min(self.cfg.k_aux, dead.numel())
-
     def _loss(self, xs, code, aux_values, aux_indices, W_dec, b_dec, t, sample_weights) -> Loss:
         """The loss from a code (and AuxK's code of dead latents, or None) decoded with W_dec."""
         values, indices = code.values, code.indices
@@ -237,14 +237,10 @@ class SAE(torch.nn.Module):
             errors = torch.ops.ssae.sparse_decode_sq_error(values, indices, W_dec, b_dec, xs)
             recon = (sample_weights * errors).mean()
         aux = torch.zeros((), device=xs.device)
-        if aux_values is not None:
-            # AuxK: the dead latents' top-k_aux code (selected by the fused encode on their rows only,
-            # never the N x M matrix) fitted to what the live code leaves unexplained
+        if aux_values is not None:  # (selected by the fused encode on the dead rows only, never N x M)
             with torch.no_grad():
                 residual = (xs.float() - sparse_decode(values, indices, W_dec, b_dec).float())
-            aux_hat = sparse_decode(aux_values, aux_indices, W_dec).float()
-            total_variance = ((residual - residual.mean(0)) ** 2).sum().clamp_min(1e-12)
-            aux = ((aux_hat - residual) ** 2).sum() / total_variance
+            aux = aux_loss(residual, sparse_decode(aux_values, aux_indices, W_dec).float())
         total = recon + self.cfg.aux_coef * aux
         sparsity = self._sparsity(code, W_dec, recon)
         if sparsity is not None:
@@ -259,7 +255,8 @@ class SAE(torch.nn.Module):
         """Adds ``tokens`` (default: the code's rows) to every latent's count and restarts the latents that fired,
         an [M] bool mask that ``combine`` (data parallel: the union over the ranks) sees first."""
         fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
-        fired[indices[values > 0]] = True
+        held = (values > 0) & (indices >= self.latents.start) & (indices < self.latents.stop)
+        fired[indices[held] - self.latents.start] = True
         if combine is not None:
             fired = combine(fired)
         self.tokens_since_fired += values.shape[0] if tokens is None else tokens
@@ -318,24 +315,32 @@ class SAE(torch.nn.Module):
 
     @classmethod
     def load(cls, directory: str, device: str | torch.device = "cpu") -> "SAE":
-        """Loads our format, checked: the weights against ``checksums.json`` (CorruptFileError; directories
-        written before checksums existed have none and load unchecked), ``cfg.json`` (ValueError naming a
-        missing, unknown or invalid key) and every tensor's shape against the config (ValueError). The
-        class follows cfg.json's ``arch`` (``SAE_CLASSES``). SAELens and sparsify directories are
-        read by ``ssae_kernels.formats.load_sae``."""
-        cfg_path, weights_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
-        cfg = read_config(cfg_path, SAEConfig, ("d_in", "num_latents", "k"))
-        if not os.path.isfile(weights_path):
-            raise FileNotFoundError(f"{weights_path}: missing ({directory} has {CONFIG_FILE} but no weights)")
-        verify_weights(directory, WEIGHTS_FILE)
-        tensors = read_safetensors(weights_path)
-        spec = {"W_enc": ("num_latents", "d_in"), "W_dec": ("num_latents", "d_in"), "b_enc": ("num_latents",),
-                "b_dec": ("d_in",), "input_scale": (), "tokens_since_fired": ("num_latents",),
-                **sae_class(cfg).EXTRA_TENSORS}
-        check_shapes(weights_path, tensors, spec, {"d_in": cfg.d_in, "num_latents": cfg.num_latents}, cfg_path)
-        sae = sae_class(cfg)(cfg)
-        sae.load_state_dict(tensors)
+        """Loads our format, checked: the weights against ``checksums.json`` (CorruptFileError; directories written
+        before checksums existed load unchecked), ``cfg.json`` (ValueError naming a missing, unknown or invalid
+        key) and every tensor's shape against the config (ValueError). The class follows cfg.json's ``arch``.
+        SAELens and sparsify directories are read by ``ssae_kernels.formats.load_sae``."""
+        cfg, tensors = read_sae(directory)
+        with torch.device("meta"):  # no random initialisation of what the file replaces
+            sae = sae_class(cfg)(cfg)
+        sae.load_state_dict(tensors, assign=True)
         return sae.to(device)
+
+
+def read_sae(directory: str, latents: range | None = None) -> tuple[SAEConfig, dict[str, torch.Tensor]]:
+    """(config, tensors) of an SAE directory, checked as ``SAE.load`` says; with ``latents``, the per-latent
+    tensors are read at those latents only."""
+    cfg_path, weights_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
+    cfg = read_config(cfg_path, SAEConfig, ("d_in", "num_latents", "k"))
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"{weights_path}: missing ({directory} has {CONFIG_FILE} but no weights)")
+    verify_weights(directory, WEIGHTS_FILE)
+    spec = {"W_enc": ("num_latents", "d_in"), "W_dec": ("num_latents", "d_in"), "b_enc": ("num_latents",),
+            "b_dec": ("d_in",), "input_scale": (), "tokens_since_fired": ("num_latents",),
+            **sae_class(cfg).EXTRA_TENSORS}
+    tensors = read_safetensors(weights_path, latents, [n for n, keys in spec.items() if keys[:1] == ("num_latents",)])
+    check_shapes(weights_path, tensors, spec, {"d_in": cfg.d_in, "num_latents": len(latents or range(cfg.num_latents))},
+                 cfg_path)
+    return cfg, tensors
 
 
 class TopKSAE(SAE):
@@ -364,6 +369,12 @@ class ThresholdSAE(SAE):
         values, indices, _ = threshold_encode(self._scaled(x), W_enc, b_enc, self._threshold(), self.cfg.max_k,
                                               b_dec=b_dec)
         return values, indices
+
+
+def aux_loss(residual: torch.Tensor, aux_hat: torch.Tensor) -> torch.Tensor:
+    """AuxK: how well the dead latents' top-k_aux code (decoded: aux_hat) fits what the live code leaves
+    unexplained (residual), relative to the residual's variance."""
+    return ((aux_hat - residual) ** 2).sum() / ((residual - residual.mean(0)) ** 2).sum().clamp_min(1e-12)
 
 
 def _filled(counts: torch.Tensor, width: int) -> torch.Tensor:
@@ -486,15 +497,3 @@ ARCHITECTURES = tuple(SAE_CLASSES)
 def sae_class(cfg: SAEConfig) -> type[SAE]:
     """The model class of an SAE config's architecture."""
     return SAE_CLASSES[cfg.arch]
-
-
-def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-6) -> torch.Tensor:
-    """Weiszfeld's algorithm: the point minimising the sum of distances to the rows of x."""
-    point = x.mean(0)
-    for _ in range(iters):
-        dist = (x - point).norm(dim=1).clamp_min(1e-8)
-        new = (x / dist[:, None]).sum(0) / (1 / dist).sum()
-        if (new - point).norm() <= tol * point.norm().clamp_min(1e-8):
-            return new
-        point = new
-    return point

@@ -130,12 +130,15 @@ def verify_weights(directory: str, name: str) -> bool:
         raise CorruptFileError(f"{os.path.join(directory, MANIFEST)}: unreadable checksum manifest ({e})") from None
 
 
-def read_safetensors(path: str) -> dict:
-    """The tensors of a safetensors file (on the CPU); CorruptFileError naming the file when it cannot be parsed."""
-    from safetensors.torch import load_file
+def read_safetensors(path: str, rows: range | None = None, sharded=()) -> dict:
+    """The tensors of a safetensors file (on the CPU); CorruptFileError naming the file when it cannot be parsed.
+    With ``rows``, the tensors named in ``sharded`` are read at those rows only."""
+    from safetensors import safe_open
 
     try:
-        return load_file(path)
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_slice(name)[rows.start:rows.stop] if rows is not None
+                    and name in sharded else f.get_tensor(name) for name in f.keys()}
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError on a truncated file)
         if isinstance(e, FileNotFoundError):
             raise

@@ -12,14 +12,15 @@ import time
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import storage
-from .data_parallel import DataParallel, unsupported
+from .data_parallel import DataParallel, Ranks, unsupported
+from .latent_sharding import PER_LATENT, ShardedTopKSAE
 from .ops import StreamingTERM
 from .optim import SparseAdam
-from .sae import SAE, WEIGHTS_FILE, SAEConfig, sae_class
+from .sae import SAE, WEIGHTS_FILE, SAEConfig, read_sae, sae_class
 
 CHECKPOINT = "checkpoint"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -139,15 +140,22 @@ class Trainer:
     def __init__(self, sae: SAE, acts: torch.Tensor, cfg: TrainConfig, out_dir: str, *,
                  progress: bool = True, metrics_file: str | None = None, data_parallel: DataParallel | None = None):
         """``data_parallel``: this process's part in data-parallel training (``data_parallel.py``); every rank
-        then holds the same ``acts`` and trains on its share of each batch, and rank 0 writes the files."""
+        then holds the same ``acts`` and trains on its share of each batch. A ``ShardedTopKSAE``
+        (``latent_sharding.py``) trains on every rank's whole batch, each rank its own latents. Either way
+        rank 0 writes the files."""
         self.sae, self.acts, self.cfg, self.out_dir = sae, acts, cfg, out_dir
         self.dp = data_parallel
+        self.sharded = isinstance(sae, ShardedTopKSAE)
         if self.dp is not None:
             self.dp.check_batch(cfg.batch_size)
             missing = unsupported(type(sae), cfg.optimizer, bool(cfg.tilt or cfg.streaming_term))
             if missing:
                 raise ValueError(f"data-parallel training does not support {missing} yet")
-        self.writes = self.dp is None or self.dp.writes  # whether this process writes the run's files
+        if self.sharded and cfg.optimizer != "adam":
+            raise ValueError(f"a latent-sharded SAE trains with optimizer 'adam', not {cfg.optimizer!r}")
+        # the ranks of a run on several processes, else None
+        self.ranks = Ranks(sae.group) if self.sharded else self.dp
+        self.writes = self.ranks is None or self.ranks.writes  # whether this process writes the run's files
         self.progress = progress and self.writes
         self.lr = cfg.learning_rate(sae.cfg.num_latents)
         if cfg.optimizer == "sparse-adam":
@@ -181,8 +189,8 @@ class Trainer:
                 storage.atomic_write_text(self.metrics_file, "")
         else:
             directory = recover_checkpoint(self.out_dir) if self.writes else os.path.join(self.out_dir, CHECKPOINT)
-            if self.dp is not None:
-                self.dp.barrier()  # rank 0 has finished any interrupted rotation
+            if self.ranks is not None:
+                self.ranks.barrier()  # rank 0 has finished any interrupted rotation
             if directory is None or checkpoint_step(directory) is None:
                 raise FileNotFoundError(f"{self.out_dir} holds no complete checkpoint to resume from")
             self.load_checkpoint(directory)
@@ -193,23 +201,30 @@ class Trainer:
             self.dp.barrier()
 
     def checkpoint(self) -> None:
-        """``save_checkpoint`` on the rank that writes; the others wait for it."""
-        if self.writes:
+        """``save_checkpoint`` on the rank that writes (on every rank of a latent-sharded SAE, each sending
+        its rows); the others wait for it."""
+        if self.writes or self.sharded:
             self.save_checkpoint()
-        if self.dp is not None:
-            self.dp.barrier()
+        if self.ranks is not None:
+            self.ranks.barrier()
 
     def save_checkpoint(self) -> str:
         """Writes out_dir/checkpoint so that a crash at any point leaves a complete one behind: a new
         directory (each file fsynced, checksums last) is renamed over the old one, which is kept as
-        checkpoint.old until the rename is durable. ``recover_checkpoint`` finishes an interrupted rotation."""
+        checkpoint.old until the rename is durable. ``recover_checkpoint`` finishes an interrupted rotation.
+        A latent-sharded SAE's is the whole dictionary's, gathered on rank 0 (the others return None)."""
+        self.flush()
+        sae, optimizer_state = self.sae, self.optimizer_state()
+        if self.sharded:
+            sae, optimizer_state = sae.gathered(), sae.gather_optimizer_state(optimizer_state)
+            if sae is None:
+                return None
         final = os.path.join(self.out_dir, CHECKPOINT)
         tmp, old = final + ".tmp", final + ".old"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.flush()
-        self.sae.save(tmp)
+        sae.save(tmp)
         state = {f"{name}.{key}": value.detach().reshape(-1).clone() if key == "step" else value
-                 for name, entry in self.optimizer_state().items() for key, value in entry.items()}
+                 for name, entry in optimizer_state.items() for key, value in entry.items()}
         storage.atomic_write(os.path.join(tmp, OPTIMIZER_FILE), lambda path: save_file(state, path))
         storage.atomic_write_text(os.path.join(tmp, TRAINER_FILE), json.dumps(
             {"step": self.step, "train": dataclasses.asdict(self.cfg),
@@ -229,16 +244,19 @@ class Trainer:
         directory = directory or os.path.join(self.out_dir, CHECKPOINT)
         if checkpoint_step(directory) is None:
             raise ValueError(f"{directory} is not a complete checkpoint")
-        loaded = SAE.load(directory)  # verifies the weights' checksum
+        # (a latent-sharded SAE reads its rows of the whole dictionary's checkpoint)
+        cfg, weights = self.sae.read_rows(directory) if self.sharded else read_sae(directory)  # checksum verified
         # The dead-latent horizon was fixed when the run started (it follows the first step count), so a
         # resume that extends the run keeps it; everything else must match.
-        if dataclasses.replace(loaded.cfg, dead_tokens=self.sae.cfg.dead_tokens) != self.sae.cfg:
-            raise ValueError(f"checkpoint {directory} has SAE config {loaded.cfg}, not {self.sae.cfg}")
-        self.sae.cfg = loaded.cfg
-        self.sae.load_state_dict(loaded.state_dict())
+        if dataclasses.replace(cfg, dead_tokens=self.sae.cfg.dead_tokens) != self.sae.cfg:
+            raise ValueError(f"checkpoint {directory} has SAE config {cfg}, not {self.sae.cfg}")
+        self.sae.cfg = cfg
+        self.sae.load_state_dict(weights)
         storage.verify_checksums(directory, [OPTIMIZER_FILE])
         state = {}
-        for key, value in load_file(os.path.join(directory, OPTIMIZER_FILE)).items():
+        moments = [f"{name}.{key}" for name in PER_LATENT for key in ("exp_avg", "exp_avg_sq")]
+        rows = self.sae.latents if self.sharded else None
+        for key, value in storage.read_safetensors(os.path.join(directory, OPTIMIZER_FILE), rows, moments).items():
             name, field = key.split(".", 1)
             state.setdefault(name, {})[field] = value.reshape(()) if field == "step" else value
         self.load_optimizer_state(state)
@@ -308,16 +326,24 @@ class Trainer:
             self.dp.average_gradients(sae.parameters())
         sae.remove_parallel_decoder_grad(out.touched)
         if sparse:
-            rows = out.touched
+            rows = out.touched.rows
+            grads = {"W_enc": out.touched.W_enc.grad, "b_enc": out.touched.b_enc.grad, "W_dec": out.touched.W_dec.grad}
+            if self.dp is not None:  # the rows any rank touched, their gradients averaged
+                rows, grads = self.dp.merge_touched(rows, grads)
             # the global norm over the touched rows is the dense one: every other row's gradient is zero
-            torch.nn.utils.clip_grad_norm_([rows.W_enc, rows.b_enc, rows.W_dec, sae.b_dec], cfg.grad_clip)
-            self.optimizer.step(rows.rows, {"W_enc": rows.W_enc.grad, "b_enc": rows.b_enc.grad,
-                                            "W_dec": rows.W_dec.grad}, {"b_dec": sae.b_dec.grad})
+            clipped = [*grads.values(), sae.b_dec.grad]
+            scale = (cfg.grad_clip / (torch.nn.utils.get_total_norm(clipped) + 1e-6)).clamp(max=1.0)
+            for g in clipped:
+                g.mul_(scale)
+            self.optimizer.step(rows, grads, {"b_dec": sae.b_dec.grad})
             sae.b_dec.grad = None
-            sae.normalize_decoder(rows.rows)
+            sae.normalize_decoder(rows)
         else:
             # the weights' gradients, clipped together (parameters with their own learning rate are not)
-            torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], cfg.grad_clip)
+            if self.sharded:
+                sae.clip_grad_norm_(cfg.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], cfg.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             sae.normalize_decoder()
@@ -348,17 +374,19 @@ class Trainer:
             while self.step < cfg.steps and not interrupted:
                 batch, out = self.train_step()
                 bar.update(1)
-                if log and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                # (a latent-sharded SAE's metrics take every rank)
+                if (log or self.sharded) and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     elapsed = time.perf_counter() - started
                     self.tokens_per_s = (self.step - start_step) * cfg.batch_size / max(elapsed, 1e-9)
                     record = self._metrics(batch, out)  # (data parallel: of rank 0's share of the batch)
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    for write, _ in sinks:
-                        write(record)
-                    bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}",
-                                    dead=f"{100 * record['dead_fraction']:.1f}%",
-                                    tok_s=f"{self.tokens_per_s:,.0f}")
+                    if log:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                        for write, _ in sinks:
+                            write(record)
+                        bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}",
+                                        dead=f"{100 * record['dead_fraction']:.1f}%",
+                                        tok_s=f"{self.tokens_per_s:,.0f}")
                 if self.step % cfg.checkpoint_every == 0:
                     self.checkpoint()
                 if on_step is not None:
@@ -379,23 +407,32 @@ class Trainer:
     @torch.no_grad()
     def _metrics(self, batch, out) -> dict:
         xs = batch * self.sae.input_scale
-        W_dec, b_dec = self.sae.W_dec, self.sae.b_dec
-        errors = torch.ops.ssae.sparse_decode_sq_error(out.values.float(), out.indices, W_dec, b_dec, xs)
+        if self.sharded:
+            errors = ((self.sae.decode(out.values, out.indices) - batch) * self.sae.input_scale).square().sum(1)
+            dead_fraction = self.sae.dead_fraction()
+        else:
+            W_dec, b_dec = self.sae.W_dec, self.sae.b_dec
+            errors = torch.ops.ssae.sparse_decode_sq_error(out.values.float(), out.indices, W_dec, b_dec, xs)
+            dead_fraction = float(self.sae.dead_mask().float().mean())
         variance = ((xs - xs.mean(0)) ** 2).sum(1)
         return {"step": self.step, "loss": float(out.total), "reconstruction": float(out.reconstruction),
                 "aux": float(out.aux), "fvu": float(errors.sum() / variance.sum()),
                 **({} if out.sparsity is None else {"sparsity": float(out.sparsity)}),
                 "l0": float((out.values > 0).sum(1).float().mean()),
-                "dead_fraction": float(self.sae.dead_mask().float().mean()),
+                "dead_fraction": dead_fraction,
                 "lr": self.current_lr, "tokens_per_s": self.tokens_per_s}
 
 
-def new_sae(acts: torch.Tensor, num_latents: int, k: int, *, seed: int = 0, **cfg) -> SAE:
+def new_sae(acts: torch.Tensor, num_latents: int, k: int, *, seed: int = 0, shard_group=None, **cfg) -> SAE:
     """An SAE (TopK, or the ``arch`` in cfg) initialised for these activations (b_dec at their geometric
-    median, inputs scaled to mean norm sqrt(d))."""
+    median, inputs scaled to mean norm sqrt(d)). With ``shard_group``, a ``ShardedTopKSAE`` holding this
+    rank's latents of the SAE that the same seed gives one process."""
     g = torch.Generator().manual_seed(seed)
     sae_cfg = SAEConfig(d_in=acts.shape[1], num_latents=num_latents, k=k, **cfg)
-    sae = sae_class(sae_cfg)(sae_cfg, generator=g)
+    if shard_group is not None:
+        sae = ShardedTopKSAE(sae_cfg, group=shard_group, generator=g)
+    else:
+        sae = sae_class(sae_cfg)(sae_cfg, generator=g)
     sample = acts[torch.randperm(acts.shape[0], generator=g)[:8192]]
     sae.init_from_data(sample)
     return sae

@@ -21,15 +21,16 @@ def _acts(n=2048, d=16, seed=0):
     return centres[torch.randint(0, 64, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)
 
 
-def _train(out_dir, steps, *, arch="topk", data_parallel=None, resume=False, dead_tokens=10**9):
+def _train(out_dir, steps, *, arch="topk", data_parallel=None, resume=False, dead_tokens=10**9, optimizer="adam"):
     from ssae_kernels.trainer import TrainConfig, Trainer, new_sae
 
     acts = _acts()
     sae = new_sae(acts, 96, 4, arch=arch, dead_tokens=dead_tokens)
-    trainer = Trainer(sae, acts, TrainConfig(steps=steps, batch_size=128, lr=3e-3, checkpoint_every=3), out_dir,
-                      progress=False, data_parallel=data_parallel)
+    trainer = Trainer(sae, acts, TrainConfig(steps=steps, batch_size=128, lr=3e-3, checkpoint_every=3,
+                                             optimizer=optimizer), out_dir, progress=False, data_parallel=data_parallel)
     trainer.begin(resume=resume)
     trainer.train()
+    trainer.flush()  # (SparseAdam's pending steps)
     return sae
 
 
@@ -49,14 +50,13 @@ def _same(a, b, what):
             assert torch.equal(value, b.state_dict()[name]), f"{what}: {name}"
 
 
-def _equal_worker(rank, tmp, arch, dead_tokens):
+def _equal_worker(rank, tmp, arch, optimizer):
     from ssae_kernels.data_parallel import DataParallel
 
     _init(rank, os.path.join(tmp, "init"))
     try:
-        parallel = _train(os.path.join(tmp, "dp"), 6, arch=arch, data_parallel=DataParallel(),
-                          dead_tokens=dead_tokens)
-        single = _train(os.path.join(tmp, f"single{rank}"), 6, arch=arch, dead_tokens=dead_tokens)
+        parallel = _train(os.path.join(tmp, "dp"), 6, arch=arch, data_parallel=DataParallel(), optimizer=optimizer)
+        single = _train(os.path.join(tmp, f"single{rank}"), 6, arch=arch, optimizer=optimizer)
         _same(parallel, single, f"rank {rank}")
         if rank == 0:  # rank 0 wrote the run's files, the other rank none
             assert os.path.isdir(os.path.join(tmp, "dp", "checkpoint"))
@@ -66,9 +66,10 @@ def _equal_worker(rank, tmp, arch, dead_tokens):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("arch", ["topk", "relu"])
-def test_two_ranks_train_as_one_process(tmp_path, arch):
-    mp.spawn(_equal_worker, args=(str(tmp_path), arch, 10**9), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("arch,optimizer", [("topk", "adam"), ("relu", "adam"), ("topk", "sparse-adam")])
+def test_two_ranks_train_as_one_process(tmp_path, arch, optimizer):
+    # (sparse-adam: the ranks exchange only the rows they touched, DataParallel.merge_touched)
+    mp.spawn(_equal_worker, args=(str(tmp_path), arch, optimizer), nprocs=WORLD, join=True)
 
 
 def test_dead_counts_combine_over_the_ranks(tmp_path):
@@ -111,15 +112,16 @@ def test_checkpoints_resume_with_another_world_size(tmp_path):
     _same(resumed, _train(str(tmp_path / "straight"), 6), "one process after two")
 
 
-def _dying_worker(rank, tmp):
+def _dying_worker(rank, tmp, shard):
     from ssae_kernels.data_parallel import DataParallel
     from ssae_kernels.trainer import TrainConfig, Trainer, new_sae
 
     _init(rank, os.path.join(tmp, "init"), seconds=20)
     acts = _acts()
-    sae = new_sae(acts, 96, 4)
+    sae = new_sae(acts, 96, 4, shard_group=dist.group.WORLD if shard == "latents" else None)
     trainer = Trainer(sae, acts, TrainConfig(steps=50, batch_size=128, lr=3e-3, checkpoint_every=3),
-                      os.path.join(tmp, "run"), progress=False, data_parallel=DataParallel())
+                      os.path.join(tmp, "run"), progress=False,
+                      data_parallel=DataParallel() if shard == "batch" else None)
     trainer.begin(resume=False)
 
     def die(t):
@@ -135,9 +137,10 @@ def _dying_worker(rank, tmp):
     raise AssertionError("rank 0 trained on although rank 1 died")
 
 
-def test_a_rank_that_dies_ends_the_others_with_an_error(tmp_path):
+@pytest.mark.parametrize("shard", ["batch", "latents"])
+def test_a_rank_that_dies_ends_the_others_with_an_error(tmp_path, shard):
     # rank 1 leaves with status 0; rank 0 must come back with the error (within the group's timeout), not hang
-    mp.spawn(_dying_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    mp.spawn(_dying_worker, args=(str(tmp_path), shard), nprocs=WORLD, join=True)
     assert (tmp_path / "error").read_text()
     from ssae_kernels.trainer import checkpoint_step, recover_checkpoint
 
@@ -154,7 +157,7 @@ def test_unsupported_settings_are_refused(monkeypatch, tmp_path):
         DataParallel()
     assert unsupported(SAE_CLASSES["topk"], "adam", False) is None
     assert unsupported(SAE_CLASSES["relu"], "adam", False) is None
-    assert unsupported(SAE_CLASSES["topk"], "sparse-adam", False) == "optimizer 'sparse-adam' (only 'adam')"
+    assert unsupported(SAE_CLASSES["topk"], "sparse-adam", False) is None
     assert unsupported(SAE_CLASSES["topk"], "adam", True) == "TERM (only ERM)"
     assert unsupported(SAE_CLASSES["jumprelu"], "adam", False) == "a JumpReLUSAE"
     assert unsupported(SAE_CLASSES["batchtopk"], "adam", False) == "a BatchTopKSAE"
@@ -166,8 +169,8 @@ def test_unsupported_settings_are_refused(monkeypatch, tmp_path):
 
 
 def test_ssae_train_under_torchrun_equals_one_process(tmp_path):
-    # the whole command, data-parallel on 2 processes, against the same command in one process (AuxK off: its
-    # normalisation is per rank)
+    # the whole command on 2 processes, data-parallel and latent-sharded, against the same command in one
+    # process (AuxK off: data parallelism normalises it per rank)
     import json
     import shutil
     import subprocess
@@ -187,11 +190,14 @@ def test_ssae_train_under_torchrun_equals_one_process(tmp_path):
     single = subprocess.run([sys.executable, "-m", "ssae_kernels.cli", *base, "--out", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env, timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
-    parallel = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "ssae_kernels.cli",
-                               *base, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env,
-                              timeout=600)
-    assert parallel.returncode == 0, parallel.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "report.json").read_text())
-    two = json.loads((tmp_path / "two" / "report.json").read_text())
-    assert one["world_size"] == 1 and two["world_size"] == 2 and two["steps"] == 12
-    assert abs(one["fvu"] - two["fvu"]) < 1e-3, (one["fvu"], two["fvu"])
+    assert one["world_size"] == 1
+    for shard in ("batch", "latents"):
+        parallel = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "ssae_kernels.cli",
+                                   *base, "--shard", shard, "--out", str(tmp_path / shard)], capture_output=True,
+                                  text=True, env=env, timeout=600)
+        assert parallel.returncode == 0, parallel.stderr[-3000:]
+        two = json.loads((tmp_path / shard / "report.json").read_text())
+        assert two["world_size"] == 2 and two["steps"] == 12 and two["shard"] == shard
+        assert two["latents_per_rank"] == (32 if shard == "latents" else 64)
+        assert abs(one["fvu"] - two["fvu"]) < 1e-3, (shard, one["fvu"], two["fvu"])

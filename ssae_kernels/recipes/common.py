@@ -123,17 +123,37 @@ def harvest_cached(model, tokenizer, docs: list[str], layer: int, *, context: in
 
     With ``check_key`` the cache also stores a hash of the texts and settings and is only reused when they
     match; a cache directory the user names is trusted as it is."""
-    from ..activations import harvest, load_activations, save_activations
+    return harvest_cached_layers(model, tokenizer, docs, {layer: cache}, context=context, max_tokens=max_tokens,
+                                 progress=progress, model_name=model_name, check_key=check_key)[layer]
 
-    key = hashlib.sha256(json.dumps([docs, layer, context, max_tokens, model_name]).encode()).hexdigest()
-    key_file = os.path.join(cache, "inputs.sha256") if cache else None
-    if cache and os.path.isfile(os.path.join(cache, "meta.json")):
-        stored = open(key_file).read().strip() if os.path.isfile(key_file) else None
-        if not check_key or stored == key:
-            data = load_activations(cache)
-            if data.layer != layer:
-                raise UsageError(f"activation cache {cache} holds layer {data.layer}, not {layer}")
-            return data
+
+def harvest_cached_layers(model, tokenizer, docs: list[str], caches: dict[int, str | None], *, context: int,
+                          max_tokens: int | None, progress: bool, model_name: str = "", check_key: bool = False):
+    """``harvest_cached`` of several layers (layer -> its cache directory or None): the layers whose cache
+    holds them are read, the others harvested together in one forward pass. Returns layer -> Activations."""
+    from ..activations import harvest_layers, load_activations, save_activations
+
+    found, keys = {}, {}
+    for layer, cache in caches.items():
+        keys[layer] = hashlib.sha256(json.dumps([docs, layer, context, max_tokens, model_name]).encode()).hexdigest()
+        key_file = os.path.join(cache, "inputs.sha256") if cache else None
+        if cache and os.path.isfile(os.path.join(cache, "meta.json")):
+            stored = open(key_file).read().strip() if os.path.isfile(key_file) else None
+            if not check_key or stored == keys[layer]:
+                found[layer] = load_activations(cache)
+                if found[layer].layer != layer:
+                    raise UsageError(f"activation cache {cache} holds layer {found[layer].layer}, not {layer}")
+    missing = [layer for layer in caches if layer not in found]
+    if missing:
+        harvested = harvest_layers(model, tokenizer, docs, missing, context=context, max_tokens=max_tokens,
+                                   progress=progress, model_name=model_name)
+        for layer, data in harvested.items():
+            if caches[layer]:
+                save_activations(caches[layer], data)
+                with open(os.path.join(caches[layer], "inputs.sha256"), "w") as f:
+                    f.write(keys[layer] + "\n")
+        found.update(harvested)
+    return found
     data = harvest(model, tokenizer, docs, layer, context=context, max_tokens=max_tokens, progress=progress,
                    model_name=model_name)
     if cache:

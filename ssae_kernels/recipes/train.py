@@ -3,6 +3,7 @@ it on held-out documents."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -14,16 +15,18 @@ import torch
 
 from .. import models, text
 from .common import (HelpFormatter, UsageError, add_model_args, add_out_args, check_positive, check_sources, config_from_args,
-                     dead_tokens_for, harvest_cached, keep_mask, require_package, run_settings, set_threads)
+                     dead_tokens_for, harvest_cached_layers, keep_mask, require_package, run_settings, set_threads)
 from ..sae import ARCHITECTURES, SAE_CLASSES
 from ..trainer import OPTIMIZER_STATES, OPTIMIZERS
 from .rundir import open_run
 
 # Settings a resumed run may change; every other one must match the run's, or the report would describe a
 # run that never happened.
-# (Both optimizers leave torch.optim.Adam's state in a checkpoint, so either resumes the other's.)
+# (Both optimizers leave torch.optim.Adam's state in a checkpoint, so either resumes the other's; a
+# checkpoint holds the whole dictionary whatever the processes split.)
 MAY_CHANGE_ON_RESUME = frozenset({"steps", "checkpoint_every", "threads", "device", "log_to", "ce_sequences",
-                                  "activation_cache", "optimizer", "optimizer_state"})
+                                  "activation_cache", "optimizer", "optimizer_state", "shard"})
+SHARDINGS = ("batch", "latents")
 SUMMARY_KEYS = ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "tokens", "passes", "tokens_per_s",
                 "total_seconds")
 
@@ -33,6 +36,8 @@ class TrainRunConfig:
     out: str
     model: str = models.BUILTIN
     layer: int = 15
+    layers: tuple[int, ...] | None = None  # several layers, one SAE each, from one forward pass (replaces layer)
+    distribute_layers: bool = False
     text: str = text.BUILTIN
     text_field: str = "text"
     max_tokens: int = 100_000
@@ -61,6 +66,7 @@ class TrainRunConfig:
     log_to: tuple[str, ...] = ()
     ce_sequences: int = 16
     seed: int = 0
+    shard: str = "batch"
     resume: bool = False
     overwrite: bool = False
     quiet: bool = False
@@ -73,6 +79,12 @@ def add_subcommands(sub) -> None:
                        description="Harvests the residual stream after --layer, trains an SAE of architecture "
                                    "--arch on it and evaluates it on held-out documents.", formatter_class=HelpFormatter)
     add_model_args(p)
+    p.add_argument("--layers", type=_layer_list, default=None,
+                   help="several layers, e.g. 6,10,15: one SAE each (in OUT/layer-L), trained on activations "
+                        "harvested together in one forward pass (replaces --layer)")
+    p.add_argument("--distribute-layers", action="store_true",
+                   help="under torchrun, with --layers: each process trains its own layers (rank r takes every "
+                        "world-th layer from the r-th) instead of all of them sharing each layer")
     p.add_argument("--text", default=text.BUILTIN,
                    help="text: 'builtin:python-docs', a .txt/.jsonl/.parquet file or directory, or a hub dataset name")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/hub records")
@@ -118,18 +130,32 @@ def add_subcommands(sub) -> None:
                    help="also log metrics to TensorBoard (OUT/tensorboard) and/or wandb (installed separately)")
     p.add_argument("--ce-sequences", type=int, default=16, help="held-out sequences for the downstream loss")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")
+    p.add_argument("--shard", choices=SHARDINGS, default="batch",
+                   help="under torchrun, what the processes split: batch (data parallel: each trains on its share "
+                        "of every batch, gradients all-reduced) or latents (each holds --latents / world of the "
+                        "dictionary, for dictionaries larger than one device; topk only)")
     add_out_args(p, "checkpoint, sae/, report.json, report.md, plots", resume=True)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_handler)
+
+
+def _layer_list(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer numbers separated by commas (e.g. 6,10,15), got {value!r}")
 
 
 def _handler(args) -> None:
     cfg = config_from_args(TrainRunConfig, args)
     cfg.log_to = tuple(cfg.log_to)
     report = run(cfg)
-    if not report:  # a data-parallel rank other than 0
+    if not report:  # a rank other than 0
         return
-    print(json.dumps({k: report[k] for k in SUMMARY_KEYS}, indent=2))
+    if "by_layer" in report:
+        print(json.dumps(report["by_layer"], indent=2))
+    else:
+        print(json.dumps({k: report[k] for k in SUMMARY_KEYS}, indent=2))
     print(f"report: {os.path.join(cfg.out, 'report.md')}")
 
 
@@ -152,7 +178,25 @@ def check(cfg: TrainRunConfig) -> None:
     from ..data_parallel import unsupported, world_size
 
     tilted = bool(cfg.tilt or cfg.streaming_term)
-    missing = world_size() > 1 and unsupported(SAE_CLASSES[cfg.arch], cfg.optimizer, tilted)
+    if cfg.shard not in SHARDINGS:
+        raise UsageError(f"--shard must be one of {SHARDINGS}, got {cfg.shard!r}")
+    if cfg.shard == "latents":
+        if cfg.arch != "topk" or cfg.optimizer != "adam":
+            raise UsageError(f"--shard latents trains --arch topk with --optimizer adam, not --arch {cfg.arch} "
+                             f"with --optimizer {cfg.optimizer}")
+        if world_size() > cfg.latents:
+            raise UsageError(f"--shard latents: {world_size()} processes cannot share --latents {cfg.latents}")
+    if cfg.layers is not None:
+        if not cfg.layers or len(set(cfg.layers)) != len(cfg.layers) or min(cfg.layers) < 0:
+            raise UsageError(f"--layers must name distinct layers >= 0, got {','.join(map(str, cfg.layers))}")
+    if cfg.distribute_layers:
+        if world_size() > len(cfg.layers or (cfg.layer,)):
+            raise UsageError(f"--distribute-layers: {world_size()} processes for {len(cfg.layers or (cfg.layer,))} "
+                             "layer(s); every process needs a layer of its own (fewer processes, or more --layers)")
+        if cfg.shard != "batch":
+            raise UsageError("--distribute-layers gives each process whole layers: it excludes --shard latents")
+    shares = world_size() > 1 and not cfg.distribute_layers
+    missing = shares and cfg.shard == "batch" and unsupported(SAE_CLASSES[cfg.arch], cfg.optimizer, tilted)
     if missing:
         raise UsageError(f"under torchrun (data parallel), ssae train does not support {missing} yet")
     if cfg.arch == "jumprelu" and cfg.optimizer == "sparse-adam":
@@ -177,9 +221,11 @@ def check(cfg: TrainRunConfig) -> None:
     check_sources(cfg.model, (cfg.text,), cfg.text_field)
 
 
-def check_memory(cfg: TrainRunConfig, d_in: int) -> None:
+def check_memory(cfg: TrainRunConfig, d_in: int, world: int = 1, layers: int = 1) -> None:
     """UsageError before anything of the SAE's size is allocated when the memory planner says the run does
-    not fit in what the device has free (the process itself, with the model loaded, already runs)."""
+    not fit in what the device has free (the process itself, with the model loaded, already runs). With
+    --shard latents, each of the ``world`` ranks plans for its share of the latents; the activations of
+    ``layers`` layers are held at once."""
     from .. import memory
 
     free = memory.available_bytes(cfg.device)
@@ -187,9 +233,10 @@ def check_memory(cfg: TrainRunConfig, d_in: int) -> None:
         return
     # a threshold architecture's code is max_k wide (SAEConfig's default: 4 k)
     width = cfg.k if cfg.arch == "topk" else cfg.max_k or min(cfg.latents, 4 * cfg.k)
-    planned = memory.plan(cfg.latents, d_in, cfg.batch_size, width, compute_dtype=cfg.dtype, device=cfg.device,
+    latents = -(-cfg.latents // world) if cfg.shard == "latents" else cfg.latents
+    planned = memory.plan(latents, d_in, cfg.batch_size, width, compute_dtype=cfg.dtype, device=cfg.device,
                           optimizer=cfg.optimizer, optimizer_state=cfg.optimizer_state,
-                          dataset_tokens=cfg.max_tokens, runtime_bytes=0)
+                          dataset_tokens=cfg.max_tokens * layers, runtime_bytes=0)
     if planned.total > free:
         raise UsageError(
             f"--latents {cfg.latents} at d_in {d_in} with --batch-size {cfg.batch_size} and --max-tokens "
@@ -218,85 +265,142 @@ def split_documents(docs: list[str], token_counts: list[int], eval_fraction: flo
     return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
 
 
+def layer_dirs(cfg: TrainRunConfig) -> dict[int, str]:
+    """layer -> the directory of its SAE, checkpoint and report: --out itself for one layer, --out/layer-L for
+    each of several."""
+    layers = cfg.layers or (cfg.layer,)
+    return {layer: cfg.out if len(layers) == 1 else os.path.join(cfg.out, f"layer-{layer}") for layer in layers}
+
+
 def run(cfg: TrainRunConfig) -> dict:
-    """Trains and evaluates; writes OUT/sae, OUT/report.json (returned), report.md and plots. Under torchrun
-    with more than one process, trains data-parallel (``data_parallel.py``): rank 0 holds the run directory,
-    writes every file and evaluates; the other ranks return an empty dict."""
+    """Trains and evaluates; writes OUT/sae, OUT/report.json (returned), report.md and plots (with several
+    --layers, those of each layer in OUT/layer-L and a summary in OUT/report.json). Under torchrun with more
+    than one process the ranks share each layer's training (--shard) or, with --distribute-layers, the
+    layers: rank 0 holds the run directory, the ranks that train a layer write its files, and ranks other
+    than 0 return an empty dict."""
     check(cfg)
     set_threads(cfg.threads)
     from ..data_parallel import from_environment
     from ..trainer import recover_checkpoint
 
-    dp, device = from_environment(cfg.device)
+    def has_checkpoint(out):
+        return any(recover_checkpoint(directory) for directory in layer_dirs(cfg).values())
+
+    ranks, device = from_environment(cfg.device)
     try:
         with contextlib.ExitStack() as stack:
             failed = False
-            if dp is None or dp.writes:
+            if ranks is None or ranks.writes:
                 try:
                     stack.enter_context(open_run(cfg.out, "train", run_settings(cfg), resume=cfg.resume,
                                                  overwrite=cfg.overwrite, may_change=MAY_CHANGE_ON_RESUME,
-                                                 has_checkpoint=recover_checkpoint))
+                                                 has_checkpoint=has_checkpoint))
                 except BaseException:
                     failed = True
-                    if dp is not None:
-                        dp.any(True)
+                    if ranks is not None:
+                        ranks.any(True)
                     raise
-            if dp is not None and dp.any(failed):
+            if ranks is not None and ranks.any(failed):
                 raise UsageError("rank 0 could not open the run directory (its error says why)")
-            return _train(dataclasses.replace(cfg, device=device), dp)
+            return _train(dataclasses.replace(cfg, device=device), ranks)
     finally:
-        if dp is not None:
+        if ranks is not None:
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg: TrainRunConfig, dp=None) -> dict:
-    from ..activations import harvest, token_chunks
-    from ..evaluate import downstream_loss, reconstruction_metrics, write_report
-    from ..trainer import TrainConfig, Trainer, new_sae, recover_checkpoint
+def _train(cfg: TrainRunConfig, ranks=None) -> dict:
+    """``run``'s work on one rank (``ranks``: the processes of a torchrun launch, or None)."""
+    from ..activations import harvest_layers
 
-    writes = dp is None or dp.writes
-    progress = not cfg.quiet and writes
     started = time.perf_counter()
-    model, tokenizer = models.load_model(cfg.model, device=cfg.device, progress=progress)
-    models.check_layer(model, cfg.layer)
-    check_memory(cfg, model.config.hidden_size)
+    writes = ranks is None or ranks.writes
+    dirs = layer_dirs(cfg)
+    mine = list(dirs)  # the layers this rank trains (with --distribute-layers, its share of them)
+    if ranks is not None and cfg.distribute_layers:
+        mine = mine[ranks.rank::ranks.world]
+    # the rank that writes a layer's files: its own with --distribute-layers, else rank 0
+    writes_layers = writes or (ranks is not None and cfg.distribute_layers)
+    model, tokenizer = models.load_model(cfg.model, device=cfg.device, progress=not cfg.quiet and writes)
+    for layer in dirs:
+        models.check_layer(model, layer)
+    shares = ranks is not None and not cfg.distribute_layers  # the ranks share each layer's training
+    check_memory(cfg, model.config.hidden_size, ranks.world if shares else 1, len(mine))
     docs = text.read_texts(cfg.text, field=cfg.text_field)
     counts = [len(ids) for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]]
     train_docs, eval_docs = split_documents(docs, counts, cfg.eval_fraction, cfg.eval_min_tokens)
-    if dp is not None and not writes:
-        dp.barrier()  # rank 0 harvests first, into the activation cache when there is one
-    data = harvest_cached(model, tokenizer, train_docs, cfg.layer, context=cfg.context, max_tokens=cfg.max_tokens,
-                          cache=cfg.activation_cache, progress=progress, model_name=cfg.model)
-    if dp is not None and writes:
-        dp.barrier()
-    harvested = time.perf_counter()
-    keep = keep_mask(data.acts, cfg.outlier_factor)
-    acts = data.acts[keep].to(cfg.device)
+    caches = {layer: cfg.activation_cache if len(dirs) == 1 or not cfg.activation_cache
+              else os.path.join(cfg.activation_cache, f"layer-{layer}") for layer in mine}
+    if shares and not writes:
+        ranks.barrier()  # rank 0 harvests first, into the activation cache when there is one
+    data = harvest_cached_layers(model, tokenizer, train_docs, caches, context=cfg.context, max_tokens=cfg.max_tokens,
+                                 progress=not cfg.quiet and writes, model_name=cfg.model)
+    if shares and writes:
+        ranks.barrier()
+    harvest_seconds = time.perf_counter() - started
+    reports, eval_data = {}, None
+    for layer in mine:
+        sae, trainer, keep = _train_layer(cfg, ranks if shares else None, data[layer].acts, dirs[layer],
+                                          progress=not cfg.quiet and writes)
+        if not writes_layers:
+            continue
+        if eval_data is None:  # the held-out activations of every layer this rank evaluates, in one pass
+            eval_data = harvest_layers(model, tokenizer, eval_docs, mine, context=cfg.context,
+                                       progress=not cfg.quiet and writes)
+        reports[layer] = _evaluate(cfg, model, tokenizer, eval_docs, eval_data[layer], layer, sae, trainer, keep,
+                                   dirs[layer], ranks, harvest_seconds, started)
+    if ranks is not None and cfg.distribute_layers:
+        ranks.barrier()  # every layer's report is written
+    if not writes:
+        return {}
+    if len(dirs) == 1:
+        return reports[cfg.layers[0] if cfg.layers else cfg.layer]
+    return _summarise(cfg, dirs, started)
 
+
+def _train_layer(cfg: TrainRunConfig, ranks, acts, out: str, *, progress: bool):
+    """Trains one layer's SAE in ``out`` (``ranks``: the processes that share its training, or None); returns
+    (the whole SAE on the rank that writes it, else None; its Trainer; the training rows kept)."""
+    from ..data_parallel import DataParallel
+    from ..trainer import TrainConfig, Trainer, new_sae, recover_checkpoint
+
+    keep = keep_mask(acts, cfg.outlier_factor)
+    acts = acts[keep].to(cfg.device)
     train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
                             optimizer_state=cfg.optimizer_state, tilt=cfg.tilt,
                             streaming_term=cfg.streaming_term, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
                             log_to=cfg.log_to)
     sae = new_sae(acts, cfg.latents, cfg.k, seed=cfg.seed, compute_dtype=cfg.dtype, arch=cfg.arch,
                   max_k=cfg.max_k, bandwidth=cfg.bandwidth, l1_coef=cfg.l1_coef,
-                  dead_tokens=dead_tokens_for(cfg.steps, cfg.batch_size)).to(cfg.device)
-    trainer = Trainer(sae, acts, train_cfg, cfg.out, progress=progress, data_parallel=dp)
+                  dead_tokens=dead_tokens_for(cfg.steps, cfg.batch_size),
+                  shard_group=ranks.group if ranks is not None and cfg.shard == "latents" else None).to(cfg.device)
+    dp = DataParallel(ranks.group) if ranks is not None and cfg.shard == "batch" else None
+    trainer = Trainer(sae, acts, train_cfg, out, progress=progress, data_parallel=dp)
     # A resumed run that died before its first checkpoint starts again from step 0.
-    trainer.begin(resume=cfg.resume and recover_checkpoint(cfg.out) is not None)
-    train_started = time.perf_counter()
+    trainer.begin(resume=cfg.resume and recover_checkpoint(out) is not None)
+    trainer.train_seconds = time.perf_counter()
     trainer.train()
-    train_time = time.perf_counter() - train_started
-    if not writes:
-        return {}
-    sae.save(os.path.join(cfg.out, "sae"))
-    eval_data = harvest(model, tokenizer, eval_docs, cfg.layer, context=cfg.context, progress=progress)
-    eval_keep = keep_mask(eval_data.acts, cfg.outlier_factor)
+    trainer.train_seconds = time.perf_counter() - trainer.train_seconds
+    trainer.latents_per_rank = len(sae.latents)
+    if trainer.sharded:  # the whole dictionary, on rank 0's host
+        sae = sae.gathered()
+        sae = sae and sae.to(cfg.device)
+    return sae if trainer.writes else None, trainer, keep
 
+
+def _evaluate(cfg: TrainRunConfig, model, tokenizer, eval_docs, eval_data, layer: int, sae, trainer, keep, out: str,
+              ranks, harvest_seconds: float, started: float) -> dict:
+    """Saves a trained SAE in out/sae, evaluates it on the held-out documents and writes its report."""
+    from ..activations import token_chunks
+    from ..evaluate import downstream_loss, reconstruction_metrics, write_report
+
+    sae.save(os.path.join(out, "sae"))
+    eval_keep = keep_mask(eval_data.acts, cfg.outlier_factor)
     recon = reconstruction_metrics(sae, eval_data.acts[eval_keep].to(cfg.device))
     recon_all = reconstruction_metrics(sae, eval_data.acts.to(cfg.device))
     chunks = token_chunks(tokenizer, eval_docs, cfg.context)[: cfg.ce_sequences]
-    ce = downstream_loss(model, sae, chunks, cfg.layer, progress=progress)
+    ce = downstream_loss(model, sae, chunks, layer, progress=not cfg.quiet and (ranks is None or ranks.writes))
     tokens = trainer.step * cfg.batch_size
+    rows = int(keep.sum())
     report = {
         "fvu": recon["fvu"], "l0": recon["l0"], "k": cfg.k, "num_latents": cfg.latents,
         "dead_fraction": float(sae.dead_mask().float().mean()),
@@ -308,12 +412,33 @@ def _train(cfg: TrainRunConfig, dp=None) -> dict:
         "outliers_excluded_fraction": float(1 - keep.double().mean()),
         "outlier_rule": f"tokens with norm > {cfg.outlier_factor} x median excluded from training and fvu"
         if cfg.outlier_factor > 0 else "none",
-        "tokens": tokens, "unique_training_tokens": int(acts.shape[0]), "passes": tokens / acts.shape[0],
+        "tokens": tokens, "unique_training_tokens": rows, "passes": tokens / rows,
         "eval_documents": len(eval_docs), "eval_tokens": int(eval_keep.sum()), "tokens_per_s": trainer.tokens_per_s,
-        "train_seconds": train_time, "harvest_seconds": harvested - started,
+        "train_seconds": trainer.train_seconds, "harvest_seconds": harvest_seconds,
         "total_seconds": time.perf_counter() - started, "threads": torch.get_num_threads(),
-        "world_size": 1 if dp is None else dp.world,
-        **run_settings(cfg), "steps": trainer.step,
+        "world_size": 1 if ranks is None else ranks.world, "rank": 0 if ranks is None else ranks.rank,
+        "latents_per_rank": trainer.latents_per_rank,
+        **run_settings(cfg), "layer": layer, "steps": trainer.step,
     }
-    write_report(cfg.out, report, metrics_file=trainer.metrics_file, latent_frequency=recon["latent_frequency"])
+    write_report(out, report, metrics_file=trainer.metrics_file, latent_frequency=recon["latent_frequency"])
+    return report
+
+
+def _summarise(cfg: TrainRunConfig, dirs: dict[int, str], started: float) -> dict:
+    """OUT/report.json and report.md of a run over several layers: each layer's summary, read from its report."""
+    layers = {}
+    for layer, directory in dirs.items():
+        with open(os.path.join(directory, "report.json")) as f:
+            layers[str(layer)] = {key: value for key, value in json.load(f).items() if key in SUMMARY_KEYS}
+    report = {**run_settings(cfg), "by_layer": layers, "total_seconds": time.perf_counter() - started}
+    lines = ["# SAE training report: one SAE per layer", "",
+             "| layer | " + " | ".join(SUMMARY_KEYS) + " |", "|---" * (len(SUMMARY_KEYS) + 1) + "|"]
+    for layer, summary in layers.items():
+        lines.append(f"| [{layer}](layer-{layer}/report.md) | " + " | ".join(
+            f"{summary[key]:.4g}" if isinstance(summary[key], float) else str(summary[key]) for key in SUMMARY_KEYS)
+            + " |")
+    with open(os.path.join(cfg.out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(cfg.out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
     return report
