@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 PIN := $(VENV)/torch-pin.txt
 JOBS ?= 2
 
-.PHONY: setup model peers train bench bench-full test test-python test-cpp test-triton-aot clean
+.PHONY: setup model peers browser train bench bench-full test test-python test-cpp test-triton-aot clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +45,15 @@ bench: peers
 bench-full: peers
 	$(PY) benchmarks/bench_step.py
 
+# The feature browser's tests drive a real browser: Debian's chromium, installed when missing (as root, or
+# with sudo); where it cannot be, those tests are skipped and say why.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+browser:
+	@command -v chromium > /dev/null || ($(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		$(SUDO) apt-get install -y -q --no-install-recommends chromium) || echo "chromium not installed"
+
 # The peers are installed so that the format tests can load exported SAEs with their own loaders.
-test: setup peers test-python test-cpp test-triton-aot
+test: setup peers browser test-python test-cpp test-triton-aot
 
 test-python:
 	$(PY) -m pytest -q --durations=20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -58,17 +59,51 @@ def harvest(model, tokenizer, texts: list[str], layer: int, *, context: int = 25
                           max_tokens=max_tokens, progress=progress, model_name=model_name)[layer]
 
 
-@torch.no_grad()
 def harvest_layers(model, tokenizer, texts: list[str], layers: list[int], *, context: int = 256,
                    batch_size: int = 16, max_tokens: int | None = None, progress: bool = True,
                    model_name: str = "") -> dict[int, Activations]:
     """``harvest`` of several layers from one forward pass, which stops after the last of them:
     layer -> its Activations (the same tokens for every layer)."""
+    chunks = token_chunks(tokenizer, texts, context)
+    acts, tokens = {layer: [] for layer in layers}, []
+    total = sum(len(c) - 1 for c in chunks)
+    if max_tokens is not None:
+        total = min(total, max_tokens)
+    named = ", ".join(map(str, sorted(set(layers))))
+    with tqdm(total=total, unit="tok", desc=f"activations (layer{'s' * (len(acts) > 1)} {named})",
+              disable=not progress) as bar, \
+            contextlib.closing(iter_activations(model, tokenizer, chunks, layers, batch_size=batch_size)) as batches:
+        for batch in batches:
+            for layer in acts:
+                acts[layer].append(batch.acts[layer])
+            tokens.append(batch.tokens)
+            bar.update(min(len(batch.tokens), total - bar.n))  # the last batch may pass max_tokens
+            if max_tokens is not None and sum(t.shape[0] for t in tokens) >= max_tokens:
+                break
+    tok = torch.cat(tokens)[:max_tokens]
+    return {layer: Activations(torch.cat(parts)[:max_tokens], tok, layer, model_name) for layer, parts in acts.items()}
+
+
+@dataclass
+class ActivationBatch:
+    """One batch of sequences' kept tokens (every position but each sequence's first, no padding): the residual
+    stream per layer ``acts`` ({layer: [n, d]} float32 on the CPU), ``tokens`` [n], and where each token sits:
+    ``sequences`` [n] (index into the chunks) and ``positions`` [n]."""
+
+    acts: dict[int, torch.Tensor]
+    tokens: torch.Tensor
+    sequences: torch.Tensor
+    positions: torch.Tensor
+
+
+@torch.no_grad()
+def iter_activations(model, tokenizer, chunks: list[list[int]], layers: list[int], *, batch_size: int = 16):
+    """The residual stream after each decoder layer in ``layers`` for the token ``chunks`` (``token_chunks``),
+    one ``ActivationBatch`` per ``batch_size`` sequences; each forward pass stops after the last layer."""
     if not layers:
         raise ValueError("layers: none given")
     for layer in layers:
         check_layer(model, layer)
-    chunks = token_chunks(tokenizer, texts, context)
     device = next(model.parameters()).device
     captured, last = {}, max(layers)
 
@@ -80,18 +115,11 @@ def harvest_layers(model, tokenizer, texts: list[str], layers: list[int], *, con
         return hook
 
     handles = [decoder_layers(model)[layer].register_forward_hook(hook_of(layer)) for layer in set(layers)]
-    acts, tokens = {layer: [] for layer in layers}, []
-    total = sum(len(c) - 1 for c in chunks)
-    if max_tokens is not None:
-        total = min(total, max_tokens)
-    named = ", ".join(map(str, sorted(set(layers))))
-    bar = tqdm(total=total, unit="tok", desc=f"activations (layer{'s' * (len(acts) > 1)} {named})",
-               disable=not progress)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     try:
         for start in range(0, len(chunks), batch_size):
             batch = chunks[start:start + batch_size]
             width = max(len(c) for c in batch)
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for i, c in enumerate(batch):
@@ -103,18 +131,12 @@ def harvest_layers(model, tokenizer, texts: list[str], layers: list[int], *, con
                 pass
             keep = mask.bool()
             keep[:, 0] = False  # BOS / first position
-            for layer in acts:
-                acts[layer].append(captured.pop(layer).float().cpu()[keep])
-            tokens.append(ids[keep])
-            bar.update(min(int(keep.sum()), total - bar.n))  # the last batch may pass max_tokens
-            if max_tokens is not None and sum(t.shape[0] for t in tokens) >= max_tokens:
-                break
+            where = keep.nonzero()
+            yield ActivationBatch({layer: captured.pop(layer).float().cpu()[keep] for layer in set(layers)}, ids[keep],
+                                  where[:, 0] + start, where[:, 1])
     finally:
         for handle in handles:
             handle.remove()
-        bar.close()
-    tok = torch.cat(tokens)[:max_tokens]
-    return {layer: Activations(torch.cat(parts)[:max_tokens], tok, layer, model_name) for layer, parts in acts.items()}
 
 
 SHARD_ROWS = 1 << 19  # 512k rows per shard file

@@ -3,7 +3,8 @@
 Every rank draws the same global batch (``trainer.BatchSampler``: the same seed and step on every rank) and
 trains on its equal share of the rows; the gradients are averaged over the ranks (torch.optim.Adam: an
 all-reduce of each; SparseAdam: an all-gather of the rows each rank touched, ``merge_touched``), so each step
-is the single-process step on the whole batch, up to the order of floating-point sums. The latents that fired anywhere in the batch restart their dead counts on every rank.
+is the single-process step on the whole batch, up to the order of floating-point sums. The latents that
+fired anywhere in the batch restart their dead counts on every rank.
 Rank 0 writes checkpoints and metrics; a checkpoint holds no trace of the world size, so a run resumes
 with any number of ranks (one process included).
 """

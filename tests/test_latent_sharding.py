@@ -122,4 +122,6 @@ def test_settings_latent_sharding_does_not_train_are_refused(monkeypatch, tmp_pa
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(UsageError, match="4 processes cannot share --latents 3"):
         check(TrainRunConfig(out=str(tmp_path / "c"), latents=3, k=2, shard="latents"))
-    check(TrainRunConfig(out=str(tmp_path / "d"), tilt=1.0, shard="latents"))  # TERM: supported when sharded
+    # TERM passes the sharding checks (the next check, of the model's path, is what fails here)
+    with pytest.raises(UsageError, match="no such directory"):
+        check(TrainRunConfig(out=str(tmp_path / "d"), tilt=1.0, shard="latents", model=str(tmp_path / "no-model")))

@@ -553,13 +553,17 @@ def test_pipeline_on_a_tiny_model(tmp_path, monkeypatch):
     assert set(on_disk) >= {"general", "ssae_erm", "ssae_term", "general_continued", "meta"}
     assert on_disk["ssae_term"]["tail_mse"] == report["ssae_term"]["tail_mse"]
     assert (out / "error_vs_frequency.png").is_file() and (out / "activation_counts.png").is_file()
-    assert set(on_disk["meta"]["phases_seconds"]) >= {"harvest_general", "select", "evaluate"}
+    assert set(on_disk["meta"]["phases_seconds"]) >= {"harvest_general", "select", "evaluate", "features"}
+    # the new tail features' page, linked from the report
+    assert (out / "features" / "index.html").is_file() and (out / "features" / "data" / "index.js").is_file()
+    assert on_disk["meta"]["tail_features"]["page"] == "features/index.html"
+    assert "[features/index.html](features/index.html)" in (out / "report.md").read_text()
     # the run is never replaced silently; --overwrite keeps the input-keyed caches and reproduces the numbers
     with pytest.raises(UsageError, match="holds an `ssae specialized` run"):
         sp.run(cfg)
     def no_harvest(*args, **kwargs):
         raise AssertionError("harvested again instead of reading the cache")
 
-    monkeypatch.setattr("ssae_kernels.activations.harvest", no_harvest)
+    monkeypatch.setattr("ssae_kernels.activations.harvest_layers", no_harvest)
     again = sp.run(dataclasses.replace(cfg, overwrite=True))
     assert again["ssae_term"]["tail_mse"] == pytest.approx(report["ssae_term"]["tail_mse"], rel=1e-6)

@@ -2,4 +2,4 @@
 and ``add_subcommands(subparsers)``, which registers its ``ssae`` subcommands; every subcommand's
 ``handler(args)`` (set with ``set_defaults``) builds the config from the flags and runs it."""
 
-PIPELINES = ("train", "specialized", "subspace", "export", "plan")
+PIPELINES = ("train", "specialized", "subspace", "export", "plan", "features")

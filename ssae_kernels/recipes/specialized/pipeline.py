@@ -212,6 +212,10 @@ def _run(cfg: SpecializedConfig) -> dict:
             for name, sae in saes.items():
                 report[name]["general_fvu"] = reconstruction_metrics(sae, held_acts)["fvu"]
 
+    with phase("features"):  # the new tail features: ssae_term's latents with no match in the general SAE
+        tail_features = write_tail_features(cfg, model, tokenizer, texts.eval_docs, eval_data, general,
+                                            saes["ssae_term"], progress)
+
     bar = bar_check(report, time.perf_counter() - phase.started)
     report["meta"] = {
         "bar": bar, "phases_seconds": phase.seconds, "general_sae": general_info, "finetunes": finetunes,
@@ -221,11 +225,24 @@ def _run(cfg: SpecializedConfig) -> dict:
         "general_heldout_tokens": None if held is None else int(keep(held.acts).sum()),
         "threads": torch.get_num_threads(), "coverage_threshold": cfg.coverage_threshold,
         "outlier_factor": cfg.outlier_factor, "tilt": tilt, "tilt_option": cfg.tilt, "tilt_ess": cfg.tilt_ess,
-        "replay": cfg.replay,
+        "replay": cfg.replay, "tail_features": tail_features,
     }
     write_tail_report(cfg.out, report, details, title="Specialized SAE recipe",
                       notes=recipe_notes(cfg, tilt, bar, report, phase.seconds))
     return report
+
+
+def write_tail_features(cfg: SpecializedConfig, model, tokenizer, eval_docs, eval_data, general: SAE, tuned: SAE,
+                        progress: bool) -> dict:
+    """OUT/features: the feature browser's comparison of the finetuned SAE with the general one on the
+    held-out subdomain text (``ssae features --compare``), from the activations the evaluation harvested."""
+    from ...features import codes_of_activations
+    from ..features import FeaturesConfig, write_comparison
+
+    out = os.path.join(cfg.out, "features")
+    codes = codes_of_activations(tuned, eval_data.acts, eval_data.tokens, token_chunks(tokenizer, eval_docs, cfg.context))
+    written = write_comparison(FeaturesConfig(out=out, quiet=not progress), model, tokenizer, codes, general, tuned)
+    return {"page": "features/index.html", "novel_latents": written["novel"], "bytes": written["bytes"]}
 
 
 def general_sae(cfg: SpecializedConfig, harvest_general, phase: Phases, progress: bool):
@@ -307,6 +324,9 @@ def recipe_notes(cfg: SpecializedConfig, tilt: float, bar: dict, report: dict, p
         f"unit-norm; finetunes start from the general SAE's weights.",
         f"Finetuning data: the selected text plus {cfg.replay:.0%} replayed general-corpus activations "
         f"(the general SAE's training data), for both SSAE-ERM and SSAE-TERM.",
+        f"New tail features: [features/index.html](features/index.html), the "
+        f"{report['meta']['tail_features']['novel_latents']} SSAE-TERM latents whose decoder direction has no "
+        "match in the general SAE (max cosine < 0.7), ranked by their activation on the held-out text.",
         "", "## Bar", "",
         f"- SSAE-TERM tail_mse vs general: {100 * bar['tail_mse_reduction_term_vs_general']:.1f}% lower "
         f"(bar: >= 10%): {'met' if bar['tail_mse_reduced_by_10_percent'] else 'NOT met'}",
@@ -318,8 +338,8 @@ def recipe_notes(cfg: SpecializedConfig, tilt: float, bar: dict, report: dict, p
 
 def add_specialized_args(p: argparse.ArgumentParser) -> None:
     d = SpecializedConfig
-    add_out_args(p, "general/, select/, ssae_erm/, ssae_term/, report.json, report.md, plots; cache/ survives "
-                    "--overwrite")
+    add_out_args(p, "general/, select/, ssae_erm/, ssae_term/, features/, report.json, report.md, plots; cache/ "
+                    "survives --overwrite")
     add_model_args(p)
     p.add_argument("--context", type=int, default=d.context, help="tokens per sequence")
     p.add_argument("--corpus", default=d.corpus, help="general corpus (a text source)")
