@@ -25,6 +25,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         if action.required:
             return (action.help or "") + " (required)"
+        if "(default: " in (action.help or ""):  # a default the help states itself (one found at run time)
+            return action.help
         return super()._get_help_string(action)
 
 

@@ -241,8 +241,10 @@ def write_tail_features(cfg: SpecializedConfig, model, tokenizer, eval_docs, eva
 
     out = os.path.join(cfg.out, "features")
     codes = codes_of_activations(tuned, eval_data.acts, eval_data.tokens, token_chunks(tokenizer, eval_docs, cfg.context))
-    written = write_comparison(FeaturesConfig(out=out, quiet=not progress), model, tokenizer, codes, general, tuned)
-    return {"page": "features/index.html", "novel_latents": written["novel"], "bytes": written["bytes"]}
+    features_cfg = FeaturesConfig(out=out, quiet=not progress)
+    written = write_comparison(features_cfg, model, tokenizer, codes, general, tuned)
+    return {"page": "features/index.html", "novel_latents": written["novel"], "novel_below": features_cfg.novel_below,
+            "bytes": written["bytes"]}
 
 
 def general_sae(cfg: SpecializedConfig, harvest_general, phase: Phases, progress: bool):
@@ -326,7 +328,8 @@ def recipe_notes(cfg: SpecializedConfig, tilt: float, bar: dict, report: dict, p
         f"(the general SAE's training data), for both SSAE-ERM and SSAE-TERM.",
         f"New tail features: [features/index.html](features/index.html), the "
         f"{report['meta']['tail_features']['novel_latents']} SSAE-TERM latents whose decoder direction has no "
-        "match in the general SAE (max cosine < 0.7), ranked by their activation on the held-out text.",
+        f"match in the general SAE (max cosine < {report['meta']['tail_features']['novel_below']:g}), ranked by "
+        "their activation on the held-out text.",
         "", "## Bar", "",
         f"- SSAE-TERM tail_mse vs general: {100 * bar['tail_mse_reduction_term_vs_general']:.1f}% lower "
         f"(bar: >= 10%): {'met' if bar['tail_mse_reduced_by_10_percent'] else 'NOT met'}",
