@@ -17,7 +17,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .distributed import control_device
+from .distributed import all_gather_parts, control_device
 
 # A rank that died leaves the others waiting in a collective: they fail after this long instead of hanging.
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
@@ -86,23 +86,18 @@ class DataParallel(Ranks):
         touched, and ``grads`` (name -> [R_r, ...], their gradient rows) become the union of the ranks' rows
         (sorted) and the mean over the ranks of their gradients. All-gathers of the row ids and of each
         gradient's rows, padded to the largest rank's count: O(touched rows * d) sent, not O(M * d)."""
-        counts = [int(c) for c in self._all_gather(torch.tensor([rows.numel()], device=rows.device))]
+        counts = [int(c) for c in all_gather_parts(torch.tensor([rows.numel()], device=rows.device), self.group)]
         most = max(counts)
-        all_ids = self._all_gather(_padded(rows, most))
+        all_ids = all_gather_parts(_padded(rows, most), self.group)
         union, slot = torch.unique(torch.cat([ids[:n] for ids, n in zip(all_ids, counts)]), return_inverse=True)
         slots = slot.split(counts)
         merged = {}
         for name, grad in grads.items():
             total = grad.new_zeros((union.numel(), *grad.shape[1:]))
-            for part, n, where in zip(self._all_gather(_padded(grad, most)), counts, slots):
+            for part, n, where in zip(all_gather_parts(_padded(grad, most), self.group), counts, slots):
                 total.index_add_(0, where, part[:n])
             merged[name] = total.div_(self.world)
         return union, merged
-
-    def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(parts, t.contiguous(), group=self.group)
-        return parts
 
     def union(self, mask: torch.Tensor) -> torch.Tensor:
         """The elementwise OR of a bool mask over the ranks."""

@@ -170,10 +170,15 @@ def _reduce_from_shards(t, group):
     return _ReduceFromShards.apply(t, group)
 
 
-def _all_gather(t, group):
+def all_gather_parts(t: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """Every rank's ``t`` (of one shape on all ranks), in rank order."""
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.stack(parts)
+    return parts
+
+
+def _all_gather(t, group):
+    return torch.stack(all_gather_parts(t, group))
 
 
 def _all_gather_ints(values: list[int], group) -> list[list[int]]:

@@ -339,7 +339,7 @@ def _train(cfg: TrainRunConfig, ranks=None) -> dict:
     harvest_seconds = time.perf_counter() - started
     reports, eval_data = {}, None
     for layer in mine:
-        sae, trainer, keep = _train_layer(cfg, ranks if shares else None, data[layer].acts, dirs[layer],
+        sae, trainer, keep, done = _train_layer(cfg, ranks if shares else None, data[layer].acts, dirs[layer],
                                           progress=not cfg.quiet and writes)
         if not writes_layers:
             continue
@@ -347,7 +347,7 @@ def _train(cfg: TrainRunConfig, ranks=None) -> dict:
             eval_data = harvest_layers(model, tokenizer, eval_docs, mine, context=cfg.context,
                                        progress=not cfg.quiet and writes)
         reports[layer] = _evaluate(cfg, model, tokenizer, eval_docs, eval_data[layer], layer, sae, trainer, keep,
-                                   dirs[layer], ranks, harvest_seconds, started)
+                                   dirs[layer], ranks, {**done, "harvest_seconds": harvest_seconds}, started)
     if ranks is not None and cfg.distribute_layers:
         ranks.barrier()  # every layer's report is written
     if not writes:
@@ -359,7 +359,8 @@ def _train(cfg: TrainRunConfig, ranks=None) -> dict:
 
 def _train_layer(cfg: TrainRunConfig, ranks, acts, out: str, *, progress: bool):
     """Trains one layer's SAE in ``out`` (``ranks``: the processes that share its training, or None); returns
-    (the whole SAE on the rank that writes it, else None; its Trainer; the training rows kept)."""
+    (the whole SAE on the rank that writes it, else None; its Trainer; the training rows kept; its
+    train_seconds and latents_per_rank)."""
     from ..data_parallel import DataParallel
     from ..trainer import TrainConfig, Trainer, new_sae, recover_checkpoint
 
@@ -377,19 +378,19 @@ def _train_layer(cfg: TrainRunConfig, ranks, acts, out: str, *, progress: bool):
     trainer = Trainer(sae, acts, train_cfg, out, progress=progress, data_parallel=dp)
     # A resumed run that died before its first checkpoint starts again from step 0.
     trainer.begin(resume=cfg.resume and recover_checkpoint(out) is not None)
-    trainer.train_seconds = time.perf_counter()
+    started = time.perf_counter()
     trainer.train()
-    trainer.train_seconds = time.perf_counter() - trainer.train_seconds
-    trainer.latents_per_rank = len(sae.latents)
+    done = {"train_seconds": time.perf_counter() - started, "latents_per_rank": len(sae.latents)}
     if trainer.sharded:  # the whole dictionary, on rank 0's host
         sae = sae.gathered()
         sae = sae and sae.to(cfg.device)
-    return sae if trainer.writes else None, trainer, keep
+    return sae if trainer.writes else None, trainer, keep, done
 
 
 def _evaluate(cfg: TrainRunConfig, model, tokenizer, eval_docs, eval_data, layer: int, sae, trainer, keep, out: str,
-              ranks, harvest_seconds: float, started: float) -> dict:
-    """Saves a trained SAE in out/sae, evaluates it on the held-out documents and writes its report."""
+              ranks, timings: dict, started: float) -> dict:
+    """Saves a trained SAE in out/sae, evaluates it on the held-out documents and writes its report
+    (``timings``: its train_seconds, harvest_seconds and latents_per_rank)."""
     from ..activations import token_chunks
     from ..evaluate import downstream_loss, reconstruction_metrics, write_report
 
@@ -414,10 +415,10 @@ def _evaluate(cfg: TrainRunConfig, model, tokenizer, eval_docs, eval_data, layer
         if cfg.outlier_factor > 0 else "none",
         "tokens": tokens, "unique_training_tokens": rows, "passes": tokens / rows,
         "eval_documents": len(eval_docs), "eval_tokens": int(eval_keep.sum()), "tokens_per_s": trainer.tokens_per_s,
-        "train_seconds": trainer.train_seconds, "harvest_seconds": harvest_seconds,
+        **{key: timings[key] for key in ("train_seconds", "harvest_seconds")},
         "total_seconds": time.perf_counter() - started, "threads": torch.get_num_threads(),
         "world_size": 1 if ranks is None else ranks.world, "rank": 0 if ranks is None else ranks.rank,
-        "latents_per_rank": trainer.latents_per_rank,
+        "latents_per_rank": timings["latents_per_rank"],
         **run_settings(cfg), "layer": layer, "steps": trainer.step,
     }
     write_report(out, report, metrics_file=trainer.metrics_file, latent_frequency=recon["latent_frequency"])
