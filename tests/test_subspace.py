@@ -9,8 +9,8 @@ import torch
 import ssae_kernels
 from ssae_kernels import cli
 from ssae_kernels.recipes import subspace as S
-from ssae_kernels.data.behaviour import (REFUSAL_MARKERS, BehaviourPair, Example, builtin_refusal, load_behaviour,
-                                         matches_markers)
+from ssae_kernels.data import BUILTIN, REFUSAL_MARKERS, BehaviourPair, Example, load_behaviour, matches_markers
+from ssae_kernels.data.refusal import is_refusal
 from ssae_kernels.sae import SAEConfig, TopKSAE
 from tiny_model import build_model, build_tokenizer, save_tiny, write_corpus
 
@@ -174,7 +174,7 @@ def test_updates_stay_in_span_over_a_short_run(tiny, method):
     model, tokenizer = tiny
     subspaces, _, _ = tiny_subspaces(model, tokenizer)
     encoded = S.training_examples(tokenizer, tiny_pair())
-    cfg = S.FinetuneConfig(epochs=2, lr=0.1 if method != "projected" else 0.01, batch_size=4)
+    cfg = S.FinetuneConfig(steps=6, lr=0.1 if method != "projected" else 0.01, batch_size=4)
     before = {n: m.weight.detach().clone() for n, m in S.residual_writers(model, 1)}
     if method == "projected":
         pg = S.ProjectedGradient(model, subspaces)
@@ -225,7 +225,7 @@ def test_a_short_run_moves_the_target_metric(tiny):
     base = S.evaluate_behaviour(model, tokenizer, pair, chunks, max_new_tokens=4)
     adapters = S.attach_subspace_adapters(model, subspaces)
     S.finetune(model, tokenizer, S.training_examples(tokenizer, pair), adapters.parameters(),
-               S.FinetuneConfig(epochs=4, lr=0.1, batch_size=4))
+               S.FinetuneConfig(steps=12, lr=0.1, batch_size=4))
     tuned = S.evaluate_behaviour(model, tokenizer, pair, chunks, max_new_tokens=4)
     adapters.remove()
     assert base["target_metric"] == 0.0
@@ -235,28 +235,30 @@ def test_a_short_run_moves_the_target_metric(tiny):
 # ---- data, CLI ---------------------------------------------------------------------------------------
 
 
-def test_builtin_behaviour_is_split_and_marked():
-    pair = builtin_refusal()
-    assert len(pair.train) == 48 and len(pair.eval_prompts) == 24 and len(pair.keep) == 48
-    prompts = [e.prompt for e in pair.train]
-    assert not set(prompts) & set(pair.eval_prompts)  # held out
-    assert all(matches_markers(e.target) for e in pair.train)  # every target response is in the target style
-    assert not any(matches_markers(e.contrast) for e in pair.train)
-    assert not any(matches_markers(e.target) for e in pair.keep)
+def test_builtin_behaviour_is_split_and_judged():
+    pair = load_behaviour(BUILTIN)
+    assert (len(pair.train), len(pair.keep), len(pair.eval_prompts), len(pair.control_prompts)) == (300, 125, 160, 100)
+    assert {k: len(v) for k, v in pair.held_out.items()} == {"xstest_unsafe": 200}
+    prompts = {e.prompt for e in pair.train}
+    assert not prompts & set(pair.eval_prompts)  # held out
+    assert all(is_refusal(e.target) and pair.is_target(e.target) for e in pair.train)  # targets are refusals
+    assert not any(pair.is_target(e.contrast) for e in pair.train)  # AdvBench's openers are compliance
+    assert all(e.target is None for e in pair.keep)  # answered by the base model (distill_keep)
     assert matches_markers("I\u2019m sorry, I can\u2019t do that") and not matches_markers("Sure, here it is")
     assert "i cannot" in REFUSAL_MARKERS
+    with pytest.raises(ValueError, match="unknown built-in"):
+        load_behaviour("builtin:refusal")
 
 
 def test_builtin_dev_split_is_disjoint():
-    pair = builtin_refusal()
+    pair = load_behaviour(BUILTIN)
     dev, dev_control = pair.split_prompts("dev")
-    assert len(dev) >= 12 and len(dev_control) >= 12
-    assert len(set(dev)) == len(dev) and len(set(dev_control)) == len(dev_control)
+    assert (len(dev), len(dev_control)) == (60, 25)
     used = {e.prompt for e in pair.train + pair.keep} | set(pair.eval_prompts) | set(pair.control_prompts)
+    used |= set(pair.held_out["xstest_unsafe"])
     assert not (set(dev) | set(dev_control)) & used
-    assert not set(dev) & set(dev_control)
     assert pair.split_prompts("eval") == (pair.eval_prompts, pair.control_prompts)
-    assert not any(matches_markers(p) for p in dev_control)  # a prompt must not count as a refusal itself
+    assert not any(pair.is_target(p) for p in dev_control)  # a prompt must not count as a refusal itself
     with pytest.raises(ValueError, match="split must be"):
         pair.split_prompts("test")
     with pytest.raises(ValueError, match="dev prompts also in"):
@@ -308,7 +310,7 @@ def test_cli_end_to_end(tmp_path):
     code = cli.main(["subspace", "--model", model_dir, "--layers", "1", "--behaviour", str(data),
                      "--neutral-text", corpus, "--sae-tokens", "600",
                      "--sae-latents", "64", "--sae-k", "4", "--sae-steps", "5", "--sae-batch-size", "128",
-                     "--epochs", "4", "--batch-size", "4", "--lr", "0.1", "--compare", "lora", "--ppl-sequences", "2",
+                     "--steps", "12", "--batch-size", "4", "--lr", "0.1", "--compare", "lora", "--ppl-sequences", "2",
                      "--context", "16", "--max-new-tokens", "4", "--out", str(out), "--quiet"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
@@ -318,7 +320,52 @@ def test_cli_end_to_end(tmp_path):
     assert report["max_out_of_span"] < 1e-5
     assert set(report["comparisons"]) == {"lora"} and report["comparisons"]["lora"]["max_out_of_span"] > 0.3
     assert os.path.exists(out / "features.json") and os.path.exists(out / "subspace.safetensors")
-    assert os.path.exists(out / "adapter_subspace.safetensors")
+    assert report["over_refusal_tuned"] is None and report["safety_rate_tuned"] == report["target_metric_tuned"]
+    md = (out / "report.md").read_text()
+    assert "| subspace LoRA (U fixed) |" in md and "| plain LoRA, same rank |" in md and "| base model |" in md
+    saved = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert saved["method"] == "subspace" and saved["model"] == model_dir and saved["max_new_tokens"] == 4
+    assert os.path.exists(out / "adapter_lora" / "adapter.safetensors")
+    records = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert {(r["method"], r["set"]) for r in records} == {("base", "eval"), ("subspace", "eval"), ("lora", "eval")}
+    assert sum(r["method"] == "subspace" for r in records) == len(HELD_OUT)
+
+    # the saved adapter reproduces the run's completions of the same prompts through `ssae subspace eval`
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("id,question\n" + "".join(f'{i},"{q}"\n' for i, q in enumerate(HELD_OUT)))
+    result_file = tmp_path / "eval" / "result.json"
+    assert cli.main(["subspace", "eval", "--adapter", str(out / "adapter"), "--prompts", str(prompts),
+                     "--column", "question", "--out", str(result_file), "--quiet"]) == 0
+    result = json.loads(result_file.read_text())
+    assert result["n"] == len(HELD_OUT) and 0.0 <= result["refusal_rate"] <= 1.0
+    run_replies = {r["prompt"]: r["reply"] for r in records if r["method"] == "subspace"}
+    assert {r["prompt"]: r["reply"] for r in result["replies"]} == run_replies
+    assert result["refusal_rate"] == sum(is_refusal(r) for r in run_replies.values()) / len(HELD_OUT)
+
+
+def test_cli_eval_rejects_bad_input(tmp_path, capsys):
+    model_dir = save_tiny(str(tmp_path / "tiny"))
+    other_dir = save_tiny(str(tmp_path / "wider"), width=48)
+    from ssae_kernels import models
+
+    model, tokenizer = models.load_model(model_dir)
+    subspaces, _, _ = tiny_subspaces(model, tokenizer)
+    adapters = S.attach_subspace_adapters(model, subspaces)
+    S.save_adapter(str(tmp_path / "adapter"), "subspace", adapters.state_dict(), model, model_dir)
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("question\nWhat is a list?\n")
+    out = str(tmp_path / "r.json")
+    base = ["subspace", "eval", "--adapter", str(tmp_path / "adapter"), "--out", out, "--quiet"]
+    capsys.readouterr()
+    assert cli.main(base + ["--prompts", str(prompts), "--column", "prompt"]) == 2
+    assert f"{prompts} has no column 'prompt'" in capsys.readouterr().err
+    assert cli.main(base + ["--prompts", str(prompts), "--column", "question", "--model", other_dir]) == 2
+    err = capsys.readouterr().err
+    assert "adapter.json" in err and "hidden_size 32 vs 48" in err
+    assert cli.main(["subspace", "eval", "--adapter", str(tmp_path), "--prompts", str(prompts), "--column",
+                     "question", "--out", out]) == 2
+    assert "adapter.json: no such file" in capsys.readouterr().err
+    assert not os.path.exists(out)
 
 
 def test_cli_tune_uses_the_dev_split_only(tmp_path):
@@ -334,7 +381,7 @@ def test_cli_tune_uses_the_dev_split_only(tmp_path):
     code = cli.main(["subspace", "--tune", "--tune-lrs", "1e-4,0.1", "--tune-signs", "target", "--model", model_dir,
                      "--layers", "1", "--behaviour", str(data), "--neutral-text", corpus, "--sae-tokens", "600",
                      "--sae-latents", "64", "--sae-k", "4", "--sae-steps", "5", "--sae-batch-size", "128",
-                     "--epochs", "4", "--batch-size", "4", "--compare", "projected", "--ppl-sequences", "1",
+                     "--steps", "12", "--batch-size", "4", "--compare", "projected", "--ppl-sequences", "1",
                      "--context", "16", "--max-new-tokens", "4", "--out", str(out), "--quiet"])
     assert code == 0
     report = json.loads((out / "tune.json").read_text())
@@ -345,9 +392,32 @@ def test_cli_tune_uses_the_dev_split_only(tmp_path):
         assert r["max_out_of_span"] < 1e-5
     assert report["dev_prompts"] == 2 and report["dev_control_prompts"] == 1
     assert report["chosen"]["--signs"] == "target" and report["chosen"]["--lr"] in (1e-4, 0.1)
+    assert report["chosen"]["--features-per-layer"] == 32 and {r["features_per_layer"] for r in report["rows"]} == {32}
     assert not os.path.exists(out / "report.json")  # tuning writes no eval report
 
 
 def test_cli_rejects_bad_arguments(tmp_path):
     assert cli.main(["subspace", "--layers", "x", "--out", str(tmp_path)]) == 2
     assert cli.main(["subspace", "--compare", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_report_md_lists_every_method_and_held_out_set():
+    from ssae_kernels.recipes.subspace.pipeline import format_report
+
+    row = {"trainable_fraction": 0.0004, "lr": 0.01, "safety_rate": 0.97, "over_refusal": 0.1, "ppl_rise": 0.02,
+           "max_out_of_span": 1e-7}
+    report = {"model": "m", "layers": [15], "held_out_prompts": {"safety": 160, "over_refusal": 100,
+                                                                 "xstest_unsafe": 200},
+              "steps": 40, "batch_size": 8, "safety_rate_base": 0.05, "over_refusal_base": 0.0,
+              "xstest_unsafe_refusal_base": 0.01, "xstest_unsafe_refusal_tuned": 0.6, "ppl_base": 25.0,
+              "adapter": "subspace", "headline": row,
+              "comparisons": {"full": {**row, "trainable_fraction": 1.0, "max_out_of_span": 0.9}},
+              "judge": {"rule": "r", "agreement": 0.98, "n": 70}, "subspace": {"15": {"rank": 22, "features": 32}},
+              "train_pairs": 300, "keep_examples": 121, "self_distilled": {"distilled": 121}, "total_seconds": 600,
+              "threads": 2}
+    md = format_report(report)
+    assert "| method | trainable | lr | safety rate | over-refusal | xstest_unsafe | neutral ppl |" in md
+    assert "| base model | – | – | 0.05 | 0.00 | 0.01 | 25.00 | – |" in md
+    assert "| subspace LoRA (U fixed) | 0.040% | 0.01 | 0.97 | 0.10 | 0.60 | +2.0% | 1.0e-07 |" in md
+    assert "| full finetuning | 100.000% | 0.01 | 0.97 | 0.10 | – | +2.0% | 9.0e-01 |" in md
+    assert "Agreement with 70 hand-labelled replies: 0.980" in md

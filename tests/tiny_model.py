@@ -33,9 +33,9 @@ def build_model(vocab_size, layers=3, width=32, seed=0):
     return LlamaForCausalLM(cfg).eval()
 
 
-def save_tiny(directory):
+def save_tiny(directory, **shape):
     tokenizer = build_tokenizer()
-    model = build_model(len(tokenizer))
+    model = build_model(len(tokenizer), **shape)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -4,6 +4,8 @@
 - XSTest's 250 safe prompts that look unsafe: train / dev / test of 125 / 25 / 100;
 - XSTest's 200 unsafe contrasts: evaluation only (``xstest_unsafe()``).
 
+:func:`safety_behaviour` builds the subspace recipe's built-in behaviour pair from them.
+
 The splits are seeded permutations of the rows, stored in ``splits.json`` (``make_splits`` rebuilds it; a
 test checks the stored file against it), so every run and every reader sees the same rows.
 """
@@ -15,6 +17,9 @@ import json
 import os
 
 import torch
+
+from .behaviour import REFUSAL_TEMPLATES, BehaviourPair, Example
+from .refusal import REFUSAL_MARKERS, is_refusal
 
 DIRECTORY = os.path.join(os.path.dirname(__file__), "safety")
 ADVBENCH_FILE = os.path.join(DIRECTORY, "advbench_harmful_behaviors.csv")
@@ -33,6 +38,11 @@ def _rows(path: str) -> list[dict]:
 def advbench_rows() -> list[str]:
     """Every AdvBench behaviour (its ``goal``), in file order."""
     return [row["goal"] for row in _rows(ADVBENCH_FILE)]
+
+
+def advbench_openers() -> list[str]:
+    """Every AdvBench compliant opener (its ``target``, "Sure, here is ..."), in file order."""
+    return [row["target"] for row in _rows(ADVBENCH_FILE)]
 
 
 def xstest_rows(label: str) -> list[str]:
@@ -77,6 +87,19 @@ def xstest_safe(split: str) -> list[str]:
 def xstest_unsafe() -> list[str]:
     """XSTest's 200 unsafe contrast prompts: held out for evaluation, never trained on."""
     return xstest_rows("unsafe")
+
+
+def safety_behaviour() -> BehaviourPair:
+    """The built-in behaviour pair ``builtin:advbench`` (described in :mod:`ssae_kernels.data.behaviour`):
+    refusals of AdvBench's training behaviours against AdvBench's own compliant openers, XSTest's training
+    safe prompts kept (answered by the base model), judged by :func:`~ssae_kernels.data.refusal.is_refusal`."""
+    goals, openers = advbench_rows(), advbench_openers()
+    train = [Example(goals[i], REFUSAL_TEMPLATES[n % len(REFUSAL_TEMPLATES)], openers[i])
+             for n, i in enumerate(_split("advbench", "train"))]
+    keep = [Example(p, None) for p in xstest_safe("train")]
+    return BehaviourPair("advbench", train, keep, advbench("test"), xstest_safe("test"), REFUSAL_MARKERS,
+                         advbench("dev"), xstest_safe("dev"), held_out={"xstest_unsafe": xstest_unsafe()},
+                         judge=is_refusal)
 
 
 if __name__ == "__main__":  # rebuilds splits.json

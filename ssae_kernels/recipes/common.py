@@ -25,7 +25,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         if action.required:
             return (action.help or "") + " (required)"
-        if "(default: " in (action.help or ""):  # a default the help states itself (one found at run time)
+        if "(default: " in (action.help or "") or "(required" in (action.help or ""):  # the help says it itself
             return action.help
         return super()._get_help_string(action)
 

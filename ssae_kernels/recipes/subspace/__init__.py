@@ -31,27 +31,30 @@ on SmolLM2-135M-Instruct.
 """
 
 from .adapters import (RESIDUAL_WRITERS, Adapters, LoRAAdapter, ProjectedGradient, Subspace, SubspaceAdapter,
-                       attach_lora_adapters, attach_subspace_adapters, build_subspace, load_subspaces, out_of_span,
-                       residual_writers, save_subspaces, subspaces_from_features)
+                       WeightDelta, attach_lora_adapters, attach_subspace_adapters, build_subspace, load_adapter,
+                       load_subspaces, out_of_span, residual_writers, save_adapter, save_subspaces,
+                       subspaces_from_features)
 from .commands import add_subcommands
 from .features import (FeatureSelection, load_features, mean_feature_activations, residual_streams, save_features,
                        select_features)
-from .finetuning import (FinetuneConfig, count_parameters, evaluate_behaviour, finetune, generate, lm_loss, perplexity,
-                       training_examples)
+from .evaluation import evaluate_adapter, read_prompts
+from .finetuning import (FinetuneConfig, count_parameters, distill_keep, evaluate_behaviour, finetune, generate,
+                         lm_loss, perplexity, training_examples)
 from .pipeline import SubspaceConfig, run
 from .prompts import encode_example, encode_prompt, format_prompt, pad_batch, pad_token_id
 from .stages import METHODS, train_layer_sae
 from .tuning import format_tune_table, pick_setting, tune
 
 __all__ = [
-    "RESIDUAL_WRITERS", "Adapters", "LoRAAdapter", "ProjectedGradient", "Subspace", "SubspaceAdapter",
-    "attach_lora_adapters", "attach_subspace_adapters", "build_subspace", "load_subspaces", "out_of_span",
-    "residual_writers", "save_subspaces", "subspaces_from_features",
+    "RESIDUAL_WRITERS", "Adapters", "LoRAAdapter", "ProjectedGradient", "Subspace", "SubspaceAdapter", "WeightDelta",
+    "attach_lora_adapters", "attach_subspace_adapters", "build_subspace", "load_adapter", "load_subspaces",
+    "out_of_span", "residual_writers", "save_adapter", "save_subspaces", "subspaces_from_features",
+    "evaluate_adapter", "read_prompts",
     "add_subcommands",
     "FeatureSelection", "load_features", "mean_feature_activations", "residual_streams", "save_features",
     "select_features",
-    "FinetuneConfig", "count_parameters", "evaluate_behaviour", "finetune", "generate", "lm_loss", "perplexity",
-    "training_examples",
+    "FinetuneConfig", "count_parameters", "distill_keep", "evaluate_behaviour", "finetune", "generate", "lm_loss",
+    "perplexity", "training_examples",
     "SubspaceConfig", "run",
     "encode_example", "encode_prompt", "format_prompt", "pad_batch", "pad_token_id",
     "METHODS", "train_layer_sae",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -156,6 +157,20 @@ class LoRAAdapter(torch.nn.Module):
         return self.scale * (self.B @ self.A)
 
 
+class WeightDelta(torch.nn.Module):
+    """A fixed weight update as an adapter: delta y = x dW^T (how a saved projected-gradient update is applied)."""
+
+    def __init__(self, delta: torch.Tensor):
+        super().__init__()
+        self.register_buffer("delta", delta.detach().clone())
+
+    def forward(self, x):
+        return x @ self.delta.T
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.delta
+
+
 class Adapters:
     """Adapters added to the outputs of Linear modules by forward hooks; the model's own modules and
     weights are left untouched (``remove()`` restores the model exactly)."""
@@ -267,6 +282,80 @@ class ProjectedGradient:
         for _, w, _, w0 in self.targets:
             w.copy_(w0)
             w.requires_grad_(False)
+
+
+# ---- saved adapters --------------------------------------------------------------------------------
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter.json", "adapter.safetensors"
+_FINGERPRINT = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+
+
+def model_fingerprint(model) -> dict:
+    """The model's config entries an adapter depends on."""
+    return {k: getattr(model.config, k, None) for k in _FINGERPRINT}
+
+
+def save_adapter(directory: str, method: str, tensors: dict[str, torch.Tensor], model, model_source: str,
+                 **info) -> None:
+    """Writes ``directory``/adapter.json (method, model, its fingerprint, modules, ``info``) and
+    adapter.safetensors: ``{module}.U`` and ``.B`` (subspace), ``.A`` and ``.B`` (lora) or ``.delta``
+    (projected: the weight update)."""
+    os.makedirs(directory, exist_ok=True)
+    modules = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    config = {"method": method, "model": model_source, "model_config": model_fingerprint(model), "modules": modules,
+              **info}
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
+              os.path.join(directory, ADAPTER_WEIGHTS))
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def read_adapter_config(directory: str) -> dict:
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file (--adapter must be a directory written by ssae subspace)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_adapter(model, directory: str) -> Adapters:
+    """Attaches the adapter saved in ``directory`` to ``model`` (``remove()`` takes it off again). Raises
+    ValueError naming adapter.json when it was made for a model of another shape."""
+    config = read_adapter_config(directory)
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    mine = model_fingerprint(model)
+    differ = {k: (v, mine.get(k)) for k, v in config["model_config"].items() if mine.get(k) != v}
+    if differ:
+        raise ValueError(f"{path}: the adapter was made for {config['model']!r}, whose config differs from this "
+                         f"model's: {', '.join(f'{k} {a} vs {b}' for k, (a, b) in differ.items())}")
+    tensors = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
+    targets = []
+    for name in config["modules"]:
+        layer = int(name.split(".")[1])
+        module = dict(residual_writers(model, layer)).get(name)
+        if module is None:
+            raise ValueError(f"{path}: module {name} is not a residual writer of this model")
+        w = module.weight
+        get = lambda part: tensors[f"{name}.{part}"].to(device=w.device, dtype=w.dtype)  # noqa: E731
+        if config["method"] == "subspace":
+            adapter = SubspaceAdapter(get("U"), module.in_features)
+            adapter.B.data.copy_(get("B"))
+        elif config["method"] == "lora":
+            adapter = LoRAAdapter(module.in_features, module.out_features, get("A").shape[0], dtype=w.dtype,
+                                  device=w.device)
+            adapter.A.data.copy_(get("A"))
+            adapter.B.data.copy_(get("B"))
+        elif config["method"] == "projected":
+            adapter = WeightDelta(get("delta"))
+        else:
+            raise ValueError(f"{path}: unknown method {config['method']!r}")
+        if adapter.delta_weight().shape != w.shape:
+            raise ValueError(f"{path}: {name} is {tuple(adapter.delta_weight().shape)} in the adapter, "
+                             f"{tuple(w.shape)} in this model")
+        for p in adapter.parameters():
+            p.requires_grad_(False)
+        targets.append((name, module, adapter))
+    return Adapters(targets)
 
 
 def out_of_span(deltas: dict[str, torch.Tensor], subspaces: dict[int, Subspace]) -> dict[str, float]:

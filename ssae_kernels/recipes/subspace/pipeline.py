@@ -42,12 +42,13 @@ class SubspaceConfig:
     variance: float = 0.8
     adapter: str = "subspace"
     compare: str = "projected,lora,full"
-    epochs: int = 3
+    steps: int = 40  # the finetuning budget, the same for every method
     batch_size: int = 8
     lr: float = 3e-3
     projected_lr: float = 1e-3
     full_lr: float = 2e-5
-    max_new_tokens: int = 16
+    max_new_tokens: int = 32
+    distill_tokens: int = 48
     ppl_sequences: int = 16
     context: int = 128
     sae_tokens: int = 24_000
@@ -63,6 +64,7 @@ class SubspaceConfig:
     tune: bool = False
     tune_lrs: str = "1e-3,3e-3,1e-2"
     tune_signs: str = "target,both"
+    tune_features: str = "32"
     tune_max_ppl_rise: float = 0.05
 
 
@@ -96,20 +98,25 @@ def _run(cfg: SubspaceConfig) -> dict:
               f"({sub.explained:.1%} of their variance)", flush=True)
     lap("subspace")
 
-    base = evaluate_behaviour(model, tokenizer, behaviour, ppl_chunks, max_new_tokens=cfg.max_new_tokens)
+    base = evaluate_behaviour(model, tokenizer, behaviour, ppl_chunks, max_new_tokens=cfg.max_new_tokens,
+                              held_out=True)
+    completions = [{"method": "base", **r} for r in base.pop("completions")]
     lap("eval_base")
 
     encoded = training_examples(tokenizer, behaviour)
     results = {}
     for method in methods:
-        train_cfg = FinetuneConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+        train_cfg = FinetuneConfig(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
                                    lr={"subspace": cfg.lr, "lora": cfg.lr, "projected": cfg.projected_lr,
                                        "full": cfg.full_lr}[method])
-        result, cleanup = train_method(method, model, tokenizer, subspaces, encoded, train_cfg, progress)
+        result, finish = train_method(method, model, tokenizer, subspaces, encoded, train_cfg, progress)
         lap(f"train_{method}")
-        result.update(evaluate_behaviour(model, tokenizer, behaviour, ppl_chunks, max_new_tokens=cfg.max_new_tokens))
+        result.update(evaluate_behaviour(model, tokenizer, behaviour, ppl_chunks, max_new_tokens=cfg.max_new_tokens,
+                                         held_out=method == headline))
+        completions += [{"method": method, **r} for r in result.pop("completions")]
         result["lr"] = train_cfg.lr
-        cleanup(cfg.out)
+        finish(os.path.join(cfg.out, "adapter" if method == headline else f"adapter_{method}"),
+               model_source=cfg.model, max_new_tokens=cfg.max_new_tokens, layers=layers)
         lap(f"eval_{method}")
         result["trainable_fraction"] = result["trainable_params"] / total_params
         over = (base.get("control_target_rate", 0.0), result.get("control_target_rate", 0.0))
@@ -121,20 +128,31 @@ def _run(cfg: SubspaceConfig) -> dict:
             result["effective_fraction"] = result["effective_params"] / total_params
         results[method] = result
 
+    with open(os.path.join(cfg.out, "completions.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in completions)
     main = results[headline]
     report = {
+        "safety_rate_base": base["target_metric"],
+        "safety_rate_tuned": main["target_metric"],
+        "over_refusal_base": base.get("control_target_rate"),
+        "over_refusal_tuned": main.get("control_target_rate"),
+        **{f"{name}_refusal_{which}": r[f"{name}_rate"] for name in behaviour.held_out
+           for which, r in (("base", base), ("tuned", main))},
         "trainable_fraction": main.get("effective_fraction", main["trainable_fraction"]),
-        "target_metric_base": base["target_metric"],
-        "target_metric_tuned": main["target_metric"],
         "ppl_base": base["ppl"],
         "ppl_tuned": main["ppl"],
         "ppl_rise": main["ppl"] / base["ppl"] - 1,
         "max_out_of_span": main["max_out_of_span"],
-        "control_target_rate_base": base.get("control_target_rate"),
+        "target_metric_base": base["target_metric"],  # aliases of the safety rates
+        "target_metric_tuned": main["target_metric"],
+        "control_target_rate_base": base.get("control_target_rate"),  # aliases of the over-refusal rates
         "control_target_rate_tuned": main.get("control_target_rate"),
         "adapter": headline,
+        "adapter_dir": os.path.join(cfg.out, "adapter"),
         "comparisons": {m: _summary(r, base) for m, r in results.items() if m != headline},
         "headline": _summary(main, base),
+        "base": {"safety_rate": base["target_metric"], "over_refusal": base.get("control_target_rate"),
+                 "ppl": base["ppl"]},
         "subspace": {str(layer): {"rank": s.rank, "features": len(s.feature_ids), "explained_variance": s.explained,
                                   "modules": [n for n, _ in residual_writers(model, layer)]}
                      for layer, s in subspaces.items()},
@@ -143,27 +161,84 @@ def _run(cfg: SubspaceConfig) -> dict:
         "sae": {str(k): v for k, v in sae_stats.items()},
         "base_examples": base["examples"],
         "total_params": total_params,
-        "target_metric_rule": f"fraction of greedy completions ({cfg.max_new_tokens} new tokens) of the "
-                              f"{len(behaviour.eval_prompts)} held-out prompts containing any of "
-                              f"{len(behaviour.markers)} target markers (ssae_kernels/data/behaviour.py)",
+        "judge": judge_description(behaviour, cfg.max_new_tokens),
         "behaviour": behaviour.name, "train_pairs": len(behaviour.train), "keep_examples": len(behaviour.keep),
+        "self_distilled": {k: v for k, v in ctx.distilled.items() if k != "dropped_examples"},
+        "held_out_prompts": {"safety": len(behaviour.eval_prompts), "over_refusal": len(behaviour.control_prompts),
+                             **{name: len(p) for name, p in behaviour.held_out.items()}},
         "ppl_text": f"{cfg.neutral_text}: {len(ppl_chunks)} sequences x {cfg.context} tokens, documents not used "
                     "for the SAE",
         "model": cfg.model, "layers": layers, "features_per_layer": cfg.features_per_layer, "signs": cfg.signs,
-        "variance": cfg.variance, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+        "variance": cfg.variance, "steps": cfg.steps, "batch_size": cfg.batch_size,
         "threads": torch.get_num_threads(), "seconds": times,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
+    with open(os.path.join(cfg.out, "report.md"), "w") as f:
+        f.write(format_report(report))
     return report
+
+
+METHOD_NAMES = {"subspace": "subspace LoRA (U fixed)", "projected": "projected gradients",
+                "lora": "plain LoRA, same rank", "full": "full finetuning"}
+
+
+def format_report(report: dict) -> str:
+    """report.md: the methods side by side on the held-out prompts, the judge and the data."""
+    def pct(x):
+        return "–" if x is None else f"{x:.2f}"
+
+    held = report["held_out_prompts"]
+    extra = [k for k in held if k not in ("safety", "over_refusal")]
+    lines = [f"# ssae subspace: {report['model']}, layer {', '.join(map(str, report['layers']))}", "",
+             f"Held out: safety rate = refusals of {held['safety']} prompts of the behaviour's test split, "
+             f"over-refusal = refusals of {held['over_refusal']} safe ones"
+             + "".join(f", {k} = refusals of its {held[k]} prompts" for k in extra) + ". Every method trains "
+             f"{report['steps']} steps of {report['batch_size']} examples on the same data.", "",
+             "| method | trainable | lr | safety rate | over-refusal | "
+             + "".join(f"{k} | " for k in extra) + "neutral ppl | update outside span(U) |",
+             "|---" * (7 + len(extra)) + "|",
+             f"| base model | – | – | {pct(report['safety_rate_base'])} | {pct(report['over_refusal_base'])} | "
+             + "".join(f"{pct(report.get(f'{k}_refusal_base'))} | " for k in extra)
+             + f"{report['ppl_base']:.2f} | – |"]
+    for method, r in [(report["adapter"], report["headline"]), *report["comparisons"].items()]:
+        tuned = method == report["adapter"]
+        fraction = r.get("effective_fraction", r["trainable_fraction"])
+        lines.append(f"| {METHOD_NAMES.get(method, method)} | {fraction:.3%} | {r['lr']:g} | "
+                     f"{pct(r['safety_rate'])} | {pct(r['over_refusal'])} | "
+                     + "".join(f"{pct(report.get(f'{k}_refusal_tuned')) if tuned else '–'} | " for k in extra)
+                     + f"{r['ppl_rise']:+.1%} | {r['max_out_of_span']:.1e} |")
+    judge = report["judge"]
+    lines += ["", f"Judge: {judge['rule']}."]
+    if "agreement" in judge:
+        lines.append(f"Agreement with {judge['n']} hand-labelled replies: {judge['agreement']:.3f}.")
+    sub = ", ".join(f"layer {k}: rank {v['rank']} from {v['features']} features" for k, v in report["subspace"].items())
+    lines += ["", f"Subspace: {sub}. Training data: {report['train_pairs']} target responses and "
+                  f"{report['keep_examples']} kept answers ({report['self_distilled'].get('distilled', 0)} "
+                  f"self-distilled). Total time {report['total_seconds'] / 60:.1f} min on {report['threads']} threads.",
+              ""]
+    return "\n".join(lines)
+
+
+def judge_description(behaviour, max_new_tokens: int) -> dict:
+    """How completions were judged, and the judge's agreement with hand labels when it is the refusal judge."""
+    from ...data.refusal import is_refusal, judge_agreement
+
+    if behaviour.judge is is_refusal:
+        return {"rule": f"ssae_kernels.data.refusal.is_refusal on greedy completions of {max_new_tokens} new "
+                        "tokens: an AdvBench refusal prefix or refusal marker, and no compliance cue",
+                **judge_agreement()}
+    return {"rule": f"any of {len(behaviour.markers)} target markers in greedy completions of {max_new_tokens} new "
+                    "tokens"}
 
 
 def _summary(r: dict, base: dict) -> dict:
     keys = ("trainable_fraction", "trainable_params", "effective_fraction", "effective_params", "target_metric",
-            "control_target_rate", "ppl", "max_out_of_span", "loss_first_epoch", "loss_last_epoch", "steps", "lr",
-            "examples")
+            "control_target_rate", "ppl", "max_out_of_span", "loss_first_tenth", "loss_last_tenth", "steps",
+            "examples_seen", "lr", "examples")
     out = {k: r[k] for k in keys if k in r}
     out["ppl_rise"] = r["ppl"] / base["ppl"] - 1
+    out["safety_rate"], out["over_refusal"] = r["target_metric"], r.get("control_target_rate")
     return out
 

@@ -1,6 +1,6 @@
 """What both modes of ``ssae subspace`` (the evaluated run and ``--tune``) are built from: checking the
-flags, loading the model, behaviour pair and neutral text, one SAE per layer, the feature means, and
-training one method in place."""
+flags, loading the model, behaviour pair (with its kept answers self-distilled) and neutral text, one SAE
+per layer, the feature means, and training one method in place."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from ...data.behaviour import BehaviourPair, load_behaviour
 from ...models import check_layer
 from ..common import UsageError, check_positive, dead_tokens_for, keep_mask, set_threads
 from .adapters import (ProjectedGradient, attach_lora_adapters, attach_subspace_adapters, out_of_span,
-                       residual_writers)
+                       residual_writers, save_adapter)
 from .features import mean_feature_activations
-from .finetuning import count_parameters, finetune
+from .finetuning import count_parameters, distill_keep, finetune
 from .prompts import format_prompt
 
 if TYPE_CHECKING:
@@ -62,8 +62,9 @@ def check_config(cfg: SubspaceConfig) -> None:
         raise UsageError(f"--signs must be one of {', '.join(SIGNS)}, got {cfg.signs!r}")
     if not 0 < cfg.variance <= 1:
         raise UsageError(f"--variance must be in (0, 1], got {cfg.variance}")
-    check_positive(features_per_layer=cfg.features_per_layer, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                   max_new_tokens=cfg.max_new_tokens, ppl_sequences=cfg.ppl_sequences, sae_tokens=cfg.sae_tokens,
+    check_positive(features_per_layer=cfg.features_per_layer, steps=cfg.steps, batch_size=cfg.batch_size,
+                   max_new_tokens=cfg.max_new_tokens, distill_tokens=cfg.distill_tokens,
+                   ppl_sequences=cfg.ppl_sequences, sae_tokens=cfg.sae_tokens,
                    sae_latents=cfg.sae_latents, sae_k=cfg.sae_k, sae_steps=cfg.sae_steps,
                    sae_batch_size=cfg.sae_batch_size)
     if cfg.context < 2:
@@ -105,14 +106,15 @@ class Setup:
     saes: dict
     sae_stats: dict
     neutral_chunks: list  # token chunks of neutral documents the SAE never saw (perplexity)
+    distilled: dict  # counts of the self-distilled kept answers (distill_keep)
     layers: list
     methods: list
     total_params: int
 
 
 def setup(cfg: SubspaceConfig, lap) -> Setup:
-    """Model, behaviour pair, neutral text and one SAE per layer (loaded or trained here): what both
-    the run and the tuning start from."""
+    """Model, behaviour pair (kept answers self-distilled), neutral text and one SAE per layer (loaded or
+    trained here): what both the run and the tuning start from."""
     from ...activations import token_chunks
     from ...formats import load_sae
 
@@ -135,6 +137,11 @@ def setup(cfg: SubspaceConfig, lap) -> Setup:
     neutral_chunks = token_chunks(tokenizer, ppl_docs, cfg.context)
     total_params = count_parameters(model)
     lap("load")
+    distilled = distill_keep(model, tokenizer, behaviour, max_new_tokens=cfg.distill_tokens)
+    if distilled["distilled"] + distilled["dropped"]:
+        print(f"[subspace] self-distilled {distilled['distilled']} kept answers "
+              f"({distilled['dropped']} dropped: empty or judged refusals)", flush=True)
+        lap("distill")
 
     # SAEs: given, or trained here on neutral text plus the training split's formatted examples
     saes, sae_stats = {}, {}
@@ -153,7 +160,8 @@ def setup(cfg: SubspaceConfig, lap) -> Setup:
             raise UsageError(f"--sae: the SAE of layer {layer} has d_in = {saes[layer].cfg.d_in}, the model's "
                              f"width is {model.config.hidden_size}")
     lap("sae")
-    return Setup(model, tokenizer, behaviour, saes, sae_stats, neutral_chunks, layers, methods, total_params)
+    return Setup(model, tokenizer, behaviour, saes, sae_stats, neutral_chunks, distilled, layers, methods,
+                 total_params)
 
 
 def stopwatch():
@@ -178,8 +186,9 @@ def feature_means(ctx: Setup, progress: bool):
 
 
 def train_method(method, model, tokenizer, subspaces, encoded, cfg, progress):
-    """Trains one method in place on ``model``; returns (result dict, cleanup(out_dir)) where cleanup
-    saves the adapter or update and restores the base model."""
+    """Trains one method in place on ``model``; returns (result dict, finish(adapter_dir, **info)), where
+    finish saves the adapter (not for full finetuning) with :func:`~.adapters.save_adapter` when
+    ``adapter_dir`` is given, and restores the base model."""
     ranks = {layer: s.rank for layer, s in subspaces.items()}
     if method in ("subspace", "lora"):
         adapters = (attach_subspace_adapters(model, subspaces) if method == "subspace"
@@ -189,11 +198,11 @@ def train_method(method, model, tokenizer, subspaces, encoded, cfg, progress):
         result = {**stats, "trainable_params": adapters.num_trainable(), "max_out_of_span": max(spans.values()),
                   "out_of_span": spans}
 
-        def cleanup(out_dir):
-            if out_dir:
-                save_file(adapters.state_dict(), os.path.join(out_dir, f"adapter_{method}.safetensors"))
+        def finish(adapter_dir=None, **info):
+            if adapter_dir:
+                save_adapter(adapter_dir, method, adapters.state_dict(), model, **info)
             adapters.remove()
-        return result, cleanup
+        return result, finish
     if method == "projected":
         pg = ProjectedGradient(model, subspaces)
         stats = finetune(model, tokenizer, encoded, pg.parameters(), cfg, after_step=pg.after_step,
@@ -202,12 +211,12 @@ def train_method(method, model, tokenizer, subspaces, encoded, cfg, progress):
         result = {**stats, "trainable_params": pg.num_trainable(), "effective_params": pg.num_effective(),
                   "max_out_of_span": max(spans.values()), "out_of_span": spans}
 
-        def cleanup(out_dir):
-            if out_dir:
-                save_file({k: v.float().contiguous() for k, v in pg.delta_weights().items()},
-                          os.path.join(out_dir, "update_projected.safetensors"))
+        def finish(adapter_dir=None, **info):
+            if adapter_dir:
+                save_adapter(adapter_dir, method, {f"{k}.delta": v for k, v in pg.delta_weights().items()}, model,
+                             **info)
             pg.restore()
-        return result, cleanup
+        return result, finish
     if method == "full":
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
         params = list(model.parameters())
@@ -223,11 +232,10 @@ def train_method(method, model, tokenizer, subspaces, encoded, cfg, progress):
         result = {**stats, "trainable_params": sum(p.numel() for p in params),
                   "max_out_of_span": max(spans.values()), "out_of_span": spans}
 
-        def cleanup(out_dir):
+        def finish(adapter_dir=None, **info):  # the whole model is the update: not saved
             with torch.no_grad():
                 model.load_state_dict(saved)
             for p in params:
                 p.requires_grad_(False)
-        return result, cleanup
+        return result, finish
     raise ValueError(f"unknown method {method!r}")
-

@@ -45,8 +45,8 @@ def _positive_floats(spec: str, flag: str) -> list[float]:
 
 
 def tune(cfg: SubspaceConfig) -> dict:
-    """Evaluates the subspace adapter for every (--tune-signs, --tune-lrs) and, when projected gradients
-    are among the methods, the projected variant for every lr at the chosen signs, on the behaviour's
+    """Evaluates the subspace adapter for every (--tune-signs, --tune-features, --tune-lrs) and, when projected
+    gradients are among the methods, the projected variant for every lr at the chosen setting, on the behaviour's
     **dev** split only (dev prompts, dev control prompts, and neutral chunks after the ones
     :func:`~.pipeline.run` reports on). One SAE and one feature ranking serve every setting. Picks by
     :func:`pick_setting`, prints the table and writes ``cfg.out``/tune.json."""
@@ -54,6 +54,7 @@ def tune(cfg: SubspaceConfig) -> dict:
     times, lap = stopwatch()
     progress = not cfg.quiet
     lrs = _positive_floats(cfg.tune_lrs, "--tune-lrs")
+    features_grid = [int(f) for f in _positive_floats(cfg.tune_features, "--tune-features")]
     signs_grid = [x.strip() for x in cfg.tune_signs.split(",") if x.strip()]
     for sg in signs_grid:
         if sg not in SIGNS:
@@ -77,21 +78,22 @@ def tune(cfg: SubspaceConfig) -> dict:
     encoded = training_examples(tokenizer, behaviour)
     subspaces, rows = {}, []
 
-    def trial(method, signs, lr):
-        train_cfg = FinetuneConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, lr=lr)
+    def trial(method, setting, lr):
+        signs, features = setting
+        train_cfg = FinetuneConfig(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, lr=lr)
         torch.manual_seed(cfg.seed)
-        result, cleanup = train_method(method, model, tokenizer, subspaces[signs], encoded, train_cfg, progress)
+        result, finish = train_method(method, model, tokenizer, subspaces[setting], encoded, train_cfg, progress)
         dev = evaluate_behaviour(model, tokenizer, behaviour, dev_chunks, max_new_tokens=cfg.max_new_tokens,
                                  split="dev")
-        cleanup(None)
-        row = {"method": method, "signs": signs, "lr": lr,
-               "rank": {str(k): s.rank for k, s in subspaces[signs].items()},
+        finish()
+        row = {"method": method, "signs": signs, "features_per_layer": features, "lr": lr,
+               "rank": {str(k): s.rank for k, s in subspaces[setting].items()},
                "target_metric": dev["target_metric"], "control_target_rate": dev.get("control_target_rate", 0.0),
                "ppl": dev["ppl"], "ppl_rise": dev["ppl"] / base["ppl"] - 1,
-               "max_out_of_span": result["max_out_of_span"], "loss_last_epoch": result["loss_last_epoch"],
+               "max_out_of_span": result["max_out_of_span"], "loss_last_tenth": result["loss_last_tenth"],
                "examples": dev["examples"]}
         rows.append(row)
-        lap(f"{method} signs={signs} lr={lr:g}")
+        lap(f"{method} signs={signs} features={features} lr={lr:g}")
         print(f"[subspace] dev: target {row['target_metric']:.3f}, over-refusal {row['control_target_rate']:.3f}, "
               f"ppl {row['ppl_rise']:+.2%}", flush=True)
         with open(os.path.join(cfg.out, "tune_rows.json"), "w") as f:  # partial results of a long search
@@ -99,20 +101,22 @@ def tune(cfg: SubspaceConfig) -> dict:
         return row
 
     for signs in signs_grid:
-        selections = select_features(mean_t, mean_c, per_layer=cfg.features_per_layer, signs=signs)
-        subspaces[signs] = subspaces_from_features(ctx.saes, selections, cfg.variance)
-        for lr in lrs:
-            trial("subspace", signs, lr)
+        for features in features_grid:
+            selections = select_features(mean_t, mean_c, per_layer=features, signs=signs)
+            subspaces[(signs, features)] = subspaces_from_features(ctx.saes, selections, cfg.variance)
+            for lr in lrs:
+                trial("subspace", (signs, features), lr)
     best = pick_setting([r for r in rows if r["method"] == "subspace"], max_ppl_rise=cfg.tune_max_ppl_rise)
     best_projected = None
     if "projected" in ctx.methods and best is not None:
         for lr in lrs:
-            trial("projected", best["signs"], lr)
+            trial("projected", (best["signs"], best["features_per_layer"]), lr)
         best_projected = pick_setting([r for r in rows if r["method"] == "projected"],
                                       max_ppl_rise=cfg.tune_max_ppl_rise)
     flags = {}
     if best is not None:
-        flags.update({"--signs": best["signs"], "--lr": best["lr"]})
+        flags.update({"--signs": best["signs"], "--features-per-layer": best["features_per_layer"],
+                      "--lr": best["lr"]})
     if best_projected is not None:
         flags["--projected-lr"] = best_projected["lr"]
     report = {
@@ -123,7 +127,7 @@ def tune(cfg: SubspaceConfig) -> dict:
         "rule": f"among settings with dev ppl rise < {cfg.tune_max_ppl_rise:.0%}: max dev target rate - dev "
                 "over-refusal; ties: smaller ppl rise, then the earlier setting",
         "base": base_summary,
-        "rows": rows, "chosen": flags, "model": cfg.model, "layers": ctx.layers, "epochs": cfg.epochs,
+        "rows": rows, "chosen": flags, "model": cfg.model, "layers": ctx.layers, "steps": cfg.steps,
         "seconds": times, "total_seconds": round(time.perf_counter() - started, 1),
     }
     with open(os.path.join(cfg.out, "tune.json"), "w") as f:
@@ -137,10 +141,11 @@ def format_tune_table(report: dict) -> str:
     lines = [f"dev split: {report['dev_prompts']} target prompts, {report['dev_control_prompts']} control prompts; "
              f"base: target {b['target_metric']:.3f}, over-refusal {b['control_target_rate'] or 0:.3f}, "
              f"ppl {b['ppl']:.2f}",
-             f"{'method':<10} {'signs':<7} {'lr':>7} {'rank':>5} {'target':>7} {'over-ref':>8} {'ppl rise':>9} "
-             f"{'out-of-span':>12}"]
+             f"{'method':<10} {'signs':<7} {'features':>8} {'lr':>7} {'rank':>5} {'target':>7} {'over-ref':>8} "
+             f"{'ppl rise':>9} {'out-of-span':>12}"]
     for r in report["rows"]:
-        lines.append(f"{r['method']:<10} {r['signs']:<7} {r['lr']:>7g} {','.join(map(str, r['rank'].values())):>5} "
+        rank = ",".join(map(str, r["rank"].values()))
+        lines.append(f"{r['method']:<10} {r['signs']:<7} {r['features_per_layer']:>8} {r['lr']:>7g} {rank:>5} "
                      f"{r['target_metric']:>7.3f} {r['control_target_rate']:>8.3f} {r['ppl_rise']:>+9.2%} "
                      f"{r['max_out_of_span']:>12.1e}")
     lines.append(f"rule: {report['rule']}")
