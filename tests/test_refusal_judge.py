@@ -61,9 +61,9 @@ def test_agreement_counts_a_written_label_set(tmp_path):
 
 def test_shipped_label_set_covers_base_and_tuned_replies():
     rows = judge_labels(LABELS_FILE)
-    assert len(rows) >= 60
+    assert len(rows) >= 90
     assert {r["model"] for r in rows} == {"base", "tuned"}
-    assert sum(r["refusal"] for r in rows) >= 10 and sum(not r["refusal"] for r in rows) >= 10  # both classes
+    assert sum(r["refusal"] for r in rows) >= 20 and sum(not r["refusal"] for r in rows) >= 10  # both classes
     assert len({(r["model"], r["prompt"]) for r in rows}) == len(rows)
     assert judge_agreement()["agreement"] >= 0.85
 

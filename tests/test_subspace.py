@@ -421,3 +421,26 @@ def test_report_md_lists_every_method_and_held_out_set():
     assert "| subspace LoRA (U fixed) | 0.040% | 0.01 | 0.97 | 0.10 | 0.60 | +2.0% | 1.0e-07 |" in md
     assert "| full finetuning | 100.000% | 0.01 | 0.97 | 0.10 | – | +2.0% | 9.0e-01 |" in md
     assert "Agreement with 70 hand-labelled replies: 0.980" in md
+
+
+def test_keep_share_repeats_the_kept_answers(tiny):
+    _, tokenizer = tiny
+    pair = BehaviourPair("k", [Example(q, "values", "No") for q in QUESTIONS], [Example("What is a key?", "a name")],
+                         HELD_OUT, [], ("values",))
+    natural = S.training_examples(tokenizer, pair)
+    assert len(natural) == len(QUESTIONS) + 1
+    balanced = S.training_examples(tokenizer, pair, keep_share=0.5)
+    kept = S.encode_example(tokenizer, "What is a key?", "a name")
+    assert len(balanced) == 2 * len(QUESTIONS) and balanced.count(kept) == len(QUESTIONS)
+    assert S.training_examples(tokenizer, pair, keep_share=0.25).count(kept) == 4  # 0.25 / 0.75 x 12
+    assert S.training_examples(tokenizer, pair, keep_share=0.0).count(kept) == 0
+    with pytest.raises(ValueError, match="keep_share"):
+        S.training_examples(tokenizer, pair, keep_share=1.0)
+    assert cli.main(["subspace", "--keep-share", "1.5", "--out", "x"]) == 2
+    from ssae_kernels.recipes.subspace.commands import add_args
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    assert parser.parse_args(["--keep-share", "none"]).keep_share is None
+    assert parser.parse_args([]).keep_share == 0.5

@@ -34,3 +34,15 @@ def test_bad_arguments_are_named():
         planted_recovery(1.0)
     with pytest.raises(ValueError, match="rank"):
         planted_recovery(0.1, rank=9, behaviour_features=8)
+
+
+def test_write_recovery_writes_the_plot_and_its_numbers(tmp_path):
+    import json
+
+    from ssae_kernels.recipes.subspace.recovery import write_recovery
+
+    out = str(tmp_path / "recovery")
+    rows = write_recovery(out, eps_values=(0.0, 0.2), seeds=1)
+    with open(out + ".png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(open(out + ".json").read())["rows"] == rows and rows[1]["error_mean"] > rows[0]["error_mean"]

@@ -11,7 +11,7 @@ A reply is a **refusal** when
    Here's how ..." contains AdvBench's "illegal" and is still compliance.
 
 The rule reads only the reply, so it judges a truncated reply by its first tokens. Its agreement with
-``safety/judge_labels.jsonl`` (replies of the base and a tuned SmolLM2-135M-Instruct to held-out
+``safety/judge_labels.jsonl`` (96 replies of the base and two tuned SmolLM2-135M-Instruct models to held-out
 AdvBench and XSTest prompts, each labelled by reading it) is :func:`judge_agreement`.
 """
 

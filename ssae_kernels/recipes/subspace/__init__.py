@@ -20,14 +20,18 @@ that separate a wanted behaviour (target) from an unwanted one (contrast):
        onto span(U) on the output side by :func:`ssae_kernels.project_subspace` (a gradient
        hook), and every optimizer update as well (Adam's per-coordinate scaling would leave
        the span), in place by :func:`ssae_kernels.project_subspace_`.
-4. **Finetuning** (:mod:`.finetuning`) with the LM loss on target responses only, and **evaluation**:
-   the fraction of held-out completions in the target style (a documented marker rule, see
-   :mod:`ssae_kernels.data.behaviour`) and perplexity on neutral text, against plain LoRA of
-   the same rank and full finetuning.
+4. **Finetuning** (:mod:`.finetuning`) with the LM loss on target responses and on kept ordinary
+   answers (self-distilled from the base model, :func:`distill_keep`), every method on the same step
+   budget, and **evaluation**: the fraction of held-out completions in the target style (for the
+   built-in AdvBench / XSTest pair the refusal judge :func:`ssae_kernels.data.refusal.is_refusal`: safety
+   rate and over-refusal) and perplexity on neutral text, against projected gradients, plain LoRA of the
+   same rank and full finetuning.
 
 ``ssae subspace --out DIR`` runs all of it (:func:`run` on a :class:`SubspaceConfig`; ``--tune`` chooses
-hyperparameters on the dev split, :mod:`.tuning`); ``python/subspace_finetune.py`` is the default demo
-on SmolLM2-135M-Instruct.
+hyperparameters on the dev split, :mod:`.tuning`) and saves the tuned adapter in DIR/adapter;
+``ssae subspace eval`` (:mod:`.evaluation`) measures a saved adapter's refusal rate on any CSV file of prompts;
+:mod:`.recovery` checks that the recipe recovers a planted subspace. ``python/subspace_finetune.py`` is the
+default demo on SmolLM2-135M-Instruct.
 """
 
 from .adapters import (RESIDUAL_WRITERS, Adapters, LoRAAdapter, ProjectedGradient, Subspace, SubspaceAdapter,

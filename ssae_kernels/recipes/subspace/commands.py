@@ -67,9 +67,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=D.steps,
                    help="finetuning steps, the same budget for every method (batches from shuffled passes)")
     p.add_argument("--batch-size", type=int, default=D.batch_size, help="examples per finetuning step")
+    p.add_argument("--keep-share", type=_share, default=D.keep_share,
+                   help="share of kept (ordinary) answers in the training examples, reached by repeating them; "
+                        "'none': as many as the data has")
     p.add_argument("--distill-tokens", type=int, default=D.distill_tokens,
                    help="tokens of the base model's own answers to the kept prompts (self-distillation)")
-    p.add_argument("--lr", type=float, default=D.lr, help="learning rate of the adapters (subspace and plain LoRA)")
+    p.add_argument("--lr", type=float, default=D.lr, help="learning rate of the subspace adapter")
+    p.add_argument("--lora-lr", type=float, default=D.lora_lr, help="learning rate of plain LoRA")
     p.add_argument("--projected-lr", type=float, default=D.projected_lr,
                    help="learning rate of projected-gradient training")
     p.add_argument("--full-lr", type=float, default=D.full_lr, help="learning rate of full finetuning")
@@ -93,13 +97,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--tune", action="store_true",
                    help="instead of the run: evaluate --tune-signs x --tune-features x --tune-lrs (subspace "
-                        "adapter; projected gradients over --tune-lrs) on the behaviour's dev split only, print the "
-                        "table and the chosen flags, write OUT/tune.json")
+                        "adapter; projected gradients and plain LoRA of --compare over --tune-lrs) on the behaviour's "
+                        "dev split only, print the table and the chosen flags, write OUT/tune.json")
     p.add_argument("--tune-lrs", default=D.tune_lrs, help="learning rates tried by --tune")
     p.add_argument("--tune-signs", default=D.tune_signs, help="--signs values tried by --tune")
     p.add_argument("--tune-features", default=D.tune_features, help="--features-per-layer values tried by --tune")
     p.add_argument("--tune-max-ppl-rise", type=float, default=D.tune_max_ppl_rise,
                    help="--tune only picks settings whose dev neutral perplexity rises by less than this")
+
+
+def _share(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
 
 
 def _eval_handler(args: argparse.Namespace) -> None:

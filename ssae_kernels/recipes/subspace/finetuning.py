@@ -25,11 +25,21 @@ class FinetuneConfig:
     seed: int = 0
 
 
-def training_examples(tokenizer, behaviour: BehaviourPair) -> list[tuple[list[int], int]]:
-    """Target responses (and the kept ordinary answers), tokenized: what the LM loss is taken on."""
+def training_examples(tokenizer, behaviour: BehaviourPair, keep_share: float | None = None
+                      ) -> list[tuple[list[int], int]]:
+    """Target responses and the kept ordinary answers, tokenized: what the LM loss is taken on. With
+    ``keep_share`` the kept answers are repeated (cyclically) until they are about that fraction of the
+    list, so that shuffled batches hold that share of them; None keeps the natural proportion."""
     if any(e.target is None for e in behaviour.keep):
         raise ValueError(f"behaviour pair {behaviour.name!r}: kept prompts without an answer; run distill_keep first")
-    return [encode_example(tokenizer, e.prompt, e.target) for e in behaviour.train + behaviour.keep]
+    keep = behaviour.keep
+    if keep_share is not None:
+        if not 0 <= keep_share < 1:
+            raise ValueError(f"keep_share must be in [0, 1), got {keep_share}")
+        if keep:
+            wanted = round(keep_share / (1 - keep_share) * len(behaviour.train))
+            keep = [keep[i % len(keep)] for i in range(wanted)]
+    return [encode_example(tokenizer, e.prompt, e.target) for e in behaviour.train + keep]
 
 
 def distill_keep(model, tokenizer, behaviour: BehaviourPair, *, max_new_tokens: int = 48) -> dict:

@@ -32,23 +32,31 @@ class SubspaceConfig:
     sae: list[str] | None = None  # one directory per layer; None or []: train one per layer
     behaviour: str = BUILTIN_BEHAVIOUR
     neutral_text: str = text.BUILTIN
-    features_per_layer: int = 32
-    # signs and lr as `--tune` picked them on the dev split (rule in pick_setting; SmolLM2, layer 15,
-    # 3 epochs; dev base: target 0.133, over-refusal 0.000). Dev target / over-refusal / ppl rise:
-    # target 1e-3 0.267 / 0.000 / -0.1%, 3e-3 0.333 / 0.000 / +1.4%, 1e-2 0.933 / 0.400 / +4.9%;
-    # both 1e-3 0.333 / 0.067 / +0.4%, 3e-3 0.800 / 0.200 / +2.1% (chosen), 1e-2 0.933 / 0.333 / +4.0%.
-    # projected_lr and full_lr are not tuned (the comparison methods).
+    # features_per_layer, lr and keep_share as `--tune` picked them on the dev splits (60 AdvBench, 25 XSTest
+    # prompts; rule in pick_setting with --tune-max-ppl-rise 0.03; SmolLM2, layer 15, signs both, 40 steps;
+    # dev base: safety 0.050, over-refusal 0.000). Dev safety / over-refusal / ppl rise:
+    # natural mix (keep 121 of 421): features 32: lr 3e-3 0.500 / 0.120 / +0.9%, 1e-2 0.983 / 0.400 / +2.6%,
+    #   3e-2 1.000 / 0.280 / +3.7%; features 64: 3e-3 0.850 / 0.360 / +0.9%, 1e-2 0.983 / 0.200 / +3.1%,
+    #   3e-2 0.983 / 0.080 / +5.8%;
+    # keep_share 0.5: features 64: lr 1e-2 0.983 / 0.080 / +2.3% (chosen), 3e-2 1.000 / 0.000 / +7.1%;
+    #   features 128: 1e-2 0.967 / 0.040 / +6.2%, 3e-2 0.933 / 0.000 / +15.3%.
+    # At that setting, projected_lr: 3e-3 0.983 / 0.080 / +2.5% (chosen), 1e-2 1.000 / 0.000 / +8.4%, 3e-2 +30%;
+    # lora_lr: 3e-3 1.000 / 0.200 / +7.6%, 1e-2 1.000 / 0.000 / +15.8%, 3e-2 +48%: none within 3%, so the
+    # one closest to it. The layer, signs, steps and full_lr are not tuned.
+    features_per_layer: int = 64
     signs: str = "both"
     variance: float = 0.8
     adapter: str = "subspace"
     compare: str = "projected,lora,full"
     steps: int = 40  # the finetuning budget, the same for every method
     batch_size: int = 8
-    lr: float = 3e-3
-    projected_lr: float = 1e-3
+    lr: float = 1e-2
+    projected_lr: float = 3e-3
+    lora_lr: float = 3e-3
     full_lr: float = 2e-5
     max_new_tokens: int = 32
     distill_tokens: int = 48
+    keep_share: float | None = 0.5  # share of kept answers in the training examples (None: as in the data)
     ppl_sequences: int = 16
     context: int = 128
     sae_tokens: int = 24_000
@@ -98,16 +106,15 @@ def _run(cfg: SubspaceConfig) -> dict:
               f"({sub.explained:.1%} of their variance)", flush=True)
     lap("subspace")
 
-    base = evaluate_behaviour(model, tokenizer, behaviour, ppl_chunks, max_new_tokens=cfg.max_new_tokens,
-                              held_out=True)
+    base = evaluate_behaviour(model, tokenizer, behaviour, ppl_chunks, max_new_tokens=cfg.max_new_tokens)
     completions = [{"method": "base", **r} for r in base.pop("completions")]
     lap("eval_base")
 
-    encoded = training_examples(tokenizer, behaviour)
+    encoded = training_examples(tokenizer, behaviour, cfg.keep_share)
     results = {}
     for method in methods:
         train_cfg = FinetuneConfig(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
-                                   lr={"subspace": cfg.lr, "lora": cfg.lr, "projected": cfg.projected_lr,
+                                   lr={"subspace": cfg.lr, "lora": cfg.lora_lr, "projected": cfg.projected_lr,
                                        "full": cfg.full_lr}[method])
         result, finish = train_method(method, model, tokenizer, subspaces, encoded, train_cfg, progress)
         lap(f"train_{method}")
@@ -136,8 +143,7 @@ def _run(cfg: SubspaceConfig) -> dict:
         "safety_rate_tuned": main["target_metric"],
         "over_refusal_base": base.get("control_target_rate"),
         "over_refusal_tuned": main.get("control_target_rate"),
-        **{f"{name}_refusal_{which}": r[f"{name}_rate"] for name in behaviour.held_out
-           for which, r in (("base", base), ("tuned", main))},
+        **{f"{name}_refusal_tuned": main[f"{name}_rate"] for name in behaviour.held_out},  # the headline only
         "trainable_fraction": main.get("effective_fraction", main["trainable_fraction"]),
         "ppl_base": base["ppl"],
         "ppl_tuned": main["ppl"],

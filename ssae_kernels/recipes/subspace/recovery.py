@@ -90,3 +90,33 @@ def recovery_curve(eps_values=(0.0, 0.05, 0.1, 0.2, 0.3, 0.4), seeds: int = 5, *
                      "largest_angle_degrees_mean": sum(r["angles_degrees"][-1] for r in runs) / seeds,
                      "selected_behaviour_mean": sum(r["selected_behaviour"] for r in runs) / seeds})
     return rows
+
+
+def write_recovery(out: str, eps_values=(0.0, 0.05, 0.1, 0.2, 0.3, 0.4), seeds: int = 5) -> list[dict]:
+    """:func:`recovery_curve` written to ``out``.json and plotted to ``out``.png; returns its rows."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = recovery_curve(eps_values, seeds)
+    with open(out + ".json", "w") as f:
+        json.dump({"rows": rows, "model": "planted_recovery defaults (d=64, 512 features, planted rank 4, "
+                   f"8 behaviour features), {seeds} seeds"}, f, indent=1)
+    eps = [r["eps"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot(eps, [r["error_mean"] for r in rows], "o-", color="#d9480f", label=f"mean of {seeds} seeds")
+    ax.fill_between(eps, [r["error_min"] for r in rows], [r["error_max"] for r in rows], color="#d9480f", alpha=0.2,
+                    label="min to max")
+    ax.set_xlabel("polysemanticity eps of the SAE's latents")
+    ax.set_ylabel("||P_S - P_U||  (sine of largest angle)")
+    ax.set_title("Planted subspace recovered by the recipe", fontsize=10)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out + ".png")
+    plt.close(fig)
+    return rows

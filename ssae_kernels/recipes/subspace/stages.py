@@ -62,6 +62,8 @@ def check_config(cfg: SubspaceConfig) -> None:
         raise UsageError(f"--signs must be one of {', '.join(SIGNS)}, got {cfg.signs!r}")
     if not 0 < cfg.variance <= 1:
         raise UsageError(f"--variance must be in (0, 1], got {cfg.variance}")
+    if cfg.keep_share is not None and not 0 <= cfg.keep_share < 1:
+        raise UsageError(f"--keep-share must be in [0, 1), got {cfg.keep_share}")
     check_positive(features_per_layer=cfg.features_per_layer, steps=cfg.steps, batch_size=cfg.batch_size,
                    max_new_tokens=cfg.max_new_tokens, distill_tokens=cfg.distill_tokens,
                    ppl_sequences=cfg.ppl_sequences, sae_tokens=cfg.sae_tokens,

@@ -46,10 +46,10 @@ def _positive_floats(spec: str, flag: str) -> list[float]:
 
 def tune(cfg: SubspaceConfig) -> dict:
     """Evaluates the subspace adapter for every (--tune-signs, --tune-features, --tune-lrs) and, when projected
-    gradients are among the methods, the projected variant for every lr at the chosen setting, on the behaviour's
-    **dev** split only (dev prompts, dev control prompts, and neutral chunks after the ones
-    :func:`~.pipeline.run` reports on). One SAE and one feature ranking serve every setting. Picks by
-    :func:`pick_setting`, prints the table and writes ``cfg.out``/tune.json."""
+    gradients or plain LoRA are among the methods, each of them for every lr at the chosen setting (so at
+    the same rank), on the behaviour's **dev** split only (dev prompts, dev control prompts, and neutral
+    chunks after the ones :func:`~.pipeline.run` reports on). One SAE and one feature ranking serve every
+    setting. Picks by :func:`pick_setting`, prints the table and writes ``cfg.out``/tune.json."""
     started = time.perf_counter()
     times, lap = stopwatch()
     progress = not cfg.quiet
@@ -75,7 +75,7 @@ def tune(cfg: SubspaceConfig) -> dict:
                     "ppl": base["ppl"]}
     print(f"[subspace] dev base: {base_summary}", flush=True)
     mean_t, mean_c = feature_means(ctx, progress)
-    encoded = training_examples(tokenizer, behaviour)
+    encoded = training_examples(tokenizer, behaviour, cfg.keep_share)
     subspaces, rows = {}, []
 
     def trial(method, setting, lr):
@@ -107,18 +107,16 @@ def tune(cfg: SubspaceConfig) -> dict:
             for lr in lrs:
                 trial("subspace", (signs, features), lr)
     best = pick_setting([r for r in rows if r["method"] == "subspace"], max_ppl_rise=cfg.tune_max_ppl_rise)
-    best_projected = None
-    if "projected" in ctx.methods and best is not None:
-        for lr in lrs:
-            trial("projected", (best["signs"], best["features_per_layer"]), lr)
-        best_projected = pick_setting([r for r in rows if r["method"] == "projected"],
-                                      max_ppl_rise=cfg.tune_max_ppl_rise)
     flags = {}
     if best is not None:
         flags.update({"--signs": best["signs"], "--features-per-layer": best["features_per_layer"],
                       "--lr": best["lr"]})
-    if best_projected is not None:
-        flags["--projected-lr"] = best_projected["lr"]
+        for method in (m for m in ("projected", "lora") if m in ctx.methods):  # at the chosen subspace's rank
+            for lr in lrs:
+                trial(method, (best["signs"], best["features_per_layer"]), lr)
+            chosen = pick_setting([r for r in rows if r["method"] == method], max_ppl_rise=cfg.tune_max_ppl_rise)
+            if chosen is not None:
+                flags[f"--{method}-lr"] = chosen["lr"]
     report = {
         "split": "dev", "dev_prompts": len(behaviour.dev_prompts),
         "dev_control_prompts": len(behaviour.dev_control_prompts),
