@@ -444,3 +444,15 @@ def test_keep_share_repeats_the_kept_answers(tiny):
     add_args(parser)
     assert parser.parse_args(["--keep-share", "none"]).keep_share is None
     assert parser.parse_args([]).keep_share == 0.5
+
+
+def test_evaluation_covers_control_and_held_out_sets(tiny):
+    model, tokenizer = tiny
+    pair = BehaviourPair("h", [Example(q, "values", "No") for q in QUESTIONS], [], HELD_OUT[:2], HELD_OUT[2:3],
+                         ("values",), held_out={"extra": QUESTIONS[:3]}, judge=lambda reply: True)
+    chunks = [S.encode_prompt(tokenizer, q) for q in QUESTIONS[:2]]
+    result = S.evaluate_behaviour(model, tokenizer, pair, chunks, max_new_tokens=2, held_out=True)
+    assert (result["target_metric"], result["control_target_rate"], result["extra_rate"]) == (1.0, 1.0, 1.0)
+    assert [(r["set"], r["prompt"]) for r in result["completions"]] == (
+        [("eval", p) for p in HELD_OUT[:2]] + [("eval_control", HELD_OUT[2])] + [("extra", q) for q in QUESTIONS[:3]])
+    assert "extra_rate" not in S.evaluate_behaviour(model, tokenizer, pair, chunks, max_new_tokens=2)

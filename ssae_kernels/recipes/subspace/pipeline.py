@@ -175,7 +175,7 @@ def _run(cfg: SubspaceConfig) -> dict:
         "ppl_text": f"{cfg.neutral_text}: {len(ppl_chunks)} sequences x {cfg.context} tokens, documents not used "
                     "for the SAE",
         "model": cfg.model, "layers": layers, "features_per_layer": cfg.features_per_layer, "signs": cfg.signs,
-        "variance": cfg.variance, "steps": cfg.steps, "batch_size": cfg.batch_size,
+        "variance": cfg.variance, "steps": cfg.steps, "batch_size": cfg.batch_size, "keep_share": cfg.keep_share,
         "threads": torch.get_num_threads(), "seconds": times,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
@@ -219,10 +219,13 @@ def format_report(report: dict) -> str:
     lines += ["", f"Judge: {judge['rule']}."]
     if "agreement" in judge:
         lines.append(f"Agreement with {judge['n']} hand-labelled replies: {judge['agreement']:.3f}.")
+    kept_share = (f", repeated to {report['keep_share']:.0%} of the examples" if report.get("keep_share") is not None
+                  else "")
     sub = ", ".join(f"layer {k}: rank {v['rank']} from {v['features']} features" for k, v in report["subspace"].items())
     lines += ["", f"Subspace: {sub}. Training data: {report['train_pairs']} target responses and "
                   f"{report['keep_examples']} kept answers ({report['self_distilled'].get('distilled', 0)} "
-                  f"self-distilled). Total time {report['total_seconds'] / 60:.1f} min on {report['threads']} threads.",
+                  f"self-distilled{kept_share}). Total time {report['total_seconds'] / 60:.1f} min on "
+                  f"{report['threads']} threads.",
               ""]
     return "\n".join(lines)
 
