@@ -456,3 +456,22 @@ def test_evaluation_covers_control_and_held_out_sets(tiny):
     assert [(r["set"], r["prompt"]) for r in result["completions"]] == (
         [("eval", p) for p in HELD_OUT[:2]] + [("eval_control", HELD_OUT[2])] + [("extra", q) for q in QUESTIONS[:3]])
     assert "extra_rate" not in S.evaluate_behaviour(model, tokenizer, pair, chunks, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("method", ["subspace", "lora", "projected"])
+def test_a_saved_adapter_reproduces_the_trained_model(tmp_path, tiny, method):
+    model, tokenizer = tiny
+    subspaces, _, _ = tiny_subspaces(model, tokenizer)
+    ids, mask, _ = S.pad_batch([S.encode_example(tokenizer, q, "values") for q in QUESTIONS[:3]], 0, "cpu")
+    base = model(input_ids=ids, attention_mask=mask).logits
+    cfg = S.FinetuneConfig(steps=3, lr=0.05 if method != "projected" else 0.01, batch_size=4)
+    _, finish = S.stages.train_method(method, model, tokenizer, subspaces, S.training_examples(tokenizer, tiny_pair()),
+                                      cfg, False)
+    tuned = model(input_ids=ids, attention_mask=mask).logits.detach()
+    finish(str(tmp_path / method), model_source="tiny")
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, base)  # finish restored the model
+    assert not torch.allclose(tuned, base)
+    adapters = S.load_adapter(model, str(tmp_path / method))
+    assert torch.allclose(model(input_ids=ids, attention_mask=mask).logits, tuned, atol=1e-5)
+    adapters.remove()
+    assert json.loads((tmp_path / method / "adapter.json").read_text())["method"] == method
