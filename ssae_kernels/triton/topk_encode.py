@@ -12,10 +12,11 @@ Every key is distinct, so the selection is exact, ties included, whatever the sp
 layout.
 
 Selection: each (row, split) has a threshold ``theta`` and a candidate buffer of
-CAPACITY keys in global scratch (it stays in L1/L2). Per tile, a score costs one
-comparison against its row's theta; the few keys above it are appended to the row's
-buffer at positions from a row-wise prefix sum. No reduction runs over candidates per
-tile. When a row's buffer could not take another whole tile, the program compacts
+CAPACITY keys in global scratch (it stays in L1/L2). Per tile, a score costs one float
+comparison against its row's floor, the score of theta's key (a superset of the keys
+above theta: compaction drops the extra ties); the few keys that pass are appended to
+the row's buffer at slots from a per-row atomic counter. No reduction runs over
+candidates per tile. When a row's buffer could not take another whole tile, the program compacts
 its rows: find each buffer's k-th best key (a bitwise compare-and-count search, no
 sort), keep the keys at or above it in front, and raise theta to it.
 Compaction also publishes theta to a per-row threshold shared by all splits of the
@@ -163,38 +164,43 @@ def _score_keys(score):
 
 
 @triton.jit
-def _above(key, low, bound):
-    """(key, low) > bound per row, for int32 score keys, int32 inverted latents and int64 bounds."""
-    hi = (bound >> 32).to(tl.int32)[:, None]
-    lo = (bound & 0x7FFFFFFF).to(tl.int32)[:, None]
-    return (key > hi) | ((key == hi) & (low[None, :] > lo))
-
-
-@triton.jit
 def _below(key, low, bound):
-    """(key, low) < bound per row: _above's mirror."""
+    """(key, low) < bound per row, for int32 score keys, int32 inverted latents and int64 bounds."""
     hi = (bound >> 32).to(tl.int32)[:, None]
     lo = (bound & 0x7FFFFFFF).to(tl.int32)[:, None]
     return (key < hi) | ((key == hi) & (low[None, :] < lo))
 
 
 @triton.jit
-def _append(acc, cols, bias_ptr, thr_ptr, count_ptr, buf_rows, state, row_ok, theta, count, above, M, m_end,
+def _score_floor(theta):
+    """Per row, the float32 score of theta's score key (-inf while theta is INT64_MIN): every key above
+    theta has a score >= it, or NaN."""
+    hi = (theta >> 32).to(tl.int32)
+    score = tl.where(hi < 0, hi ^ 0x7FFFFFFF, hi).to(tl.float32, bitcast=True)
+    return tl.where(theta == INT64_MIN, float("-inf"), score)
+
+
+@triton.jit
+def _append(acc, cols, bias_ptr, thr_ptr, count_ptr, buf_rows, state, row_ok, floor, count, above, M, m_end,
             bound, HAS_BOUND: tl.constexpr, HAS_THRESHOLD: tl.constexpr, BLOCK_N: tl.constexpr,
             WIDTH: tl.constexpr):
-    """Append the keys of one [BLOCK_N, WIDTH] score tile that beat their row's theta (and, with
-    HAS_THRESHOLD, their latent's threshold); returns the new count and the running count of scores above
-    the thresholds."""
+    """Append the keys of one [BLOCK_N, WIDTH] score tile whose score is not below their row's floor (and,
+    with HAS_THRESHOLD, is above their latent's threshold); returns the new count and the running count of
+    scores above the thresholds.
+
+    The floor admits a superset of the keys above theta (equal scores of later latents, and NaN): compaction
+    drops the extra ones, so the selection stays exact while a score costs one float comparison; the packed
+    key is built only for the store."""
     bias = tl.load(bias_ptr + cols, mask=cols < M, other=0.0).to(tl.float32)
     score = acc + bias[None, :]
-    key = _score_keys(score)
-    low = 0x7FFFFFFF - cols  # lower latent, larger low: wins ties
-    valid = row_ok[:, None] & (cols[None, :] < m_end)
+    take = ~(score < floor[:, None]) & row_ok[:, None] & (cols < m_end)[None, :]  # >= floor, or NaN
     if HAS_THRESHOLD:  # NaN is never above
         thr = tl.load(thr_ptr + cols, mask=cols < M, other=0.0)
-        valid = valid & (score > thr[None, :])
-        above += tl.sum(valid.to(tl.int32), axis=1)
-    take = valid & _above(key, low, theta)
+        passed = row_ok[:, None] & (cols < m_end)[None, :] & (score > thr[None, :])
+        above += tl.sum(passed.to(tl.int32), axis=1)
+        take = take & passed
+    key = _score_keys(score)
+    low = 0x7FFFFFFF - cols  # lower latent, larger low: wins ties
     if HAS_BOUND:
         take = take & _below(key, low, bound)
     # a slot per taken key, in any order (compaction selects by value): an atomic per key, issued only by
@@ -292,7 +298,7 @@ def _encode_kernel(x_ptr, w_ptr, bias_ptr, thr_ptr, above_ptr, bound_ptr, buf_pt
     if HAS_BOUND:  # a later round: only keys below the previous round's last one
         bound = tl.load(bound_ptr + rows, mask=row_ok, other=INT64_MIN)
 
-    theta = tl.full([BLOCK_N], INT64_MIN, tl.int64)  # a key must exceed it to be kept
+    floor = tl.full([BLOCK_N], float("-inf"), tl.float32)  # _score_floor(theta): no key kept yet
     count = tl.zeros([BLOCK_N], tl.int32)  # keys in the row's buffer (count_ptr starts at 0 too)
     above = tl.zeros([BLOCK_N], tl.int32)  # HAS_THRESHOLD: scores above their thresholds
     for m0 in range(m_begin, m_end, BLOCK_M):
@@ -312,13 +318,14 @@ def _encode_kernel(x_ptr, w_ptr, bias_ptr, thr_ptr, above_ptr, bound_ptr, buf_pt
         # holds column pairs of the MMA tile), halving the registers its scattered stores need.
         even, odd = tl.split(tl.reshape(acc, [BLOCK_N, BLOCK_M // 2, 2]))
         half = m0 + 2 * tl.arange(0, BLOCK_M // 2)
-        count, above = _append(even, half, bias_ptr, thr_ptr, count_ptr, buf_rows, state, row_ok, theta, count,
+        count, above = _append(even, half, bias_ptr, thr_ptr, count_ptr, buf_rows, state, row_ok, floor, count,
                                above, M, m_end, bound, HAS_BOUND, HAS_THRESHOLD, BLOCK_N, BLOCK_M // 2)
-        count, above = _append(odd, half + 1, bias_ptr, thr_ptr, count_ptr, buf_rows, state, row_ok, theta, count,
+        count, above = _append(odd, half + 1, bias_ptr, thr_ptr, count_ptr, buf_rows, state, row_ok, floor, count,
                                above, M, m_end, bound, HAS_BOUND, HAS_THRESHOLD, BLOCK_N, BLOCK_M // 2)
         if tl.max(count, axis=0) > CAPACITY - BLOCK_M:  # some row might not take the next tile
             theta, count = _compact(buf_ptr, count_ptr, theta_ptr, shared_ptr, count, row0, pid_s, num_splits,
                                     N, k, CAPACITY, COMPACT_ROWS, BLOCK_N)
+            floor = _score_floor(theta)
     if HAS_THRESHOLD and not HAS_BOUND:  # the true counts, once (rounds after the first see the same scores)
         tl.atomic_add(above_ptr + rows, above.to(tl.int64), mask=row_ok, sem="relaxed")
     # the split's k best in front of each buffer; counts for the merge
