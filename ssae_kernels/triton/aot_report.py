@@ -86,9 +86,13 @@ def _encode_specs():
         dtype = "bf16" if size == 2 else "fp32"
         precision = None if size == 2 else "tf32x3"
         # (threshold: threshold_encode's variant, at the max_k of a JumpReLU / BatchTopK SAE with k = 32)
+        seen = set()
         for k, has_bound, threshold in ((32, False, False), (128, False, False), (te.MAX_K_PER_ROUND, False, False),
                                         (te.MAX_K_PER_ROUND, True, False), (128, False, True)):
             capacity = te.buffer_capacity(k, cfg.block_m)
+            if (capacity, has_bound, threshold) in seen:  # k values whose buffers coincide compile alike
+                continue
+            seen.add((capacity, has_bound, threshold))
             rows = te.compact_rows(capacity, cfg.block_n)
             label = (f"{dtype}{' ' + precision if precision else ''} CAP={capacity} CR={rows} BN={cfg.block_n} "
                      f"BM={cfg.block_m} BK={cfg.block_k} w={cfg.num_warps} s={cfg.num_stages}"

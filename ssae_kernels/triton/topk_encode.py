@@ -75,7 +75,7 @@ class EncodeConfig:
 # tf32x3 (three tensor-core products per tile), whose operands need more registers.
 ENCODE_CONFIGS = {
     # (arch, element bytes): config
-    (90, 2): EncodeConfig(64, 128, 32, 8, 3),
+    (90, 2): EncodeConfig(64, 256, 32, 8, 3),  # 256 latents: the epilogue works on quarters of the tile
     (80, 2): EncodeConfig(32, 128, 32, 8, 3),  # mma.sync holds operands in registers: 64 rows spill
     (90, 4): EncodeConfig(32, 128, 16, 8, 3),
     (80, 4): EncodeConfig(32, 128, 16, 8, 3),
@@ -314,14 +314,23 @@ def _encode_kernel(x_ptr, w_ptr, bias_ptr, thr_ptr, above_ptr, bound_ptr, buf_pt
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-        # The epilogue runs on even and odd columns in turn (a split that moves no data: a thread
-        # holds column pairs of the MMA tile), halving the registers its scattered stores need.
+        # The epilogue runs on quarters of the tile's columns in turn, quartering the registers its scattered
+        # stores need. A thread of the MMA layout holds column pairs (2t, 2t + 1) repeated 8 columns apart, so
+        # splitting column 16a + 8b + 2t + e first on e, then on b, moves no data.
         even, odd = tl.split(tl.reshape(acc, [BLOCK_N, BLOCK_M // 2, 2]))
-        half = m0 + 2 * tl.arange(0, BLOCK_M // 2)
-        count, above = _append(even, half, bias_ptr, thr_ptr, count_ptr, buf_rows, state, row_ok, floor, count,
-                               above, M, m_end, bound, HAS_BOUND, HAS_THRESHOLD, BLOCK_N, BLOCK_M // 2)
-        count, above = _append(odd, half + 1, bias_ptr, thr_ptr, count_ptr, buf_rows, state, row_ok, floor, count,
-                               above, M, m_end, bound, HAS_BOUND, HAS_THRESHOLD, BLOCK_N, BLOCK_M // 2)
+        a = tl.arange(0, BLOCK_M // 16)
+        t = tl.arange(0, 4)
+        quarter = tl.reshape(m0 + 16 * a[:, None] + 2 * t[None, :], [BLOCK_M // 4])
+        for part in tl.static_range(2):
+            acc_e = even if part == 0 else odd
+            lo, hi = tl.split(tl.permute(tl.reshape(acc_e, [BLOCK_N, BLOCK_M // 16, 2, 4]), [0, 1, 3, 2]))
+            lo = tl.reshape(lo, [BLOCK_N, BLOCK_M // 4])
+            hi = tl.reshape(hi, [BLOCK_N, BLOCK_M // 4])
+            count, above = _append(lo, quarter + part, bias_ptr, thr_ptr, count_ptr, buf_rows, state, row_ok, floor,
+                                   count, above, M, m_end, bound, HAS_BOUND, HAS_THRESHOLD, BLOCK_N, BLOCK_M // 4)
+            count, above = _append(hi, quarter + 8 + part, bias_ptr, thr_ptr, count_ptr, buf_rows, state, row_ok,
+                                   floor, count, above, M, m_end, bound, HAS_BOUND, HAS_THRESHOLD, BLOCK_N,
+                                   BLOCK_M // 4)
         if tl.max(count, axis=0) > CAPACITY - BLOCK_M:  # some row might not take the next tile
             theta, count = _compact(buf_ptr, count_ptr, theta_ptr, shared_ptr, count, row0, pid_s, num_splits,
                                     N, k, CAPACITY, COMPACT_ROWS, BLOCK_N)
