@@ -45,7 +45,9 @@ class SubspaceConfig:
     # At features 64, projected_lr: 3e-3 0.983 / 0.080 / +2.5% (chosen), 1e-2 1.000 / 0.000 / +8.4%, 3e-2 +30%;
     # lora_lr: 1e-3 0.717 / 0.000 / +4.9%, 2e-3 0.933 / 0.120 / +6.9%, 3e-3 1.000 / 0.200 / +7.6%,
     #   1e-2 1.000 / 0.000 / +15.8%, 1.5e-2 +30%, 2e-2 +37%, 3e-2 +48%: none within 3%, so the one closest to it.
-    # The layer, signs, steps and full_lr are not tuned.
+    # Layer and steps at features 64: layer 10: 1e-2 0.967 / 0.000 / +4.8%, 1.5e-2 +6.6%; layer 20: 1e-2
+    #   0.817 / 0.080 / +5.9%, 1.5e-2 +7.4%; 60 steps: 5e-3 0.967 / 0.120 / +2.0%, 1e-2 +3.1%: layer 15, 40 steps stay.
+    # The signs and full_lr are not tuned.
     features_per_layer: int = 64
     signs: str = "both"
     variance: float = 0.8
