@@ -318,9 +318,9 @@ def _encode_kernel(x_ptr, w_ptr, bias_ptr, thr_ptr, above_ptr, bound_ptr, buf_pt
         # stores need. A thread of the MMA layout holds column pairs (2t, 2t + 1) repeated 8 columns apart, so
         # splitting column 16a + 8b + 2t + e first on e, then on b, moves no data.
         even, odd = tl.split(tl.reshape(acc, [BLOCK_N, BLOCK_M // 2, 2]))
-        a = tl.arange(0, BLOCK_M // 16)
-        t = tl.arange(0, 4)
-        quarter = tl.reshape(m0 + 16 * a[:, None] + 2 * t[None, :], [BLOCK_M // 4])
+        sixteens = tl.arange(0, BLOCK_M // 16)
+        pairs = tl.arange(0, 4)
+        quarter = tl.reshape(m0 + 16 * sixteens[:, None] + 2 * pairs[None, :], [BLOCK_M // 4])
         for part in tl.static_range(2):
             acc_e = even if part == 0 else odd
             lo, hi = tl.split(tl.permute(tl.reshape(acc_e, [BLOCK_N, BLOCK_M // 16, 2, 4]), [0, 1, 3, 2]))
