@@ -276,6 +276,7 @@ def test_pick_setting_rule():
     assert S.pick_setting(rows)["lr"] == 4
     assert S.pick_setting(rows, max_ppl_rise=0.1)["lr"] == 1
     assert S.pick_setting(rows, max_ppl_rise=0.005) is None
+    assert S.pick_setting(rows, max_ppl_rise=0.005, closest_if_none=True)["lr"] == 2  # the smallest rise
 
 
 def test_load_behaviour_from_jsonl(tmp_path):
@@ -392,6 +393,7 @@ def test_cli_tune_uses_the_dev_split_only(tmp_path):
         assert r["max_out_of_span"] < 1e-5
     assert report["dev_prompts"] == 2 and report["dev_control_prompts"] == 1
     assert report["chosen"]["--signs"] == "target" and report["chosen"]["--lr"] in (1e-4, 0.1)
+    assert report["chosen"]["--projected-lr"] in (1e-4, 0.1)  # always one: the comparison needs an lr
     assert report["chosen"]["--features-per-layer"] == 32 and {r["features_per_layer"] for r in report["rows"]} == {32}
     assert not os.path.exists(out / "report.json")  # tuning writes no eval report
 

@@ -79,7 +79,10 @@ def planted_recovery(eps: float, *, d: int = 64, features: int = 512, rank: int 
             "selected_behaviour": sum(i < behaviour_features for i in chosen) / len(chosen)}
 
 
-def recovery_curve(eps_values=(0.0, 0.05, 0.1, 0.2, 0.3, 0.4), seeds: int = 5, **kwargs) -> list[dict]:
+EPS_VALUES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4)  # polysemanticity of the plotted curve
+
+
+def recovery_curve(eps_values=EPS_VALUES, seeds: int = 5, **kwargs) -> list[dict]:
     """:func:`planted_recovery` at each ``eps``, its error averaged (and its spread) over ``seeds`` seeds."""
     rows = []
     for eps in eps_values:
@@ -92,7 +95,7 @@ def recovery_curve(eps_values=(0.0, 0.05, 0.1, 0.2, 0.3, 0.4), seeds: int = 5, *
     return rows
 
 
-def write_recovery(out: str, eps_values=(0.0, 0.05, 0.1, 0.2, 0.3, 0.4), seeds: int = 5) -> list[dict]:
+def write_recovery(out: str, eps_values=EPS_VALUES, seeds: int = 5) -> list[dict]:
     """:func:`recovery_curve` written to ``out``.json and plotted to ``out``.png; returns its rows."""
     import json
 

@@ -19,14 +19,15 @@ if TYPE_CHECKING:
     from .pipeline import SubspaceConfig
 
 
-def pick_setting(rows: list[dict], *, max_ppl_rise: float = 0.05) -> dict | None:
+def pick_setting(rows: list[dict], *, max_ppl_rise: float = 0.05, closest_if_none: bool = False) -> dict | None:
     """The rule by which :func:`tune` picks a setting from dev results: among rows whose neutral
     perplexity rises by less than ``max_ppl_rise``, the highest dev target rate minus dev
     over-refusal (``control_target_rate``, 0 without control prompts); ties go to the smaller
-    perplexity rise, then to the earlier row. None when no row keeps perplexity within bounds."""
+    perplexity rise, then to the earlier row. When no row keeps perplexity within bounds: None, or with
+    ``closest_if_none`` (a comparison method needs some lr) the row of the smallest rise."""
     ok = [(i, r) for i, r in enumerate(rows) if r["ppl_rise"] < max_ppl_rise]
     if not ok:
-        return None
+        return min(rows, key=lambda r: r["ppl_rise"]) if closest_if_none and rows else None
 
     def key(item):
         i, r = item
@@ -107,16 +108,18 @@ def tune(cfg: SubspaceConfig) -> dict:
             for lr in lrs:
                 trial("subspace", (signs, features), lr)
     best = pick_setting([r for r in rows if r["method"] == "subspace"], max_ppl_rise=cfg.tune_max_ppl_rise)
-    flags = {}
+    flags, outside = {}, []  # outside: comparison lrs none of which kept perplexity within bounds
     if best is not None:
         flags.update({"--signs": best["signs"], "--features-per-layer": best["features_per_layer"],
                       "--lr": best["lr"]})
         for method in (m for m in ("projected", "lora") if m in ctx.methods):  # at the chosen subspace's rank
             for lr in lrs:
                 trial(method, (best["signs"], best["features_per_layer"]), lr)
-            chosen = pick_setting([r for r in rows if r["method"] == method], max_ppl_rise=cfg.tune_max_ppl_rise)
-            if chosen is not None:
-                flags[f"--{method}-lr"] = chosen["lr"]
+            chosen = pick_setting([r for r in rows if r["method"] == method], max_ppl_rise=cfg.tune_max_ppl_rise,
+                                  closest_if_none=True)
+            flags[f"--{method}-lr"] = chosen["lr"]
+            if chosen["ppl_rise"] >= cfg.tune_max_ppl_rise:
+                outside.append(f"--{method}-lr")
     report = {
         "split": "dev", "dev_prompts": len(behaviour.dev_prompts),
         "dev_control_prompts": len(behaviour.dev_control_prompts),
@@ -125,7 +128,8 @@ def tune(cfg: SubspaceConfig) -> dict:
         "rule": f"among settings with dev ppl rise < {cfg.tune_max_ppl_rise:.0%}: max dev target rate - dev "
                 "over-refusal; ties: smaller ppl rise, then the earlier setting",
         "base": base_summary,
-        "rows": rows, "chosen": flags, "model": cfg.model, "layers": ctx.layers, "steps": cfg.steps,
+        "rows": rows, "chosen": flags, "chosen_outside_ppl_bound": outside,
+        "model": cfg.model, "layers": ctx.layers, "steps": cfg.steps,
         "seconds": times, "total_seconds": round(time.perf_counter() - started, 1),
     }
     with open(os.path.join(cfg.out, "tune.json"), "w") as f:
@@ -148,5 +152,8 @@ def format_tune_table(report: dict) -> str:
                      f"{r['max_out_of_span']:>12.1e}")
     lines.append(f"rule: {report['rule']}")
     lines.append("chosen: " + (" ".join(f"{k} {v}" for k, v in report["chosen"].items()) or "none within bounds"))
+    if report.get("chosen_outside_ppl_bound"):
+        lines.append("no lr kept perplexity within bounds for " + ", ".join(report["chosen_outside_ppl_bound"])
+                     + ": the one of the smallest rise")
     return "\n".join(lines)
 
