@@ -277,6 +277,46 @@ def test_pick_setting_rule():
     assert S.pick_setting(rows, max_ppl_rise=0.1)["lr"] == 1
     assert S.pick_setting(rows, max_ppl_rise=0.005) is None
     assert S.pick_setting(rows, max_ppl_rise=0.005, closest_if_none=True)["lr"] == 2  # the smallest rise
+    for r in rows:  # the rule on a confidence bound: lr 4's bound is out, lr 3's is in
+        r["ppl_rise_upper"] = r["ppl_rise"] + (0.04 if r["lr"] == 4 else 0.005)
+    assert S.pick_setting(rows, max_ppl_rise=0.05, rise="ppl_rise_upper")["lr"] == 3
+    assert S.pick_setting(rows, max_ppl_rise=0.03, rise="ppl_rise_upper")["lr"] == 2
+
+
+def test_ppl_rise_upper_bound():
+    import math
+    base = [(20.0, 10), (25.0, 10), (30.0, 10), (22.0, 10)]  # (summed NLL, tokens) per sequence
+    same_shift = [(n + 0.1, c) for n, c in base]  # every sequence rises alike: no uncertainty
+    assert S.ppl_rise_upper(base, same_shift) == pytest.approx(math.exp(0.01) - 1)
+    shifts = [0.03, -0.01, 0.02, 0.0]  # mean 0.01 per token, with spread
+    noisy = [(n + 10 * d, c) for (n, c), d in zip(base, shifts)]
+    expected = math.exp(0.01 + 1.645 * float(torch.tensor(shifts, dtype=torch.float64).std()) / 2) - 1
+    assert S.ppl_rise_upper(base, noisy) == pytest.approx(expected)
+    assert S.ppl_rise_upper(base, noisy) > math.exp(0.01) - 1
+    ragged_base, ragged = [(20.0, 10), (12.0, 4)], [(20.5, 10), (12.2, 4)]  # centred on the pooled ratio
+    assert S.ppl_rise_upper(ragged_base, ragged, z=0.0) == pytest.approx(math.exp(0.7 / 14) - 1)
+    with pytest.raises(ValueError, match="same nonempty"):
+        S.ppl_rise_upper(base, base[:2])
+    with pytest.raises(ValueError, match="same nonempty"):
+        S.ppl_rise_upper(base, [(n, c + 1) for n, c in base])
+
+
+def test_sequence_nll_pools_to_perplexity():
+    import math
+    from ssae_kernels.recipes.subspace.finetuning import sequence_nll
+    torch.manual_seed(0)
+    model = build_model(32)
+    chunks = [[1, 5, 7, 9, 11], [1, 4, 4], [1, 8, 3, 2, 6, 10, 12], [1]]  # ragged; the 1-token chunk is skipped
+    per_sequence = sequence_nll(model, chunks, batch_size=2)
+    assert [c for _, c in per_sequence] == [4, 2, 6]
+    for (nll, count), chunk in zip(per_sequence, [chunks[0], chunks[1], chunks[2]]):  # one at a time, unpadded
+        ids = torch.tensor([chunk])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].float()
+        assert nll == pytest.approx(float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")),
+                                    rel=1e-4)
+    pooled = math.exp(sum(n for n, _ in per_sequence) / 12)
+    assert S.perplexity(model, chunks, batch_size=3) == pytest.approx(pooled, rel=1e-5)
 
 
 def test_load_behaviour_from_jsonl(tmp_path):
@@ -319,6 +359,8 @@ def test_cli_end_to_end(tmp_path):
                 "max_out_of_span"):
         assert isinstance(report[key], float), key
     assert report["max_out_of_span"] < 1e-5
+    assert report["ppl_rise"] == pytest.approx(report["ppl_tuned"] / report["ppl_base"] - 1)
+    assert report["ppl_rise_upper"] >= report["ppl_rise"] - 1e-9  # centred on the rise, plus a margin
     assert set(report["comparisons"]) == {"lora"} and report["comparisons"]["lora"]["max_out_of_span"] > 0.3
     assert os.path.exists(out / "features.json") and os.path.exists(out / "subspace.safetensors")
     assert report["over_refusal_tuned"] is None and report["safety_rate_tuned"] == report["target_metric_tuned"]
@@ -407,7 +449,7 @@ def test_report_md_lists_every_method_and_held_out_set():
     from ssae_kernels.recipes.subspace.pipeline import format_report
 
     row = {"trainable_fraction": 0.0004, "lr": 0.01, "safety_rate": 0.97, "over_refusal": 0.1, "ppl_rise": 0.02,
-           "max_out_of_span": 1e-7}
+           "ppl_rise_upper": 0.025, "max_out_of_span": 1e-7}
     report = {"model": "m", "layers": [15], "held_out_prompts": {"safety": 160, "over_refusal": 100,
                                                                  "xstest_unsafe": 200},
               "steps": 40, "batch_size": 8, "safety_rate_base": 0.05, "over_refusal_base": 0.0,
@@ -420,8 +462,8 @@ def test_report_md_lists_every_method_and_held_out_set():
     md = format_report(report)
     assert "| method | trainable | lr | safety rate | over-refusal | xstest_unsafe | neutral ppl |" in md
     assert "| base model | – | – | 0.05 | 0.00 | 0.01 | 25.00 | – |" in md
-    assert "| subspace LoRA (U fixed) | 0.040% | 0.01 | 0.97 | 0.10 | 0.60 | +2.0% | 1.0e-07 |" in md
-    assert "| full finetuning | 100.000% | 0.01 | 0.97 | 0.10 | – | +2.0% | 9.0e-01 |" in md
+    assert "| subspace LoRA (U fixed) | 0.040% | 0.01 | 0.97 | 0.10 | 0.60 | +2.0% (95% ub +2.5%) | 1.0e-07 |" in md
+    assert "| full finetuning | 100.000% | 0.01 | 0.97 | 0.10 | – | +2.0% (95% ub +2.5%) | 9.0e-01 |" in md
     assert "Agreement with 70 hand-labelled replies: 0.980" in md
 
 

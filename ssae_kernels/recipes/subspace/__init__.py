@@ -43,7 +43,7 @@ from .features import (FeatureSelection, load_features, mean_feature_activations
                        select_features)
 from .evaluation import evaluate_adapter, read_prompts
 from .finetuning import (FinetuneConfig, count_parameters, distill_keep, evaluate_behaviour, finetune, generate,
-                         lm_loss, perplexity, training_examples)
+                         lm_loss, perplexity, ppl_rise_upper, sequence_nll, training_examples)
 from .pipeline import SubspaceConfig, run
 from .prompts import encode_example, encode_prompt, format_prompt, pad_batch, pad_token_id
 from .stages import METHODS, train_layer_sae
@@ -58,7 +58,7 @@ __all__ = [
     "FeatureSelection", "load_features", "mean_feature_activations", "residual_streams", "save_features",
     "select_features",
     "FinetuneConfig", "count_parameters", "distill_keep", "evaluate_behaviour", "finetune", "generate", "lm_loss",
-    "perplexity", "training_examples",
+    "perplexity", "ppl_rise_upper", "sequence_nll", "training_examples",
     "SubspaceConfig", "run",
     "encode_example", "encode_prompt", "format_prompt", "pad_batch", "pad_token_id",
     "METHODS", "train_layer_sae",

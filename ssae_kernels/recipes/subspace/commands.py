@@ -97,13 +97,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--tune", action="store_true",
                    help="instead of the run: evaluate --tune-signs x --tune-features x --tune-lrs (subspace "
-                        "adapter; projected gradients and plain LoRA of --compare over --tune-lrs) on the behaviour's "
+                        "adapter; projected gradients and plain LoRA of --compare over --tune-compare-lrs) on the behaviour's "
                         "dev split only, print the table and the chosen flags, write OUT/tune.json")
     p.add_argument("--tune-lrs", default=D.tune_lrs, help="learning rates tried by --tune")
     p.add_argument("--tune-signs", default=D.tune_signs, help="--signs values tried by --tune")
     p.add_argument("--tune-features", default=D.tune_features, help="--features-per-layer values tried by --tune")
     p.add_argument("--tune-max-ppl-rise", type=float, default=D.tune_max_ppl_rise,
-                   help="--tune only picks settings whose dev neutral perplexity rises by less than this")
+                   help="--tune only picks settings whose dev neutral perplexity rise has a 95%% upper confidence "
+                        "bound below this")
+    p.add_argument("--tune-compare-lrs", default=D.tune_compare_lrs,
+                   help="learning rates tried by --tune for the comparison methods ('': the --tune-lrs)")
+    p.add_argument("--tune-ppl-sequences", type=int, default=D.tune_ppl_sequences,
+                   help="neutral sequences for dev perplexity in --tune, after the --ppl-sequences reported on")
 
 
 def _share(text: str) -> float | None:

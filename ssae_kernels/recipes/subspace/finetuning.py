@@ -157,10 +157,11 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 16, 
 
 
 @torch.no_grad()
-def perplexity(model, chunks: list[list[int]], *, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) over token chunks (each starting with BOS); padding is ignored."""
+def sequence_nll(model, chunks: list[list[int]], *, batch_size: int = 8) -> list[tuple[float, int]]:
+    """(summed next-token NLL, scored tokens) of each token chunk (each starting with BOS) of two or more
+    tokens; padding is ignored."""
     device = model_device(model)
-    nll, count = 0.0, 0
+    out = []
     for start in range(0, len(chunks), batch_size):
         batch = [c for c in chunks[start:start + batch_size] if len(c) >= 2]
         if not batch:
@@ -168,11 +169,37 @@ def perplexity(model, chunks: list[list[int]], *, batch_size: int = 8) -> float:
         ids, mask, _ = pad_batch([(c, 0) for c in batch], 0, device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
         keep = mask[:, 1:].bool()
-        nll += float(torch.nn.functional.cross_entropy(logits[keep], ids[:, 1:][keep], reduction="sum"))
-        count += int(keep.sum())
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        out += [(float(n), int(c)) for n, c in zip((nll * keep).sum(1).tolist(), keep.sum(1).tolist())]
+    return out
+
+
+def pooled_perplexity(per_sequence: list[tuple[float, int]]) -> float:
+    """exp(mean NLL over every scored token) from :func:`sequence_nll`'s result."""
+    count = sum(c for _, c in per_sequence)
     if count == 0:
         raise ValueError("no tokens to score")
-    return math.exp(nll / count)
+    return math.exp(sum(n for n, _ in per_sequence) / count)
+
+
+def perplexity(model, chunks: list[list[int]], *, batch_size: int = 8) -> float:
+    """exp(mean next-token NLL) over token chunks (each starting with BOS); padding is ignored."""
+    return pooled_perplexity(sequence_nll(model, chunks, batch_size=batch_size))
+
+
+def ppl_rise_upper(base: list[tuple[float, int]], tuned: list[tuple[float, int]], z: float = 1.645) -> float:
+    """One-sided upper confidence bound (z = 1.645: 95%) on the perplexity rise, from :func:`sequence_nll` of
+    the same neutral sequences before and after: exp(log ppl ratio + z * the standard error of the paired
+    per-sequence mean-NLL differences) - 1. The sequences are a sample of the neutral text, and other text
+    rises by what the text does, not by what this sample does; a rule on the bound does not pick a setting
+    that is within bounds by luck."""
+    if len(base) != len(tuned) or not base or any(b[1] != t[1] for b, t in zip(base, tuned)):
+        raise ValueError(f"need the same nonempty sequences, got {len(base)} and {len(tuned)}")
+    count = sum(c for _, c in base)
+    log_ratio = (sum(n for n, _ in tuned) - sum(n for n, _ in base)) / count
+    diffs = torch.tensor([(t - b) / c for (b, c), (t, _) in zip(base, tuned)], dtype=torch.float64)
+    stderr = float(diffs.std()) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+    return math.exp(log_ratio + z * stderr) - 1
 
 
 def evaluate_behaviour(model, tokenizer, behaviour: BehaviourPair, ppl_chunks: list[list[int]], *,
@@ -180,8 +207,9 @@ def evaluate_behaviour(model, tokenizer, behaviour: BehaviourPair, ppl_chunks: l
                        held_out: bool = False) -> dict:
     """Target rate on the split's prompts (``target_metric``), the same rate on its control prompts
     (``control_target_rate``) and, with ``held_out``, on each of the pair's held-out sets (``{name}_rate``);
-    neutral perplexity; every completion with its judgement (``completions``). ``split="eval"`` (held out,
-    reported) or ``"dev"`` (validation, for choosing hyperparameters)."""
+    neutral perplexity (``ppl``; ``sequence_nll``: each sequence's summed NLL and token count); every completion with its
+    judgement (``completions``). ``split="eval"`` (held out, reported) or ``"dev"`` (validation, for choosing
+    hyperparameters)."""
     prompts, control_prompts = behaviour.split_prompts(split)
     sets = {split: prompts, f"{split}_control": control_prompts}
     if held_out:
@@ -196,7 +224,9 @@ def evaluate_behaviour(model, tokenizer, behaviour: BehaviourPair, ppl_chunks: l
         result[key] = sum(judged) / len(judged)
         records += [{"set": name, "prompt": p, "reply": c, "target_style": j}
                     for p, c, j in zip(set_prompts, replies, judged)]
-    result["ppl"] = perplexity(model, ppl_chunks)
+    per_sequence = sequence_nll(model, ppl_chunks)
+    result["ppl"] = pooled_perplexity(per_sequence)
+    result["sequence_nll"] = per_sequence
     result["examples"] = [{"prompt": r["prompt"], "completion": r["reply"]} for r in records
                           if r["set"] == split][:examples]
     result["control_examples"] = [{"prompt": r["prompt"], "completion": r["reply"]}

@@ -14,7 +14,7 @@ from ... import models, text
 from ...data.behaviour import BUILTIN as BUILTIN_BEHAVIOUR
 from .adapters import residual_writers, save_subspaces, subspaces_from_features
 from .features import save_features, select_features
-from .finetuning import FinetuneConfig, evaluate_behaviour, training_examples
+from .finetuning import FinetuneConfig, evaluate_behaviour, ppl_rise_upper, training_examples
 from ..common import check_sources, run_settings
 from ..rundir import open_run
 from .stages import check_config, feature_means, setup, stopwatch, train_method
@@ -79,6 +79,8 @@ class SubspaceConfig:
     tune_signs: str = "target,both"
     tune_features: str = "32"
     tune_max_ppl_rise: float = 0.05
+    tune_compare_lrs: str = ""  # '': the --tune-lrs
+    tune_ppl_sequences: int = 64
 
 
 def run(cfg: SubspaceConfig) -> dict:
@@ -153,6 +155,7 @@ def _run(cfg: SubspaceConfig) -> dict:
         "ppl_base": base["ppl"],
         "ppl_tuned": main["ppl"],
         "ppl_rise": main["ppl"] / base["ppl"] - 1,
+        "ppl_rise_upper": ppl_rise_upper(base["sequence_nll"], main["sequence_nll"]),  # one-sided 95%
         "max_out_of_span": main["max_out_of_span"],
         "target_metric_base": base["target_metric"],  # aliases of the safety rates
         "target_metric_tuned": main["target_metric"],
@@ -219,7 +222,7 @@ def format_report(report: dict) -> str:
         lines.append(f"| {METHOD_NAMES.get(method, method)} | {fraction:.3%} | {r['lr']:g} | "
                      f"{pct(r['safety_rate'])} | {pct(r['over_refusal'])} | "
                      + "".join(f"{pct(report.get(f'{k}_refusal_tuned')) if tuned else '–'} | " for k in extra)
-                     + f"{r['ppl_rise']:+.1%} | {r['max_out_of_span']:.1e} |")
+                     + f"{r['ppl_rise']:+.1%} (95% ub {r['ppl_rise_upper']:+.1%}) | {r['max_out_of_span']:.1e} |")
     judge = report["judge"]
     lines += ["", f"Judge: {judge['rule']}."]
     if "agreement" in judge:
@@ -253,6 +256,7 @@ def _summary(r: dict, base: dict) -> dict:
             "examples_seen", "lr", "examples")
     out = {k: r[k] for k in keys if k in r}
     out["ppl_rise"] = r["ppl"] / base["ppl"] - 1
+    out["ppl_rise_upper"] = ppl_rise_upper(base["sequence_nll"], r["sequence_nll"])
     out["safety_rate"], out["over_refusal"] = r["target_metric"], r.get("control_target_rate")
     return out
 

@@ -66,9 +66,9 @@ def check_config(cfg: SubspaceConfig) -> None:
         raise UsageError(f"--keep-share must be in [0, 1), got {cfg.keep_share}")
     check_positive(features_per_layer=cfg.features_per_layer, steps=cfg.steps, batch_size=cfg.batch_size,
                    max_new_tokens=cfg.max_new_tokens, distill_tokens=cfg.distill_tokens,
-                   ppl_sequences=cfg.ppl_sequences, sae_tokens=cfg.sae_tokens,
-                   sae_latents=cfg.sae_latents, sae_k=cfg.sae_k, sae_steps=cfg.sae_steps,
-                   sae_batch_size=cfg.sae_batch_size)
+                   ppl_sequences=cfg.ppl_sequences, tune_ppl_sequences=cfg.tune_ppl_sequences,
+                   sae_tokens=cfg.sae_tokens, sae_latents=cfg.sae_latents, sae_k=cfg.sae_k,
+                   sae_steps=cfg.sae_steps, sae_batch_size=cfg.sae_batch_size)
     if cfg.context < 2:
         raise UsageError(f"--context must be >= 2, got {cfg.context}")
     if not cfg.out:
