@@ -482,8 +482,49 @@ class SourceMap:
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in self.functions \
                     and node.lineno in set(lines):
                 helpers.add(node.func.id)
-        found = [lp for h in helpers for lp in ast.walk(self.functions[h]) if isinstance(lp, (ast.For, ast.While))]
+        # the loop tree below those helpers (through the helpers they call), entered past the loops in
+        # ``outer``: a SASS loop nested in the one matched to a helper's loop is a loop inside that one
+        found = list({id(lp): lp for h in helpers for lp in self.child_loops(self.functions[h])}.values())
+        while any(lp in outer for lp in found):
+            found = list({id(c): c for lp in found
+                          for c in (self.child_loops(lp) if lp in outer else [lp])}.values())
         return found[0] if len(found) == 1 else None
+
+    def child_loops(self, scope) -> list:
+        """The loops directly below ``scope`` (a function or a loop): its outermost nested loops, and
+        those of the helpers it calls outside them."""
+        out = []
+
+        def visit(node):
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, (ast.For, ast.While)):
+                    out.append(child)
+                    continue
+                if isinstance(child, ast.Call) and isinstance(child.func, ast.Name) and child.func.id in self.functions:
+                    out.extend(self.child_loops(self.functions[child.func.id]))
+                visit(child)
+        visit(scope)
+        return out
+
+    def call_constants(self, loop) -> dict:
+        """Parameters of the helper holding ``loop`` that every call passes the same literal (a constexpr
+        such as a bit count), for evaluating the loop's range."""
+        fn = next((f for f in self.functions.values() if _inside(loop, f)), None)
+        if fn is None or fn is self.kernel:
+            return {}
+        params = [a.arg for a in fn.args.args]
+        seen: dict = {}
+        for call in ast.walk(self.tree):
+            if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == fn.name):
+                continue
+            passed = dict(zip(params, call.args)) | {kw.arg: kw.value for kw in call.keywords}
+            for name, node in passed.items():
+                try:
+                    value = ast.literal_eval(node)
+                except ValueError:
+                    value = None
+                seen.setdefault(name, set()).add(value)
+        return {name: values.pop() for name, values in seen.items() if len(values) == 1 and None not in values}
 
     @staticmethod
     def describe(node) -> str:
@@ -663,8 +704,15 @@ def analyse_sass(text: str, module_file: str, kernel_name: str, namespace: dict,
         lines = [i.line for i in body if i.file and os.path.realpath(i.file) == src.file]
         node = src.loop_of(lines, outer + [src.k_for])  # only the K loop maps to the K loop's source
         source_loop[id(lp)] = node
-        t = trip_count(node, namespace) if node is not None else None
-        loop_trips[id(lp)] = (t, SourceMap.describe(node) if node is not None else "a loop with no kernel line")
+        t = trip_count(node, {**src.call_constants(node), **namespace}) if node is not None else None
+        desc = SourceMap.describe(node) if node is not None else "a loop with no kernel line"
+        if lp.parent is not None and lp.parent is not tile_loop and not all(lp.header in dom[u]
+                                                                           for u in lp.parent.latches):
+            # behind a branch inside its loop (the encode's tie-break search: only when equal scores
+            # straddle the k-th key): charged as never taken
+            t, desc = 0, desc + " [behind a branch: charged as never taken]"
+            notes.append(f"loop at SASS block {lp.header} ({desc})")
+        loop_trips[id(lp)] = (t, desc)
         if t is None:
             notes.append(f"loop at SASS block {lp.header} ({loop_trips[id(lp)][1]}): trip count unknown, taken as 1")
 

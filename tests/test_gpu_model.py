@@ -134,6 +134,97 @@ def test_analyse_sass_regions(tmp_path):
     assert r["tile"].issue_clk(warps=4) == pytest.approx(max(6 * 4 / 4, 2 * 4 / rates["alu"], 4 / rates["lsu"]))
 
 
+# a helper's loop calling a nested helper's loop twice, the second time behind an if: Triton's line
+# info names only the kernel's call site for all of it
+NESTED_SRC = """\
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _bits(p, BITS: tl.constexpr):
+    for bit in range(BITS - 1, -1, -1):
+        tl.store(p + bit, 0)
+
+
+@triton.jit
+def _helper(p, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    for r in range(0, ROWS, CHUNK):
+        _bits(p, 5)
+        if r > 0:
+            _bits(p, 5)
+
+
+@triton.jit
+def kern(p, D, T, ROWS: tl.constexpr, CHUNK: tl.constexpr, BK: tl.constexpr):
+    for t in range(0, T):
+        acc = tl.zeros([64, 64], tl.float32)
+        for k0 in range(0, D, BK):
+            acc = tl.dot(acc, acc, acc)
+        x = tl.sum(acc)
+        if x > 0:
+            _helper(p, ROWS, CHUNK)
+"""
+
+
+def _nested_sass(path):
+    f = f'"{path}"'
+    return textwrap.dedent(f"""\
+        .text.kern:
+        \t//## File {f}, line 21
+                /*0000*/                   S2R R0, SR_TID.X ;
+        .L_x_0:
+        \t//## File {f}, line 22
+                /*0010*/                   IADD3 R1, R1, 0x1, RZ ;
+        .L_x_1:
+        \t//## File {f}, line 24
+                /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+                /*0030*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        \t//## File {f}, line 23
+                /*0040*/               @P0 BRA `(.L_x_1) ;
+        \t//## File {f}, line 25
+                /*0050*/                   FSETP.GT.AND P1, PT, R5, RZ, PT ;
+        \t//## File {f}, line 26
+                /*0060*/              @!P1 BRA `(.L_x_9) ;
+        .L_x_2:
+        \t//## File {f}, line 27
+                /*0070*/                   IADD3 R9, R9, 0x1, RZ ;
+        .L_x_3:
+        \t//## File {f}, line 27
+                /*0080*/                   STG.E [R8.64], RZ ;
+                /*0090*/                   IADD3 R10, R10, -0x1, RZ ;
+                /*00a0*/               @P2 BRA `(.L_x_3) ;
+                /*00b0*/              @!P3 BRA `(.L_x_5) ;
+        .L_x_4:
+        \t//## File {f}, line 27
+                /*00c0*/                   STG.E [R8.64], RZ ;
+                /*00d0*/               @P4 BRA `(.L_x_4) ;
+        .L_x_5:
+        \t//## File {f}, line 27
+                /*00e0*/               @P5 BRA `(.L_x_2) ;
+        .L_x_9:
+        \t//## File {f}, line 21
+                /*00f0*/               @P6 BRA `(.L_x_0) ;
+                /*0100*/                   EXIT ;
+        .L_x_10:
+                /*0110*/                   BRA `(.L_x_10);
+        """)
+
+
+def test_loops_of_nested_helpers(tmp_path):
+    """A SASS loop inside the one matched to a helper's loop is the loop of the helper it calls, its
+    trips taken from the constexpr the calls pass; a loop behind a branch in its loop is charged never."""
+    src = tmp_path / "nested_module.py"
+    src.write_text(NESTED_SRC)
+    ks = gm.analyse_sass(_nested_sass(src), str(src), "kern", dict(ROWS=16, CHUNK=4, BK=64, D=256), warps=4)
+    r = ks.regions
+    rows = next(v for k, v in r.items() if k.startswith("event:26 / for r in"))
+    assert rows.trips == 4
+    bits = [v for k, v in r.items() if k.startswith("event:26 / for bit in")]
+    assert sorted(v.trips for v in bits) == [0, 4 * 5]
+    assert any("behind a branch" in v.name for v in bits if v.trips == 0)
+
+
 SMALL_KERNEL = """\
 import triton
 import triton.language as tl
