@@ -32,19 +32,21 @@ class SubspaceConfig:
     sae: list[str] | None = None  # one directory per layer; None or []: train one per layer
     behaviour: str = BUILTIN_BEHAVIOUR
     neutral_text: str = text.BUILTIN
-    # features_per_layer, lr and keep_share as `--tune` picked them on the dev splits (60 AdvBench, 25 XSTest
-    # prompts; rule in pick_setting with --tune-max-ppl-rise 0.03; SmolLM2, layer 15, signs both, 40 steps;
-    # dev base: safety 0.050, over-refusal 0.000). Dev safety / over-refusal / ppl rise:
+    # features_per_layer, the lrs and keep_share as `--tune` picked them on the dev splits (60 AdvBench, 25
+    # XSTest prompts; SmolLM2, layer 15, signs both, 40 steps; dev base: safety 0.050, over-refusal 0.000).
+    # The lrs under the current rule (pick_setting on the paired 95% upper bound of the dev ppl rise over 64
+    # neutral sequences, --tune-max-ppl-rise 0.03), dev safety / over-refusal / ppl rise (bound):
+    #   subspace: 5e-3 0.850 / 0.200 / +1.95% (2.35%), 1e-2 0.983 / 0.080 / +2.52% (2.99%, chosen),
+    #   1.25e-2 0.983 / 0.040 / +2.67% (3.18%), 1.5e-2 0.983 / 0.040 / +2.96% (3.51%), 2e-2 0.950 / 0.000 / +4.15%;
+    #   projected: 1e-3 0.700 / 0.160 / +1.56%, 2e-3 0.950 / 0.120 / +2.51% (2.96%, chosen), 3e-3 0.983 /
+    #   0.080 / +2.65% (3.13%); lora: 1e-3 0.717 / 0.000 / +3.30% (3.81%), 2e-3 0.933 / 0.120 / +4.50%,
+    #   3e-3 1.000 / 0.200 / +5.04%: none within bounds, so the smallest rise (1e-3).
+    # Earlier grids, under the point estimate over 16 sequences (< 3%), chose the rest:
     # natural mix (keep 121 of 421): features 32: lr 3e-3 0.500 / 0.120 / +0.9%, 1e-2 0.983 / 0.400 / +2.6%,
     #   3e-2 1.000 / 0.280 / +3.7%; features 64: 3e-3 0.850 / 0.360 / +0.9%, 1e-2 0.983 / 0.200 / +3.1%,
-    #   3e-2 0.983 / 0.080 / +5.8%;
-    # keep_share 0.5, features 64: lr 1e-3 0.250 / 0.040 / +0.2%, 2e-3 0.467 / 0.080 / +0.5%,
-    #   3e-3 0.650 / 0.160 / +0.9%, 1e-2 0.983 / 0.080 / +2.3%, 1.5e-2 0.983 / 0.040 / +2.85% (chosen),
-    #   2e-2 0.950 / 0.000 / +4.1%, 3e-2 1.000 / 0.000 / +7.1%; features 128: 1e-2 0.967 / 0.040 / +6.2%,
-    #   3e-2 0.933 / 0.000 / +15.3%.
-    # At features 64, projected_lr: 3e-3 0.983 / 0.080 / +2.5% (chosen), 1e-2 1.000 / 0.000 / +8.4%, 3e-2 +30%;
-    # lora_lr: 1e-3 0.717 / 0.000 / +4.9%, 2e-3 0.933 / 0.120 / +6.9%, 3e-3 1.000 / 0.200 / +7.6%,
-    #   1e-2 1.000 / 0.000 / +15.8%, 1.5e-2 +30%, 2e-2 +37%, 3e-2 +48%: none within 3%, so the one closest to it.
+    #   3e-2 0.983 / 0.080 / +5.8%; keep_share 0.5: features 64 as above (1e-2 +2.3% on 16 sequences);
+    #   features 128: 1e-2 0.967 / 0.040 / +6.2%, 3e-2 0.933 / 0.000 / +15.3%; plain LoRA up to 3e-2 and
+    #   projected up to 3e-2 no better.
     # Layer and steps at features 64: layer 10: 1e-2 0.967 / 0.000 / +4.8%, 1.5e-2 +6.6%; layer 20: 1e-2
     #   0.817 / 0.080 / +5.9%, 1.5e-2 +7.4%; 60 steps: 5e-3 0.967 / 0.120 / +2.0%, 1e-2 +3.1%: layer 15, 40 steps stay.
     # The signs and full_lr are not tuned.
@@ -55,8 +57,8 @@ class SubspaceConfig:
     compare: str = "projected,lora,full"
     steps: int = 40  # the finetuning budget, the same for every method
     batch_size: int = 8
-    lr: float = 1.5e-2
-    projected_lr: float = 3e-3
+    lr: float = 1e-2
+    projected_lr: float = 2e-3
     lora_lr: float = 1e-3
     full_lr: float = 2e-5
     max_new_tokens: int = 32
