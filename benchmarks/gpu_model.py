@@ -259,6 +259,7 @@ class Instr:
     inl_file: str = ""
     inl_line: int = 0
     target: str | None = None  # branch target label
+    chain: tuple = ()  # (file, line) of each frame of its line info, innermost first (with -gi)
 
     @property
     def group(self):
@@ -279,6 +280,7 @@ def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
     """Instructions of the first function in ``nvdisasm -c -gi`` output, and label -> index."""
     instrs, labels = [], {}
     src = ("", 0, "", 0)
+    chain, in_comments = [], False  # nvdisasm -gi lists an inlined line's frames innermost first
     started = False
     for raw in text.splitlines():
         line = raw.strip()
@@ -287,6 +289,8 @@ def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
         m = _LINE.search(line)
         if m:
             src = (m.group(1), int(m.group(2)), m.group(3) or "", int(m.group(4) or 0))
+            chain = (chain if in_comments else []) + [(m.group(1), int(m.group(2)))]
+            in_comments = True
             continue
         m = _LABEL.match(line)
         if m and not line.startswith("."):
@@ -303,7 +307,8 @@ def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
         base = opcode.split(".")[0]
         target = t.group(1) if t and base in ("BRA", "JMP", "BRX") else None
         instrs.append(Instr(int(m.group(1), 16), (m.group(2) or "").strip(), opcode, operands,
-                            src[0], src[1], src[2], src[3], target))
+                            src[0], src[1], src[2], src[3], target, tuple(chain)))
+        in_comments = False
     return instrs, labels
 
 
@@ -443,6 +448,16 @@ class SourceMap:
                 out.append(ins.line)
             if ins.inl_file and os.path.realpath(ins.inl_file) == self.file:
                 out.append(ins.inl_line)
+        return out
+
+    def frame_lines(self, instrs) -> list[int]:
+        """Lines of this module in every frame of the instructions' line info: the inlined helpers' own
+        lines (which name the helper loop a SASS loop runs) and their call sites."""
+        out, real = [], {}
+        for ins in instrs:
+            for f, line in ins.chain or ((ins.file, ins.line),):
+                if f and real.setdefault(f, os.path.realpath(f)) == self.file:
+                    out.append(line)
         return out
 
     def function_of(self, line: int):
@@ -701,7 +716,7 @@ def analyse_sass(text: str, module_file: str, kernel_name: str, namespace: dict,
         while q is not None:
             outer.append(source_loop.get(id(q)))
             q = q.parent
-        lines = [i.line for i in body if i.file and os.path.realpath(i.file) == src.file]
+        lines = src.frame_lines(body)
         node = src.loop_of(lines, outer + [src.k_for])  # only the K loop maps to the K loop's source
         source_loop[id(lp)] = node
         t = trip_count(node, {**src.call_constants(node), **namespace}) if node is not None else None
@@ -1205,7 +1220,8 @@ def triton_encode_time(N, d, M, k, sass: KernelSass, replay: dict, plan, gpu="H1
             continue
         if any("compact" in c for c in r.calls):
             event_clk += r.issue_clk(warps, epi_eff) * r.trips
-            row_chunks = max(row_chunks, r.trips)
+            if r.name.count(" / ") == 1:  # the compaction's own loop (over row chunks), not one nested in it
+                row_chunks = max(row_chunks, r.trips)
         else:
             tile_clk += r.issue_clk(warps, epi_eff) * r.trips
             note = f"conditional region '{r.name}' charged every tile (no compaction helper in it)"

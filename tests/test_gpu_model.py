@@ -211,6 +211,22 @@ def _nested_sass(path):
         """)
 
 
+def test_parse_sass_keeps_every_frame_of_inlined_line_info():
+    text = textwrap.dedent("""\
+        .text.kern:
+        \t//## File "m.py", line 8 inlined at "m.py", line 14
+        \t//## File "m.py", line 14 inlined at "m.py", line 27
+        \t//## File "m.py", line 27
+                /*0000*/                   IADD3 R1, R1, 0x1, RZ ;
+                /*0010*/                   IADD3 R2, R2, 0x1, RZ ;
+        \t//## File "m.py", line 28
+                /*0020*/                   EXIT ;
+        """)
+    instrs, _ = gm.parse_sass(text)
+    assert [i.chain for i in instrs] == [(("m.py", 8), ("m.py", 14), ("m.py", 27))] * 2 + [(("m.py", 28),)]
+    assert (instrs[0].file, instrs[0].line) == ("m.py", 27)  # the kernel's frame, as before
+
+
 def test_loops_of_nested_helpers(tmp_path):
     """A SASS loop inside the one matched to a helper's loop is the loop of the helper it calls, its
     trips taken from the constexpr the calls pass; a loop behind a branch in its loop is charged never."""

@@ -710,6 +710,25 @@ def test_triton_selection_worst_orders(te, order, k, splits):
 
 
 @interpreter
+@pytest.mark.parametrize("scores", ["random", "equal"])
+def test_triton_compaction_of_buffers_of_1024_keys(te, scores):
+    # k = 700 makes 1024-key buffers (compacted 4 rows at a time under the interpreter config);
+    # equal scores make every compaction rank the tied keys by latent.
+    N, M, k = 5, 2500, 700
+    if scores == "equal":
+        x, W, b = torch.ones(N, 3), torch.zeros(M, 3), torch.zeros(M)
+        bd = None
+    else:
+        x, W, b, bd = make_encode_inputs(N, 3, M, b_dec=True)
+    plan = te.encode_plan(N, M, k, x.dtype, x.device, splits=1)
+    assert plan.capacity == 1024 and plan.latents_per_split > plan.capacity
+    values, indices = te.topk_encode(x, W, b, k, bd, splits=1)
+    ref_values, ref_indices = reference.topk_encode(x, W, b, k, bd)
+    assert torch.equal(indices, ref_indices)
+    close(values, ref_values)
+
+
+@interpreter
 def test_triton_compaction_and_shared_threshold_paths(te):
     # Many tiles per split with small buffers: rows compact several times, and with 4 splits the
     # shared threshold published by one split prunes the others. Exact against the reference.
