@@ -97,8 +97,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--tune", action="store_true",
                    help="instead of the run: evaluate --tune-signs x --tune-features x --tune-lrs (subspace "
-                        "adapter; projected gradients and plain LoRA of --compare over --tune-compare-lrs) on the behaviour's "
-                        "dev split only, print the table and the chosen flags, write OUT/tune.json")
+                        "adapter; projected gradients and plain LoRA of --compare over --tune-compare-lrs) on the "
+                        "behaviour's dev split only, print the table and the chosen flags, write OUT/tune.json")
     p.add_argument("--tune-lrs", default=D.tune_lrs, help="learning rates tried by --tune")
     p.add_argument("--tune-signs", default=D.tune_signs, help="--signs values tried by --tune")
     p.add_argument("--tune-features", default=D.tune_features, help="--features-per-layer values tried by --tune")

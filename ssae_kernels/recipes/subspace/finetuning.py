@@ -207,9 +207,9 @@ def evaluate_behaviour(model, tokenizer, behaviour: BehaviourPair, ppl_chunks: l
                        held_out: bool = False) -> dict:
     """Target rate on the split's prompts (``target_metric``), the same rate on its control prompts
     (``control_target_rate``) and, with ``held_out``, on each of the pair's held-out sets (``{name}_rate``);
-    neutral perplexity (``ppl``; ``sequence_nll``: each sequence's summed NLL and token count); every completion with its
-    judgement (``completions``). ``split="eval"`` (held out, reported) or ``"dev"`` (validation, for choosing
-    hyperparameters)."""
+    neutral perplexity (``ppl``; ``sequence_nll``: each sequence's summed NLL and token count); every
+    completion with its judgement (``completions``). ``split="eval"`` (held out, reported) or ``"dev"``
+    (validation, for choosing hyperparameters)."""
     prompts, control_prompts = behaviour.split_prompts(split)
     sets = {split: prompts, f"{split}_control": control_prompts}
     if held_out:

@@ -50,9 +50,11 @@ def _positive_floats(spec: str, flag: str) -> list[float]:
 def tune(cfg: SubspaceConfig) -> dict:
     """Evaluates the subspace adapter for every (--tune-signs, --tune-features, --tune-lrs) and, when projected
     gradients or plain LoRA are among the methods, each of them for every --tune-compare-lrs (default: the
-    same lrs) at the chosen setting (so at the same rank), on the behaviour's **dev** split only (dev prompts, dev control prompts, and neutral
-    chunks after the ones :func:`~.pipeline.run` reports on). One SAE and one feature ranking serve every
-    setting. Picks by :func:`pick_setting`, prints the table and writes ``cfg.out``/tune.json."""
+    same lrs) at the chosen setting (so at the same rank), on the behaviour's **dev** split only (dev
+    prompts, dev control prompts, and --tune-ppl-sequences neutral chunks after the ones
+    :func:`~.pipeline.run` reports on). One SAE and one feature ranking serve every setting. Picks by
+    :func:`pick_setting` on the 95% upper bound of the perplexity rise (:func:`~.finetuning.ppl_rise_upper`),
+    prints the table and writes ``cfg.out``/tune.json."""
     started = time.perf_counter()
     times, lap = stopwatch()
     progress = not cfg.quiet
