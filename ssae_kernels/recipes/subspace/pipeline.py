@@ -77,11 +77,12 @@ class SubspaceConfig:
     overwrite: bool = False
     quiet: bool = False
     tune: bool = False
-    tune_lrs: str = "1e-3,3e-3,1e-2"
-    tune_signs: str = "target,both"
-    tune_features: str = "32"
-    tune_max_ppl_rise: float = 0.05
-    tune_compare_lrs: str = ""  # '': the --tune-lrs
+    # the grid the learning rates above were picked from: plain `ssae subspace --tune` picks them again
+    tune_lrs: str = "5e-3,1e-2,1.25e-2,1.5e-2,2e-2"
+    tune_signs: str = "both"
+    tune_features: str = "64"
+    tune_max_ppl_rise: float = 0.03
+    tune_compare_lrs: str = "1e-3,2e-3,3e-3"  # '': the --tune-lrs
     tune_ppl_sequences: int = 64
 
 
