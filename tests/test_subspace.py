@@ -421,7 +421,8 @@ def test_cli_tune_uses_the_dev_split_only(tmp_path):
     rows += [{"prompt": "What is a set?", "split": "dev_control"}, {"markers": ["values"]}]
     data.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "tune"
-    code = cli.main(["subspace", "--tune", "--tune-lrs", "1e-4,0.1", "--tune-signs", "target", "--model", model_dir,
+    code = cli.main(["subspace", "--tune", "--tune-lrs", "1e-4,0.1", "--tune-compare-lrs", "", "--tune-signs", "target",
+                     "--tune-features", "32", "--model", model_dir,
                      "--layers", "1", "--behaviour", str(data), "--neutral-text", corpus, "--sae-tokens", "600",
                      "--sae-latents", "64", "--sae-k", "4", "--sae-steps", "5", "--sae-batch-size", "128",
                      "--steps", "12", "--batch-size", "4", "--compare", "projected", "--ppl-sequences", "1",
