@@ -596,6 +596,7 @@ class Region:
     wgmma_smem: float = 0.0
     instructions: int = 0
     source: str = ""
+    loops: int = 0  # loops between these instructions and their scope (the trips multiply theirs)
     calls: tuple = ()  # helpers called in the body of the region's if (event regions)
 
     def add(self, ins: Instr):
@@ -782,7 +783,8 @@ def analyse_sass(text: str, module_file: str, kernel_name: str, namespace: dict,
             key += f" / {desc}"
         region = regions.get(key)
         if region is None:
-            region = regions[key] = Region(key, per, trips, known, source=scope_source, calls=calls)
+            region = regions[key] = Region(key, per, trips, known, source=scope_source, calls=calls,
+                                           loops=len(inner))
         for ins in ins_list:
             region.add(ins)
     totals = Counter()
@@ -1220,7 +1222,7 @@ def triton_encode_time(N, d, M, k, sass: KernelSass, replay: dict, plan, gpu="H1
             continue
         if any("compact" in c for c in r.calls):
             event_clk += r.issue_clk(warps, epi_eff) * r.trips
-            if r.name.count(" / ") == 1:  # the compaction's own loop (over row chunks), not one nested in it
+            if r.loops == 1:  # the compaction's own loop (over row chunks), not one nested in it
                 row_chunks = max(row_chunks, r.trips)
         else:
             tile_clk += r.issue_clk(warps, epi_eff) * r.trips

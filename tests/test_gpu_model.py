@@ -235,9 +235,9 @@ def test_loops_of_nested_helpers(tmp_path):
     ks = gm.analyse_sass(_nested_sass(src), str(src), "kern", dict(ROWS=16, CHUNK=4, BK=64, D=256), warps=4)
     r = ks.regions
     rows = next(v for k, v in r.items() if k.startswith("event:26 / for r in"))
-    assert rows.trips == 4
+    assert rows.trips == 4 and rows.loops == 1
     bits = [v for k, v in r.items() if k.startswith("event:26 / for bit in")]
-    assert sorted(v.trips for v in bits) == [0, 4 * 5]
+    assert sorted(v.trips for v in bits) == [0, 4 * 5] and {v.loops for v in bits} == {2}
     assert any("behind a branch" in v.name for v in bits if v.trips == 0)
 
 

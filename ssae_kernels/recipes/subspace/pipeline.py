@@ -148,6 +148,7 @@ def _run(cfg: SubspaceConfig) -> dict:
     with open(os.path.join(cfg.out, "completions.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in completions)
     main = results[headline]
+    main_summary = _summary(main, base)
     report = {
         "safety_rate_base": base["target_metric"],
         "safety_rate_tuned": main["target_metric"],
@@ -157,8 +158,8 @@ def _run(cfg: SubspaceConfig) -> dict:
         "trainable_fraction": main.get("effective_fraction", main["trainable_fraction"]),
         "ppl_base": base["ppl"],
         "ppl_tuned": main["ppl"],
-        "ppl_rise": main["ppl"] / base["ppl"] - 1,
-        "ppl_rise_upper": ppl_rise_upper(base["sequence_nll"], main["sequence_nll"]),  # one-sided 95%
+        "ppl_rise": main_summary["ppl_rise"],
+        "ppl_rise_upper": main_summary["ppl_rise_upper"],  # one-sided 95%
         "max_out_of_span": main["max_out_of_span"],
         "target_metric_base": base["target_metric"],  # aliases of the safety rates
         "target_metric_tuned": main["target_metric"],
@@ -167,7 +168,7 @@ def _run(cfg: SubspaceConfig) -> dict:
         "adapter": headline,
         "adapter_dir": os.path.join(cfg.out, "adapter"),
         "comparisons": {m: _summary(r, base) for m, r in results.items() if m != headline},
-        "headline": _summary(main, base),
+        "headline": main_summary,
         "base": {"safety_rate": base["target_metric"], "over_refusal": base.get("control_target_rate"),
                  "ppl": base["ppl"]},
         "subspace": {str(layer): {"rank": s.rank, "features": len(s.feature_ids), "explained_variance": s.explained,
